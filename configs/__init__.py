@@ -1,0 +1,1 @@
+"""Relay Hydra configuration tree (YAML files only override the dataclass schema)."""

@@ -1,0 +1,1 @@
+"""Relay command-line entry points."""

@@ -1,0 +1,175 @@
+"""`relay`: the command-line entry point.
+
+relay train [key=value ...]     run the configured job (SFT -> RL) on Ray
+relay train --help              the config groups, their options and every key
+relay config [key=value ...]    print the composed, validated config
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: relay <command> [key=value ...]
+
+commands:
+  train     run a Hydra-configured job on a local Ray cluster (or RAY_ADDRESS)
+  config    print the composed and validated configuration, then exit
+
+`relay <command> --help` shows the configuration and its groups.
+Examples:
+  relay train                                   # the default job: SFT -> PPO on the sort task
+  relay train train.steps=20 run.name=quick     # override any key
+  relay train run.name=quick resume=auto        # continue a run from its newest checkpoint
+"""
+
+SHORTHANDS = {"resume": "run.resume", "seed": "run.seed", "name": "run.name"}
+
+
+def _expand(overrides: list[str]) -> list[str]:
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        out.append(f"{SHORTHANDS.get(key, key)}{sep}{value}")
+    return out
+
+
+def _config_help() -> str:
+    from orchestrator.config import GROUP_SCHEMAS, group_options, load_config, to_yaml
+
+    groups = "\n".join(f"  {g}: {', '.join(group_options(g))}" for g in GROUP_SCHEMAS)
+    cfg = load_config([])
+    return (
+        "usage: relay train [group=option ...] [key=value ...]\n\n"
+        "Runs SFT, then the RL algorithm, on a local Ray cluster (or the cluster at\n"
+        "RAY_ADDRESS / cluster.address). Results go to run.output_dir/run.name.\n\n"
+        f"Config groups (configs/):\n{groups}\n\n"
+        "Shorthands: resume=auto -> run.resume=auto, seed=N -> run.seed=N, name=X -> run.name=X\n\n"
+        "== Config (defaults) ==\n" + to_yaml(cfg)
+    )
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_ray(cfg: object) -> None:
+    """Join cluster.address / RAY_ADDRESS, or start a local Ray with CPU device slots."""
+    import ray
+
+    from orchestrator.config import ConfigError, Problem
+
+    c = cfg.cluster  # type: ignore[attr-defined]
+    address = c.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - Ray raises several kinds here
+            raise ConfigError(
+                [
+                    Problem(
+                        "cluster.address",
+                        address,
+                        f"cannot reach a Ray cluster ({e})",
+                        "start it with `ray start --head` or fix the address",
+                    )
+                ]
+            ) from None
+        have = ray.cluster_resources().get("relay_device" if c.device == "cpu" else "GPU", 0)
+        need = c.num_nodes * c.devices_per_node
+        if have < need:
+            raise ConfigError(
+                [
+                    Problem(
+                        "cluster.devices_per_node",
+                        c.devices_per_node,
+                        f"the config asks for {need} devices, the Ray cluster at "
+                        f"{address} has {int(have)}",
+                        "start the nodes with --resources='{\"relay_device\": N}' or "
+                        "ask for fewer devices",
+                    )
+                ]
+            )
+        return
+    ray.init(
+        num_cpus=os.cpu_count() or 1,
+        resources={"relay_device": c.devices_per_node},
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level="warning",
+    )
+
+
+def train(argv: list[str]) -> int:
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.controller import Controller, RunError
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(_config_help())
+        return 0
+    try:
+        cfg = load_config(_expand(argv))
+    except ConfigError as e:
+        print(f"relay train: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    try:
+        init_ray(cfg)
+        summary = Controller(cfg).run()
+    except (ConfigError, RunError) as e:
+        print(f"relay train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"relay train: done. Run folder: {summary['run_dir']}")
+    for stage in ("sft", "rl"):
+        if stage in summary:
+            vals = " ".join(
+                f"{k}={v:.4g}" for k, v in sorted(summary[stage].items()) if k.startswith("eval/")
+            )
+            print(f"  {stage}: {vals}")
+    return 0
+
+
+def show_config(argv: list[str]) -> int:
+    from orchestrator.config import ConfigError, load_config, to_yaml
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(_config_help())
+        return 0
+    try:
+        print(to_yaml(load_config(_expand(argv))))
+    except ConfigError as e:
+        print(f"relay config: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"train": train, "config": show_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_env()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(
+            f"relay: unknown command '{cmd}'; commands: {', '.join(COMMANDS)}\n\n{USAGE}",
+            file=sys.stderr,
+        )
+        return 2
+    return COMMANDS[cmd](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

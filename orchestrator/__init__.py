@@ -1,0 +1,1 @@
+"""Relay orchestration: Ray controller, model workers, engines, checkpoints."""

@@ -1,0 +1,66 @@
+"""Sequence batches: prompt (left padded) + response (right padded) layouts, and the
+forward passes every role shares (response log-probs, per-token values).
+
+Shape legend: B = sequences, P = prompt tokens, T = response tokens, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from algos.losses import logprobs_from_logits
+
+Batch = dict[str, torch.Tensor]
+
+
+def full_sequence(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """ids [B, P+T], attention mask [B, P+T], position ids [B, P+T] of prompt+response."""
+    ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)
+    attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1).long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return ids, attn, pos
+
+
+def response_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T, V] that predict each response token (positions P-1 .. P+T-2)."""
+    ids, attn, pos = full_sequence(batch)
+    p, t = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    return out.logits[:, p - 1 : p + t - 1].float()
+
+
+def response_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probs [B, T] of the response tokens (0 on padding)."""
+    logits = response_logits(model, batch)
+    lp = logprobs_from_logits(logits, batch["response_ids"])
+    return lp * batch["response_mask"].float()
+
+
+def response_values(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Values [B, T] from a token-classification value model: V before each response token."""
+    ids, attn, pos = full_sequence(batch)
+    p, t = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos)
+    values = out.logits[:, p - 1 : p + t - 1, 0].float()
+    return values * batch["response_mask"].float()
+
+
+def select(batch: Mapping[str, torch.Tensor], index: torch.Tensor) -> Batch:
+    return {k: v[index] for k, v in batch.items()}
+
+
+def minibatches(
+    batch: Mapping[str, torch.Tensor], size: int, generator: torch.Generator | None = None
+) -> Iterator[Batch]:
+    """Shuffled (if a generator is given) mini-batches of `size` samples."""
+    n = next(iter(batch.values())).shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, size):
+        yield select(batch, order[start : start + size])
+
+
+def repeat_interleave(batch: Mapping[str, torch.Tensor], n: int) -> Batch:
+    """Repeat every sample n times in place (a, a, b, b, ...)."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}

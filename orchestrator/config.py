@@ -1,0 +1,462 @@
+"""The configuration schema (defaults live here, once) and its validation.
+
+The dataclasses are registered in Hydra's ConfigStore as the schema of `configs/`;
+YAML files only override them. `load_config` composes the tree with the user's
+overrides, checks every override and every rule, and raises one `ConfigError` that
+lists every problem with its field, value, rule and fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    name: str = "ppo-sort"  # run folder = output_dir/name; also the wandb run name
+    output_dir: str = "runs"
+    seed: int = 1
+    resume: str = "never"  # never | auto | <path of a checkpoints/step_N folder>
+    save_every_steps: int = 10
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # built from a size preset unless `path` is set
+    path: str | None = None  # a local Hugging Face model folder (causal LM + tokenizer)
+    max_position_embeddings: int = 64
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sort"  # sort | add
+    num_digits: int = 8
+    demo_noise: float = 0.3  # share of demonstrations with a mistake
+    num_demos: int = 4000
+    num_rl_prompts: int = 4000
+    num_eval_prompts: int = 256
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    steps: int = 250
+    batch_samples: int = 64
+    micro_batch_samples_per_device: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "ppo"
+    advantage_estimator: str = "gae"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_estimator: str = "k1"  # k1 | k2 | k3
+    kl_coef: float = 0.02
+    kl_controller: str = "fixed"  # fixed | adaptive
+    kl_target_per_token: float = 0.02  # adaptive target, per-token mean KL
+    kl_horizon_samples: int = 10000
+    reward_clip: float = 10.0
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip_c: float | None = 3.0
+    value_clip_eps: float | None = 0.2
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    ppo_epochs: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60  # RL steps (one rollout batch each)
+    rollout_batch_prompts: int = 64
+    samples_per_prompt: int = 1
+    mini_batch_samples: int = 32  # samples per optimizer step
+    micro_batch_samples_per_device: int = 32
+    actor_lr: float = 2e-4
+    critic_lr: float = 1e-3
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    eval_every_steps: int = 10
+
+
+@dataclass
+class GenerateConfig:
+    backend: str = "hf"  # hf (transformers' generate)
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # a Ray address to join; RAY_ADDRESS is used if unset
+    num_nodes: int = 1
+    devices_per_node: int = 4  # on CPU: slots of the custom Ray resource `relay_device`
+    device: str = "cpu"  # cpu | cuda
+    threads_per_device: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "relay"
+    progress: bool = True
+    plot_every_steps: int = 10
+
+
+@dataclass
+class RelayConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+GROUP_SCHEMAS = {
+    "algo": AlgoConfig,
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "cluster": ClusterConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="relay_schema", node=RelayConfig)
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    value: Any
+    rule: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.field} = {self.value!r}: {self.rule}. Fix: {self.fix}"
+
+
+class ConfigError(ValueError):
+    """Every problem of a configuration, raised once."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        body = "\n".join(f"  - {p}" for p in problems)
+        n = len(problems)
+        super().__init__(f"invalid configuration ({n} problem{'s' * (n != 1)}):\n{body}")
+
+
+def _leaf_paths(schema: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(schema):
+        path = f"{prefix}{f.name}"
+        default = (
+            f.default_factory() if f.default_factory is not field().default_factory else f.default
+        )  # type: ignore[misc]
+        if is_dataclass(default):
+            out.update(_leaf_paths(type(default), path + "."))
+        else:
+            out[path] = f.type
+    return out
+
+
+LEAF_PATHS = _leaf_paths(RelayConfig)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def check_overrides(overrides: list[str]) -> list[Problem]:
+    """Catch misspelled keys and unknown group options before Hydra composes."""
+    problems: list[Problem] = []
+    for ov in overrides:
+        if "=" not in ov:
+            problems.append(
+                Problem(ov, ov, "an override has the form key=value", f"write it as {ov}=<value>")
+            )
+            continue
+        key, value = ov.split("=", 1)
+        key = key.lstrip("+~")
+        if key in GROUP_SCHEMAS:
+            options = group_options(key)
+            if value not in options:
+                problems.append(
+                    Problem(
+                        key,
+                        value,
+                        f"the config group '{key}' has no option '{value}'",
+                        f"use one of {options}",
+                    )
+                )
+            continue
+        if key.startswith("hydra."):
+            continue
+        if key not in LEAF_PATHS:
+            close = difflib.get_close_matches(key, list(LEAF_PATHS), n=1, cutoff=0.6)
+            fix = (
+                f"did you mean '{close[0]}'?" if close else "see `relay train --help` for the keys"
+            )
+            problems.append(Problem(key, value, "unknown key", fix))
+    return problems
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose configs/ with the overrides (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def load_config(overrides: list[str]) -> RelayConfig:
+    """Compose, type-check and validate; raise ConfigError listing every problem."""
+    problems = check_overrides(overrides)
+    good = [
+        o
+        for o in overrides
+        if not any(o.split("=", 1)[0].lstrip("+~") == p.field for p in problems)
+    ]
+    try:
+        cfg = compose(good)
+    except Exception as e:  # Hydra/OmegaConf type or parse errors name the key in the text
+        msg = str(e).splitlines()[0]
+        problems.append(
+            Problem(
+                "overrides",
+                good,
+                f"could not compose the config ({msg})",
+                "give each key a value of its declared type",
+            )
+        )
+        raise ConfigError(problems) from None
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RelayConfig)
+    problems += validate(obj)
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
+def _positive(problems: list[Problem], cfg: Any, prefix: str, names: list[str]) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v <= 0:
+            problems.append(Problem(f"{prefix}.{n}", v, "must be > 0", "set a positive value"))
+
+
+def validate(cfg: RelayConfig) -> list[Problem]:
+    """Every rule a composed config must satisfy; returns the problems found."""
+    from algos.losses import LOSS_AGG_MODES
+    from algos.ppo import ALGORITHM_GRAPHS
+    from algos.rewards import KL_ESTIMATORS
+    from orchestrator.modeling import MODEL_PRESETS
+    from orchestrator.tasks import TASKS
+
+    p: list[Problem] = []
+    a, t, s, g, c = cfg.algo, cfg.train, cfg.sft, cfg.generate, cfg.cluster
+
+    def choice(path: str, value: Any, options: Any, what: str) -> None:
+        if value not in options:
+            p.append(Problem(path, value, f"unknown {what}", f"use one of {sorted(options)}"))
+
+    choice("algo.name", a.name, ALGORITHM_GRAPHS, "algorithm")
+    from algos.advantages import list_estimators
+
+    choice(
+        "algo.advantage_estimator", a.advantage_estimator, list_estimators(), "advantage estimator"
+    )
+    choice("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS, "KL estimator")
+    choice("algo.kl_controller", a.kl_controller, ("fixed", "adaptive"), "KL controller")
+    choice("algo.loss_agg", a.loss_agg, LOSS_AGG_MODES, "loss aggregation")
+    choice("task.name", cfg.task.name, TASKS, "task")
+    choice("generate.backend", g.backend, ("hf",), "generation backend")
+    choice("cluster.device", c.device, ("cpu", "cuda"), "device kind")
+    choice(
+        "logger.wandb_mode", cfg.logger.wandb_mode, ("offline", "online", "disabled"), "wandb mode"
+    )
+    choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3), "ZeRO stage")
+    if cfg.model.path is None:
+        choice("model.preset", cfg.model.preset, MODEL_PRESETS, "model preset")
+    else:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            p.append(
+                Problem(
+                    "model.path",
+                    cfg.model.path,
+                    "must be a folder with a Hugging Face config.json (and tokenizer)",
+                    "point it at a saved model folder, or unset it to build `model.preset`",
+                )
+            )
+        elif not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            p.append(
+                Problem(
+                    "model.path",
+                    cfg.model.path,
+                    "the folder has no tokenizer files",
+                    "save the tokenizer into the same folder (tokenizer.save_pretrained)",
+                )
+            )
+
+    _positive(
+        p,
+        t,
+        "train",
+        [
+            "steps",
+            "rollout_batch_prompts",
+            "samples_per_prompt",
+            "mini_batch_samples",
+            "micro_batch_samples_per_device",
+            "actor_lr",
+            "critic_lr",
+            "eval_every_steps",
+        ],
+    )
+    _positive(p, s, "sft", ["batch_samples", "micro_batch_samples_per_device", "lr"])
+    _positive(p, g, "generate", ["max_new_tokens"])
+    _positive(p, a, "algo", ["ppo_epochs"])
+    _positive(p, cfg.run, "run", ["save_every_steps", "keep_checkpoints"])
+    _positive(p, c, "cluster", ["num_nodes", "devices_per_node", "threads_per_device"])
+    if not 0 <= a.gamma <= 1:
+        p.append(Problem("algo.gamma", a.gamma, "must be in [0, 1]", "use 1.0 for RLHF"))
+    if not 0 <= a.lam <= 1:
+        p.append(Problem("algo.lam", a.lam, "must be in [0, 1]", "use 0.95 or 1.0"))
+    if not 0 <= cfg.task.demo_noise <= 1:
+        p.append(
+            Problem("task.demo_noise", cfg.task.demo_noise, "must be in [0, 1]", "use e.g. 0.3")
+        )
+
+    rollout = t.rollout_batch_prompts * t.samples_per_prompt
+    if t.mini_batch_samples > 0 and rollout > 0 and rollout % t.mini_batch_samples:
+        p.append(
+            Problem(
+                "train.mini_batch_samples",
+                t.mini_batch_samples,
+                f"must divide the rollout batch (rollout_batch_prompts x samples_per_prompt "
+                f"= {rollout} samples)",
+                f"use a divisor of {rollout}, e.g. {_divisor_near(rollout, t.mini_batch_samples)}",
+            )
+        )
+    if (
+        t.micro_batch_samples_per_device > 0
+        and t.mini_batch_samples % t.micro_batch_samples_per_device
+    ):
+        p.append(
+            Problem(
+                "train.micro_batch_samples_per_device",
+                t.micro_batch_samples_per_device,
+                f"must divide train.mini_batch_samples ({t.mini_batch_samples})",
+                f"use a divisor of {t.mini_batch_samples}",
+            )
+        )
+    if s.micro_batch_samples_per_device > 0 and s.batch_samples % s.micro_batch_samples_per_device:
+        p.append(
+            Problem(
+                "sft.micro_batch_samples_per_device",
+                s.micro_batch_samples_per_device,
+                f"must divide sft.batch_samples ({s.batch_samples})",
+                f"use a divisor of {s.batch_samples}",
+            )
+        )
+    if cfg.task.num_rl_prompts < t.rollout_batch_prompts:
+        p.append(
+            Problem(
+                "task.num_rl_prompts",
+                cfg.task.num_rl_prompts,
+                f"must be at least train.rollout_batch_prompts ({t.rollout_batch_prompts})",
+                "raise task.num_rl_prompts or lower the rollout batch",
+            )
+        )
+
+    if a.name in ALGORITHM_GRAPHS:
+        needed = len(ALGORITHM_GRAPHS[a.name]().roles)
+        have = c.num_nodes * c.devices_per_node
+        if needed > have:
+            p.append(
+                Problem(
+                    "cluster.devices_per_node",
+                    c.devices_per_node,
+                    f"algorithm '{a.name}' places {needed} roles on one device each, the "
+                    f"cluster has {have} devices ({c.num_nodes} node(s) x {c.devices_per_node})",
+                    f"set cluster.devices_per_node >= {-(-needed // c.num_nodes)}",
+                )
+            )
+    address = c.address or os.environ.get("RAY_ADDRESS")
+    if c.num_nodes > 1 and not address:
+        p.append(
+            Problem(
+                "cluster.num_nodes",
+                c.num_nodes,
+                "a local Ray cluster started by `relay train` has one node",
+                "set cluster.address (or RAY_ADDRESS) to join a multi-node cluster, or use 1",
+            )
+        )
+    if c.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.append(
+                Problem(
+                    "cluster.device",
+                    c.device,
+                    "no CUDA device is visible here",
+                    "use cluster.device=cpu on this machine",
+                )
+            )
+    resume = cfg.run.resume
+    if resume not in ("never", "auto") and not Path(resume).is_dir():
+        p.append(
+            Problem(
+                "run.resume",
+                resume,
+                "must be never, auto or an existing checkpoint folder",
+                "use resume=auto to continue from the newest complete checkpoint",
+            )
+        )
+    return p
+
+
+def _divisor_near(n: int, want: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - want))
+
+
+def to_yaml(cfg: RelayConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RelayConfig) -> dict[str, Any]:
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,525 @@
+"""The Ray controller: prepares a run folder, places roles on workers, and runs an
+algorithm's dataflow graph step after step (SFT, then RL), with checkpoints and resume.
+
+A step reads top to bottom: take the step's batch, dispatch every call whose inputs are
+ready (calls on different workers run concurrently; data moves between workers as Ray
+object references), collect metrics, update the KL controller, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from algos.graph import DataflowGraph
+from algos.ppo import ALGORITHM_GRAPHS, sft_graph
+from algos.rewards import make_kl_controller
+from orchestrator.checkpoint import CheckpointManager, write_atomic
+from orchestrator.config import RelayConfig, to_dict, to_yaml
+from orchestrator.engines import OptimSpec, SamplingParams
+from orchestrator.tracking import Tracker, plot_learning_curves
+from orchestrator.worker import ModelWorker, RoleSpec
+
+RUN_MARKER = "relay_run.json"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+def call_seed(seed: int, step: int, name: str) -> int:
+    """A seed per (run seed, step, call): sampling and shuffling replay exactly on resume."""
+    return (seed * 1_000_003 + step * 7_919 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def assets(self) -> Path:
+        return self.root / "assets"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.assets / "tokenizer"
+
+    @property
+    def base_model(self) -> Path:
+        return self.assets / "base_model"
+
+    @property
+    def sft_model(self) -> Path:
+        return self.root / "models" / "sft"
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def encode_responses(
+    tokenizer: Any, responses: list[str], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded response ids [B, width] ending in eos, and their mask."""
+    ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        toks = tokenizer.encode(r, add_special_tokens=False)[: width - 1] + [tokenizer.eos_token_id]
+        ids[i, : len(toks)] = torch.tensor(toks)
+        mask[i, : len(toks)] = 1
+    return ids, mask
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def take(items: list[Any], batch_size: int, step: int, seed: int) -> list[Any]:
+    """The step's batch: consecutive slices of a fresh permutation per epoch."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, len(items))
+        order = epoch_order(len(items), seed, epoch)
+        n = min(batch_size - len(out), len(items) - offset)
+        out.extend(items[i] for i in order[offset : offset + n])
+        pos += n
+    return out
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def start_workers(specs: list[RoleSpec], device: str) -> dict[str, Any]:
+    import ray
+
+    actor_cls = ray.remote(ModelWorker)
+    workers = {}
+    for spec in specs:
+        resources = (
+            {"num_gpus": 1}
+            if device == "cuda"
+            else {"num_cpus": 0, "resources": {"relay_device": 1}}
+        )
+        workers[spec.name] = actor_cls.options(
+            name=None,
+            max_concurrency=1,
+            runtime_env={
+                "env_vars": {
+                    "OMP_NUM_THREADS": str(spec.threads),
+                    "TOKENIZERS_PARALLELISM": "false",
+                }
+            },
+            **resources,
+        ).remote(spec)
+    ray.get([w.ping.remote() for w in workers.values()])
+    return workers
+
+
+def stop_workers(workers: dict[str, Any]) -> None:
+    import ray
+
+    for w in workers.values():
+        ray.kill(w)
+
+
+def run_graph(
+    graph: DataflowGraph,
+    workers: dict[str, Any],
+    dataset: dict[str, torch.Tensor],
+    options: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, float]]:
+    """Run every call of the graph once; calls whose inputs are ready run at once.
+
+    Returns each call's metrics. Outputs stay in Ray's object store and are handed to the
+    consumers as references.
+    """
+    import ray
+
+    data_ref = ray.put(dataset)
+    outputs: dict[str, Any] = {}
+    pending: dict[Any, str] = {}
+    done: set[str] = set()
+    metrics: dict[str, dict[str, float]] = {}
+    while len(done) < len(graph.calls):
+        for call in graph.ready(done, set(pending.values())):
+            parents = graph.parents(call)
+            inputs = [data_ref] + [outputs[p] for p in parents]
+            out_ref, metrics_ref = (
+                workers[call.role]
+                .run.options(num_returns=2)
+                .remote(call, options.get(call.name, {}), *inputs)
+            )
+            outputs[call.name] = out_ref
+            pending[metrics_ref] = call.name
+        finished, _ = ray.wait(list(pending), num_returns=1)
+        for ref in finished:
+            name = pending.pop(ref)
+            metrics[name] = ray.get(ref)
+            done.add(name)
+    return metrics
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class Controller:
+    def __init__(self, cfg: RelayConfig) -> None:
+        self.cfg = cfg
+        self.paths = RunPaths(Path(cfg.run.output_dir) / cfg.run.name)
+        self.ckpt = CheckpointManager(self.paths.root, cfg.run.keep_checkpoints)
+
+    # -- run folder ---------------------------------------------------------------
+
+    def prepare(self) -> dict[str, Any]:
+        """Create or reopen the run folder; returns the run's marker (with its wandb id)."""
+        cfg, root = self.cfg, self.paths.root
+        marker_path = root / RUN_MARKER
+        if root.exists() and any(root.iterdir()):
+            if not marker_path.is_file():
+                raise RunError(
+                    f"run.output_dir/run.name = {root} exists and is not a Relay run folder "
+                    f"(no {RUN_MARKER}). Fix: choose another run.name or output_dir."
+                )
+            marker = json.loads(marker_path.read_text())
+            if cfg.run.resume == "never":
+                raise RunError(
+                    f"run.name = {cfg.run.name!r}: the run folder {root} already holds a run. "
+                    "Fix: pass resume=auto to continue it, or choose a new run.name; nothing "
+                    "was changed."
+                )
+            return marker
+        if cfg.run.resume not in ("never", "auto"):
+            raise RunError(
+                f"run.resume = {cfg.run.resume!r} needs the run folder {root}, which is empty"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        marker = {"relay": 1, "wandb_id": uuid.uuid4().hex[:12], "created": time.time()}
+        write_atomic(marker_path, json.dumps(marker))
+        write_atomic(root / "config.yaml", to_yaml(cfg))
+        return marker
+
+    def build_assets(self) -> None:
+        """Tokenizer, base model and task data, built locally and deterministically."""
+        from orchestrator.modeling import (
+            build_model_folder,
+            count_parameters,
+            load_causal_lm,
+            train_tokenizer,
+        )
+        from orchestrator.tasks import build_task_data, make_task
+
+        cfg, paths = self.cfg, self.paths
+        self.task = make_task(cfg.task.name, cfg.task.num_digits)
+        self.data = build_task_data(
+            self.task,
+            num_demos=cfg.task.num_demos,
+            num_rl_prompts=cfg.task.num_rl_prompts,
+            num_eval_prompts=cfg.task.num_eval_prompts,
+            demo_noise=cfg.task.demo_noise,
+            seed=cfg.run.seed,
+        )
+        if cfg.model.path is not None:
+            self.base = Path(cfg.model.path)
+            self.tokenizer_path = self.base
+        else:
+            self.tokenizer_path = paths.tokenizer
+            self.base = paths.base_model
+            if not (paths.base_model / "DONE").is_file():
+                tmp = paths.assets / ".building"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tok = train_tokenizer(self.task.alphabet(), tmp / "tokenizer")
+                build_model_folder(
+                    cfg.model.preset,
+                    tok,
+                    tmp / "base_model",
+                    seed=cfg.run.seed,
+                    max_position_embeddings=cfg.model.max_position_embeddings,
+                )
+                for name in ("tokenizer", "base_model"):
+                    shutil.rmtree(paths.assets / name, ignore_errors=True)
+                    (tmp / name).rename(paths.assets / name)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (paths.base_model / "DONE").write_text("ok\n")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.num_params = count_parameters(load_causal_lm(self.base))
+
+    def role(
+        self,
+        name: str,
+        kind: str,
+        init: Path | None,
+        optim: OptimSpec | None = None,
+        generation: str | None = None,
+    ) -> RoleSpec:
+        c = self.cfg
+        return RoleSpec(
+            name=name,
+            model_kind=kind,
+            init_path=str(init) if init else None,
+            tokenizer_path=str(self.tokenizer_path),
+            task_name=c.task.name,
+            task_digits=c.task.num_digits,
+            optim=optim,
+            generation_backend=generation,
+            threads=c.cluster.threads_per_device,
+            seed=c.run.seed,
+        )
+
+    def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
+        g = self.cfg.generate
+        return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, greedy, seed)
+
+    def evaluate(self, actor: Any, step: int) -> dict[str, float]:
+        import ray
+
+        prompts = self.data.eval_prompts
+        greedy = actor.evaluate.remote(prompts, self.sampling(0, greedy=True))
+        sampled = actor.evaluate.remote(
+            prompts, self.sampling(call_seed(self.cfg.run.seed, step, "eval"))
+        )
+        g, s = ray.get([greedy, sampled])
+        return {
+            "eval/greedy_accuracy": g["accuracy"],
+            "eval/greedy_reward": g["reward"],
+            "eval/sampled_accuracy": s["accuracy"],
+            "eval/sampled_reward": s["reward"],
+        }
+
+    # -- stages -------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        marker = self.prepare()
+        self.wandb_id = marker["wandb_id"]
+        self.build_assets()
+        summary: dict[str, Any] = {"run_dir": str(self.paths.root), "parameters": self.num_params}
+        if self.cfg.sft.enabled:
+            summary["sft"] = self.run_sft()
+        summary["rl"] = self.run_rl()
+        plot_learning_curves(self.paths.root)
+        write_atomic(self.paths.root / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def run_sft(self) -> dict[str, float]:
+        """SFT as a one-call graph; its result is a Hugging Face folder, models/sft."""
+        cfg, paths = self.cfg, self.paths
+        done_marker = paths.sft_model / "DONE"
+        if done_marker.is_file():
+            return json.loads(done_marker.read_text())
+        s = cfg.sft
+        optim = OptimSpec(
+            s.lr,
+            s.warmup_steps,
+            0.0,
+            cfg.train.grad_clip,
+            cfg.train.zero_stage,
+            s.batch_samples,
+            s.micro_batch_samples_per_device,
+        )
+        workers = start_workers(
+            [self.role("actor", "causal", self.base, optim, cfg.generate.backend)],
+            cfg.cluster.device,
+        )
+        graph = sft_graph()
+        tracker = self.tracker("sft", s.steps, 0)
+        from orchestrator.modeling import encode_prompts
+
+        try:
+            width = self.task.max_response_chars + 1
+            for step in range(1, s.steps + 1):
+                t0 = time.perf_counter()
+                pairs = take(self.data.sft_pairs, s.batch_samples, step - 1, cfg.run.seed)
+                pids, pmask = encode_prompts(self.tokenizer, [p for p, _ in pairs])
+                rids, rmask = encode_responses(self.tokenizer, [r for _, r in pairs], width)
+                batch = {
+                    "prompt_ids": pids,
+                    "prompt_mask": pmask,
+                    "response_ids": rids,
+                    "response_mask": rmask,
+                }
+                seed = call_seed(cfg.run.seed, step, "actor_sft")
+                m = run_graph(graph, workers, batch, {"actor_sft": {"seed": seed}})["actor_sft"]
+                m["time/step_s"] = time.perf_counter() - t0
+                if step == s.steps:
+                    m.update(self.evaluate(workers["actor"], step))
+                tracker.log(step, m)
+            result = {k: v for k, v in m.items() if k.startswith("eval/")}
+            import ray
+
+            tmp = paths.sft_model.with_name(".sft_tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            ray.get(workers["actor"].save.remote(str(tmp)))
+            shutil.rmtree(paths.sft_model, ignore_errors=True)
+            (tmp / "actor").rename(paths.sft_model)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(paths.sft_model / "deepspeed", ignore_errors=True)
+            write_atomic(done_marker, json.dumps(result))
+        finally:
+            tracker.close()
+            stop_workers(workers)
+        return result
+
+    def tracker(self, stage: str, total: int, start: int) -> Tracker:
+        lg = self.cfg.logger
+        return Tracker(
+            self.paths.root,
+            stage,
+            total,
+            start,
+            lg.wandb_mode,
+            lg.wandb_project,
+            self.wandb_id,
+            self.cfg.run.name,
+            to_dict(self.cfg),
+            lg.progress,
+        )
+
+    def rl_roles(self) -> list[RoleSpec]:
+        cfg, t = self.cfg, self.cfg.train
+        init = self.paths.sft_model if cfg.sft.enabled else self.base
+        actor_optim = OptimSpec(
+            t.actor_lr,
+            t.warmup_steps,
+            t.weight_decay,
+            t.grad_clip,
+            t.zero_stage,
+            t.mini_batch_samples,
+            t.micro_batch_samples_per_device,
+        )
+        critic_optim = OptimSpec(
+            t.critic_lr,
+            t.warmup_steps,
+            t.weight_decay,
+            t.grad_clip,
+            t.zero_stage,
+            t.mini_batch_samples,
+            t.micro_batch_samples_per_device,
+        )
+        return [
+            self.role("actor", "causal", init, actor_optim, cfg.generate.backend),
+            self.role("ref", "causal", init),
+            self.role("critic", "value", init, critic_optim),
+            self.role("reward", "verifier", None),
+        ]
+
+    def run_rl(self) -> dict[str, float]:
+        import ray
+
+        cfg, t = self.cfg, self.cfg.train
+        graph = ALGORITHM_GRAPHS[cfg.algo.name]()
+        kl_ctl = make_kl_controller(
+            cfg.algo.kl_controller,
+            cfg.algo.kl_coef,
+            cfg.algo.kl_target_per_token,
+            cfg.algo.kl_horizon_samples,
+        )
+        start_step = 0
+        resume_from = self.resume_point()
+        specs = [s for s in self.rl_roles() if s.name in graph.roles]
+        workers = start_workers(specs, cfg.cluster.device)
+        trainable = [r for r in graph.trainable_roles]
+        if resume_from is not None:
+            state = json.loads((resume_from / "controller.json").read_text())
+            ray.get([workers[r].load.remote(str(resume_from)) for r in trainable])
+            kl_ctl.load_state_dict(state["kl_controller"])
+            rng = torch.load(resume_from / "rng.pt", weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            start_step = state["step"]
+        tracker = self.tracker("rl", t.steps, start_step)
+        last: dict[str, float] = {}
+        n_samples = t.rollout_batch_prompts * t.samples_per_prompt
+        from orchestrator.modeling import encode_prompts
+
+        try:
+            if start_step == 0:
+                tracker.record(0, self.evaluate(workers["actor"], 0))
+            for step in range(start_step + 1, t.steps + 1):
+                t0 = time.perf_counter()
+                prompts = take(
+                    self.data.rl_prompts, t.rollout_batch_prompts, step - 1, cfg.run.seed
+                )
+                prompts = [p for p in prompts for _ in range(t.samples_per_prompt)]
+                ids, mask = encode_prompts(self.tokenizer, prompts)
+                options: dict[str, dict[str, Any]] = {}
+                for call in graph.calls:
+                    seed = call_seed(cfg.run.seed, step, call.name)
+                    options[call.name] = {
+                        "seed": seed,
+                        "sampling": self.sampling(seed),
+                        "algo": cfg.algo,
+                        "kl_coef": kl_ctl.value,
+                        "output": call.outputs[0] if call.outputs else None,
+                        **call.options,
+                    }
+                per_call = run_graph(
+                    graph, workers, {"prompt_ids": ids, "prompt_mask": mask}, options
+                )
+                m: dict[str, float] = {}
+                for call_metrics in per_call.values():
+                    m.update(call_metrics)
+                kl_ctl.update(m.get("rollout/kl_to_ref_token_mean", 0.0), n_samples)
+                m["time/step_s"] = time.perf_counter() - t0
+                m["perf/samples_per_s"] = n_samples / m["time/step_s"]
+                if step % t.eval_every_steps == 0 or step == t.steps:
+                    m.update(self.evaluate(workers["actor"], step))
+                tracker.log(step, m)
+                last = m
+                if step % cfg.run.save_every_steps == 0 or step == t.steps:
+                    self.save_checkpoint(step, workers, trainable, kl_ctl)
+                if step % cfg.logger.plot_every_steps == 0:
+                    plot_learning_curves(self.paths.root)
+        finally:
+            tracker.close()
+            stop_workers(workers)
+        return {k: v for k, v in last.items() if k.startswith(("eval/", "rollout/"))}
+
+    def resume_point(self) -> Path | None:
+        r = self.cfg.run.resume
+        if r == "never":
+            return None
+        if r == "auto":
+            return self.ckpt.newest_valid()
+        problems = self.ckpt.verify(Path(r))
+        if problems:
+            raise RunError(
+                f"run.resume = {r!r} is not a complete checkpoint: {'; '.join(problems)}"
+            )
+        return Path(r)
+
+    def save_checkpoint(
+        self, step: int, workers: dict[str, Any], trainable: list[str], kl_ctl: Any
+    ) -> Path:
+        import ray
+
+        tmp = self.ckpt.begin(step)
+        ray.get([workers[r].save.remote(str(tmp)) for r in trainable])
+        state = {
+            "step": step,
+            "data_position_prompts": step * self.cfg.train.rollout_batch_prompts,
+            "kl_controller": kl_ctl.state_dict(),
+            "wandb_id": self.wandb_id,
+            "config": to_dict(self.cfg),
+        }
+        write_atomic(tmp / "controller.json", json.dumps(state, indent=1))
+        torch.save(
+            {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            tmp / "rng.pt",
+        )
+        return self.ckpt.commit(tmp, step)

@@ -1,0 +1,206 @@
+"""Engines a model worker runs calls with.
+
+- `TrainEngine`: DeepSpeed (ZeRO stage from the config) over the call's data-parallel
+  group; here one process per role, gloo on CPU.
+- `GenerationEngine`: the protocol every generation backend implements;
+  `HFGenerateEngine` is transformers' generate. vLLM plugs in behind the same protocol.
+
+Shape legend: B = sequences, P = prompt tokens, T = response tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    seed: int = 0
+
+
+class GenerationEngine(Protocol):
+    def generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (response_ids [B, T], response_mask [B, T]); mask is 1 up to and
+        including the first eos, response_ids are pad after it."""
+        ...
+
+
+class HFGenerateEngine:
+    """transformers' generate on the worker's current module (no copy of the weights)."""
+
+    def __init__(self, module: torch.nn.Module, eos_id: int, pad_id: int) -> None:
+        self.module = module
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(params.seed)
+        was_training = self.module.training
+        self.module.eval()
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+        )
+        if params.greedy or params.temperature == 0:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else None,
+            )
+        out = self.module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+        if was_training:
+            self.module.train()
+        response = out[:, prompt_ids.shape[1] :]
+        return finish_responses(response, self.eos_id, self.pad_id, params.max_new_tokens)
+
+
+def finish_responses(
+    response: torch.Tensor, eos_id: int, pad_id: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad responses to `width`, mask up to and including the first eos, pad after it."""
+    b, t = response.shape
+    if t < width:
+        response = torch.cat([response, response.new_full((b, width - t), pad_id)], dim=1)
+    is_eos = response == eos_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = (~after_eos).long()
+    response = torch.where(after_eos, torch.full_like(response, pad_id), response)
+    return response.contiguous(), mask
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process_group() -> None:
+    """A world of one for this role's DeepSpeed engine (gloo on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    zero_stage: int
+    mini_batch_samples: int
+    micro_batch_samples_per_device: int
+
+
+class TrainEngine:
+    """A DeepSpeed engine around one trainable module: micro-batched steps, checkpoints."""
+
+    def __init__(self, module: torch.nn.Module, spec: OptimSpec) -> None:
+        import deepspeed
+
+        init_single_process_group()
+        self.spec = spec
+        gas = spec.mini_batch_samples // spec.micro_batch_samples_per_device
+        config = {
+            "train_batch_size": spec.mini_batch_samples,
+            "train_micro_batch_size_per_gpu": spec.micro_batch_samples_per_device,
+            "gradient_accumulation_steps": gas,
+            "gradient_clipping": spec.grad_clip,
+            "zero_optimization": {"stage": spec.zero_stage},
+            "scheduler": {
+                "type": "WarmupLR",
+                "params": {
+                    "warmup_min_lr": 0.0,
+                    "warmup_max_lr": spec.lr,
+                    "warmup_num_steps": max(spec.warmup_steps, 1),
+                    "warmup_type": "linear",
+                },
+            },
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        optimizer = torch.optim.AdamW(
+            module.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999)
+        )
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config
+        )
+        self.gas = gas
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        """Call after every micro-batch; the optimizer steps at the accumulation boundary."""
+        metrics: dict[str, float] = {}
+        if self.engine.is_gradient_accumulation_boundary():
+            if self.spec.zero_stage == 0:
+                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+                norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                )
+                metrics["grad_norm"] = float(norm)
+            self.engine.step()
+            if self.spec.zero_stage > 0:
+                gn = self.engine.get_global_grad_norm()
+                if gn is not None:
+                    metrics["grad_norm"] = float(gn)
+            metrics["lr"] = float(self.engine.get_lr()[0])
+        else:
+            self.engine.step()
+        return metrics
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's full weights (gathered under ZeRO-3), on CPU."""
+        if self.spec.zero_stage == 3:
+            import deepspeed
+
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, folder: Path) -> None:
+        """Optimizer, scheduler and module states (DeepSpeed format) into folder."""
+        self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {folder}")

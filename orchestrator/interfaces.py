@@ -1,0 +1,274 @@
+"""What each MFC interface does on the worker that hosts its role.
+
+An interface is a function (ctx, batch, options) -> (outputs, metrics). The graph's MFC
+names the interface; the worker looks it up here. Losses and advantages come from
+algos/ (the math lives only there).
+
+Shape legend: B = sequences, P = prompt tokens, T = response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from algos.losses import aggregate_loss, entropy_from_logits, explained_variance, masked_mean
+from algos.losses import policy_loss as ppo_policy_loss
+from algos.losses import value_loss as ppo_value_loss
+from algos.ppo import ppo_rollout_advantages
+from orchestrator.batch import (
+    Batch,
+    minibatches,
+    response_logits,
+    response_logprobs,
+    response_values,
+)
+from orchestrator.engines import GenerationEngine, SamplingParams, TrainEngine
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class WorkerContext:
+    """What a worker holds for its role: the module, engines, tokenizer and task."""
+
+    role: str
+    module: torch.nn.Module | None
+    tokenizer: Any
+    task: Any
+    train: TrainEngine | None = None
+    generator: GenerationEngine | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Interface = Callable[[WorkerContext, Batch, Mapping[str, Any]], tuple[Batch, Metrics]]
+INTERFACES: dict[str, Interface] = {}
+
+
+def interface(name: str) -> Callable[[Interface], Interface]:
+    def register(fn: Interface) -> Interface:
+        if name in INTERFACES:
+            raise ValueError(f"interface '{name}' is registered twice")
+        INTERFACES[name] = fn
+        return fn
+
+    return register
+
+
+def get_interface(name: str) -> Interface:
+    if name not in INTERFACES:
+        raise KeyError(f"unknown interface '{name}'; registered: {sorted(INTERFACES)}")
+    return INTERFACES[name]
+
+
+def _module(ctx: WorkerContext) -> torch.nn.Module:
+    if ctx.module is None:
+        raise RuntimeError(f"role '{ctx.role}' holds no model")
+    return ctx.module
+
+
+@interface("generate")
+def generate(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tuple[Batch, Metrics]:
+    """Sample responses, then score them with the same forward pass the trainer uses."""
+    if ctx.generator is None:
+        raise RuntimeError(f"role '{ctx.role}' has no generation engine")
+    params: SamplingParams = options["sampling"]
+    response_ids, response_mask = ctx.generator.generate(
+        batch["prompt_ids"], batch["prompt_mask"], params
+    )
+    full = {**batch, "response_ids": response_ids, "response_mask": response_mask}
+    module = _module(ctx)
+    module.eval()
+    with torch.no_grad():
+        logprobs = response_logprobs(module, full)
+    lengths = response_mask.sum(-1).float()
+    has_eos = (response_ids == ctx.tokenizer.eos_token_id).any(-1).float()
+    metrics = {
+        "rollout/response_length_mean": float(lengths.mean()),
+        "rollout/truncated_frac": float(1 - has_eos.mean()),
+    }
+    return {
+        "response_ids": response_ids,
+        "response_mask": response_mask,
+        "logprobs": logprobs,
+    }, metrics
+
+
+@interface("logprobs")
+def logprobs(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tuple[Batch, Metrics]:
+    module = _module(ctx)
+    module.eval()
+    with torch.no_grad():
+        lp = response_logprobs(module, batch)
+    return {options["output"]: lp}, {}
+
+
+@interface("values")
+def values(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tuple[Batch, Metrics]:
+    module = _module(ctx)
+    module.eval()
+    with torch.no_grad():
+        v = response_values(module, batch)
+    return {"values": v}, {}
+
+
+def decode_pairs(tokenizer: Any, batch: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    from orchestrator.modeling import decode_responses
+
+    prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+    responses = decode_responses(tokenizer, batch["response_ids"])
+    return [p.replace(" ", "") for p in prompts], responses
+
+
+@interface("verifier_reward")
+def verifier_reward(
+    ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]
+) -> tuple[Batch, Metrics]:
+    """The task's verifier as the reward role: scores in [0, 1] and exact-match flags."""
+    prompts, responses = decode_pairs(ctx.tokenizer, batch)
+    scores = torch.tensor([ctx.task.reward(p, r) for p, r in zip(prompts, responses)])
+    correct = torch.tensor([float(ctx.task.correct(p, r)) for p, r in zip(prompts, responses)])
+    metrics = {
+        "rollout/reward_mean": float(scores.mean()),
+        "rollout/reward_min": float(scores.min()),
+        "rollout/reward_max": float(scores.max()),
+        "rollout/task_accuracy": float(correct.mean()),
+    }
+    return {"scores": scores.float(), "task_correct": correct.float()}, metrics
+
+
+def _rollout_targets(
+    batch: Batch, options: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+    a = options["algo"]
+    return ppo_rollout_advantages(
+        batch["logprobs"],
+        batch["ref_logprobs"],
+        batch["values"],
+        batch["scores"],
+        batch["response_mask"],
+        kl_coef=options["kl_coef"],
+        kl_estimator=a.kl_estimator,
+        reward_clip=a.reward_clip,
+        estimator=a.advantage_estimator,
+        gamma=a.gamma,
+        lam=a.lam,
+        whiten=a.whiten_advantages,
+    )
+
+
+def _mean_metrics(rows: list[Metrics]) -> Metrics:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+def _train_loop(
+    ctx: WorkerContext,
+    batch: Batch,
+    options: Mapping[str, Any],
+    epochs: int,
+    loss_fn: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Metrics]],
+) -> list[Metrics]:
+    engine = ctx.train
+    if engine is None:
+        raise RuntimeError(f"role '{ctx.role}' is not trainable")
+    engine.module.train()
+    gen = torch.Generator().manual_seed(int(options["seed"]))
+    rows: list[Metrics] = []
+    for _ in range(epochs):
+        for mini in minibatches(batch, engine.spec.mini_batch_samples, gen):
+            for micro in minibatches(mini, engine.spec.micro_batch_samples_per_device):
+                loss, m = loss_fn(engine.module, micro)
+                engine.backward(loss)
+                m.update({f"train/{k}_{ctx.role}": v for k, v in engine.step().items()})
+                rows.append(m)
+    return rows
+
+
+@interface("ppo_actor_train")
+def ppo_actor_train(
+    ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]
+) -> tuple[Batch, Metrics]:
+    a = options["algo"]
+    advantages, _, rollout_metrics = _rollout_targets(batch, options)
+    batch = {**batch, "advantages": advantages}
+
+    def loss_fn(module: torch.nn.Module, mb: Batch) -> tuple[torch.Tensor, Metrics]:
+        mask = mb["response_mask"].float()
+        logits = response_logits(module, mb)
+        from algos.losses import logprobs_from_logits
+
+        lp = logprobs_from_logits(logits, mb["response_ids"])
+        loss, m = ppo_policy_loss(
+            lp,
+            mb["logprobs"],
+            mb["advantages"],
+            mask,
+            clip_eps_low=a.clip_eps_low,
+            clip_eps_high=a.clip_eps_high,
+            dual_clip_c=a.dual_clip_c,
+            loss_agg=a.loss_agg,
+        )
+        entropy = entropy_from_logits(logits)
+        ent = aggregate_loss(entropy, mask, a.loss_agg)
+        total = loss - a.entropy_coef * ent
+        return total, {
+            "loss/policy": float(loss),
+            "train/entropy": float(ent),
+            **{f"train/{k}": float(v) for k, v in m.items()},
+        }
+
+    rows = _train_loop(ctx, batch, options, a.ppo_epochs, loss_fn)
+    metrics = _mean_metrics(rows)
+    metrics.update(rollout_metrics)
+    metrics["rollout/kl_coef"] = float(options["kl_coef"])
+    return {}, metrics
+
+
+@interface("ppo_critic_train")
+def ppo_critic_train(
+    ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]
+) -> tuple[Batch, Metrics]:
+    a = options["algo"]
+    _, returns, _ = _rollout_targets(batch, options)
+    batch = {**batch, "returns": returns, "old_values": batch["values"]}
+    ev = explained_variance(batch["values"], returns, batch["response_mask"].float())
+
+    def loss_fn(module: torch.nn.Module, mb: Batch) -> tuple[torch.Tensor, Metrics]:
+        mask = mb["response_mask"].float()
+        v = response_values(module, mb)
+        loss, m = ppo_value_loss(
+            v,
+            mb["old_values"],
+            mb["returns"],
+            mask,
+            clip_eps=a.value_clip_eps,
+            loss_agg=a.loss_agg,
+        )
+        return loss, {"loss/value": float(loss), **{f"train/{k}": float(x) for k, x in m.items()}}
+
+    metrics = _mean_metrics(_train_loop(ctx, batch, options, a.ppo_epochs, loss_fn))
+    metrics["train/explained_variance"] = float(ev)
+    return {}, metrics
+
+
+@interface("sft_train")
+def sft_train(
+    ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]
+) -> tuple[Batch, Metrics]:
+    """Negative log-likelihood of the demonstration's response tokens (token mean)."""
+
+    def loss_fn(module: torch.nn.Module, mb: Batch) -> tuple[torch.Tensor, Metrics]:
+        mask = mb["response_mask"].float()
+        logits = response_logits(module, mb)
+        from algos.losses import logprobs_from_logits
+
+        lp = logprobs_from_logits(logits, mb["response_ids"])
+        loss = -masked_mean(lp, mask)
+        acc = masked_mean((logits.argmax(-1) == mb["response_ids"]).float(), mask)
+        return loss, {"loss/sft": float(loss), "train/sft_token_accuracy": float(acc)}
+
+    return {}, _mean_metrics(_train_loop(ctx, batch, options, 1, loss_fn))

@@ -1,0 +1,132 @@
+"""Model workers: one Ray actor per role (per device), holding the role's model and its
+engines, running the MFC interfaces the controller dispatches to it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from algos.graph import MFC, check_outputs
+from orchestrator.engines import HFGenerateEngine, OptimSpec, SamplingParams, TrainEngine
+from orchestrator.interfaces import Batch, Metrics, WorkerContext, decode_pairs, get_interface
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """Everything a worker needs to build its role."""
+
+    name: str
+    model_kind: str  # causal | value | verifier
+    init_path: str | None  # Hugging Face folder the weights start from
+    tokenizer_path: str
+    task_name: str
+    task_digits: int
+    optim: OptimSpec | None = None  # set for trainable roles
+    generation_backend: str | None = None  # set for roles that generate
+    threads: int = 1
+    seed: int = 0
+
+
+class ModelWorker:
+    """Hosts one role. Created by the controller as a Ray actor (ray.remote(ModelWorker))."""
+
+    def __init__(self, spec: RoleSpec) -> None:
+        torch.set_num_threads(spec.threads)
+        os.environ["OMP_NUM_THREADS"] = str(spec.threads)
+        torch.manual_seed(spec.seed)
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from orchestrator.modeling import load_causal_lm, load_value_model
+        from orchestrator.tasks import make_task
+
+        hf_logging.set_verbosity_error()
+        self.spec = spec
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
+        task = make_task(spec.task_name, spec.task_digits)
+        module: torch.nn.Module | None = None
+        if spec.model_kind == "causal":
+            module = load_causal_lm(spec.init_path)
+        elif spec.model_kind == "value":
+            module = load_value_model(spec.init_path)
+        elif spec.model_kind != "verifier":
+            raise ValueError(f"role '{spec.name}': unknown model_kind '{spec.model_kind}'")
+        train = None
+        if spec.optim is not None:
+            assert module is not None, "a trainable role needs a model"
+            train = TrainEngine(module, spec.optim)
+            module = train.module
+        elif module is not None:
+            module.requires_grad_(False)
+        generator = None
+        if spec.generation_backend == "hf":
+            generator = HFGenerateEngine(module, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        elif spec.generation_backend is not None:
+            raise ValueError(f"unknown generation backend '{spec.generation_backend}'")
+        self.ctx = WorkerContext(spec.name, module, tokenizer, task, train, generator)
+
+    def ping(self) -> str:
+        return self.spec.name
+
+    def run(self, call: MFC, options: Mapping[str, Any], *inputs: Batch) -> tuple[Batch, Metrics]:
+        """Run one call on the merged input batches; returns (outputs, metrics)."""
+        merged: Batch = {}
+        for part in inputs:
+            merged.update(part)
+        missing = [k for k in call.inputs if k not in merged]
+        if missing:
+            raise KeyError(f"call '{call.name}' is missing inputs {missing}")
+        batch = {k: merged[k] for k in call.inputs}
+        start = time.perf_counter()
+        outputs, metrics = get_interface(call.interface)(self.ctx, batch, options)
+        check_outputs(call, outputs)
+        metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+        return outputs, metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.ctx.train is not None:
+            return self.ctx.train.full_state_dict()
+        assert self.ctx.module is not None
+        return {k: v.detach().clone() for k, v in self.ctx.module.state_dict().items()}
+
+    def save(self, folder: str) -> list[str]:
+        """Write HF-format weights + tokenizer and the DeepSpeed state under folder/<role>."""
+        if self.ctx.train is None or self.ctx.module is None:
+            return []
+        out = Path(folder) / self.spec.name
+        out.mkdir(parents=True, exist_ok=True)
+        self.ctx.module.save_pretrained(out, state_dict=self.ctx.train.full_state_dict())
+        self.ctx.tokenizer.save_pretrained(out)
+        self.ctx.train.save(out / "deepspeed")
+        return [str(p) for p in out.rglob("*") if p.is_file()]
+
+    def load(self, folder: str) -> None:
+        """Restore weights, optimizer and scheduler from folder/<role>/deepspeed."""
+        if self.ctx.train is None:
+            raise RuntimeError(f"role '{self.spec.name}' is not trainable; nothing to restore")
+        self.ctx.train.load(Path(folder) / self.spec.name / "deepspeed")
+
+    def evaluate(self, prompts: list[str], params: SamplingParams) -> dict[str, float]:
+        """Task accuracy and mean reward of responses to `prompts` under `params`."""
+        from orchestrator.modeling import encode_prompts
+
+        if self.ctx.generator is None:
+            raise RuntimeError(f"role '{self.spec.name}' cannot generate")
+        ids, mask = encode_prompts(self.ctx.tokenizer, prompts)
+        rids, rmask = self.ctx.generator.generate(ids, mask, params)
+        texts, responses = decode_pairs(
+            self.ctx.tokenizer, {"prompt_ids": ids, "response_ids": rids}
+        )
+        task = self.ctx.task
+        correct = [float(task.correct(p, r)) for p, r in zip(prompts, responses)]
+        rewards = [task.reward(p, r) for p, r in zip(prompts, responses)]
+        return {
+            "accuracy": sum(correct) / len(correct),
+            "reward": sum(rewards) / len(rewards),
+        }

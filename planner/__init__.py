@@ -1,0 +1,1 @@
+"""Relay execution planner: graph + cluster -> execution plan (pure Python)."""
