@@ -24,8 +24,9 @@ class RunConfig:
     name: str = "ppo-sort"  # run folder = output_dir/name; also the wandb run name
     output_dir: str = "runs"
     seed: int = 1
-    resume: str = "never"  # never | auto | <path of a checkpoints/step_N folder>
-    save_every_steps: int = 10
+    resume: str = "auto"  # auto | never | <path of a checkpoints/step_N folder>
+    allow_config_change: bool = False  # resume even if the folder's config differs
+    save_every_steps: int = 20
     keep_checkpoints: int = 2
 
 
@@ -49,7 +50,7 @@ class TaskConfig:
 @dataclass
 class SFTConfig:
     enabled: bool = True
-    steps: int = 250
+    steps: int = 600
     batch_samples: int = 64
     micro_batch_samples_per_device: int = 64
     lr: float = 3e-3
@@ -80,7 +81,7 @@ class AlgoConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 60  # RL steps (one rollout batch each)
+    steps: int = 200  # RL steps (one rollout batch each)
     rollout_batch_prompts: int = 64
     samples_per_prompt: int = 1
     mini_batch_samples: int = 32  # samples per optimizer step
@@ -91,7 +92,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     zero_stage: int = 0
-    eval_every_steps: int = 10
+    eval_every_steps: int = 20
 
 
 @dataclass

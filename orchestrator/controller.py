@@ -63,6 +63,30 @@ class RunPaths:
         return self.root / "models" / "sft"
 
 
+# Keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = ("run.resume", "run.allow_config_change", "train.steps", "logger.")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every leaf that differs, except those a resume may change."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    return [
+        (k, a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -193,9 +217,18 @@ class Controller:
             marker = json.loads(marker_path.read_text())
             if cfg.run.resume == "never":
                 raise RunError(
-                    f"run.name = {cfg.run.name!r}: the run folder {root} already holds a run. "
+                    f"run.resume = 'never', but the run folder {root} already holds a run. "
                     "Fix: pass resume=auto to continue it, or choose a new run.name; nothing "
                     "was changed."
+                )
+            changed = config_changes(marker.get("config", {}), to_dict(cfg))
+            if changed and not cfg.run.allow_config_change:
+                lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+                raise RunError(
+                    f"run.name = {cfg.run.name!r}: the run folder {root} was made by a different "
+                    f"config ({lines}). Fix: choose a new run.name, or pass "
+                    "run.allow_config_change=true to continue with the new values; nothing was "
+                    "changed."
                 )
             return marker
         if cfg.run.resume not in ("never", "auto"):
@@ -203,7 +236,12 @@ class Controller:
                 f"run.resume = {cfg.run.resume!r} needs the run folder {root}, which is empty"
             )
         root.mkdir(parents=True, exist_ok=True)
-        marker = {"relay": 1, "wandb_id": uuid.uuid4().hex[:12], "created": time.time()}
+        marker = {
+            "relay": 1,
+            "wandb_id": uuid.uuid4().hex[:12],
+            "created": time.time(),
+            "config": to_dict(cfg),
+        }
         write_atomic(marker_path, json.dumps(marker))
         write_atomic(root / "config.yaml", to_yaml(cfg))
         return marker
@@ -438,6 +476,13 @@ class Controller:
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
             start_step = state["step"]
+        if start_step >= t.steps:
+            stop_workers(workers)
+            print(
+                f"relay: run {self.paths.root} already finished at step {start_step} of "
+                f"{t.steps}; nothing to do (raise train.steps to continue it)."
+            )
+            return self.final_metrics()
         tracker = self.tracker("rl", t.steps, start_step)
         last: dict[str, float] = {}
         n_samples = t.rollout_batch_prompts * t.samples_per_prompt
@@ -485,6 +530,15 @@ class Controller:
             tracker.close()
             stop_workers(workers)
         return {k: v for k, v in last.items() if k.startswith(("eval/", "rollout/"))}
+
+    def final_metrics(self) -> dict[str, float]:
+        from orchestrator.tracking import read_metrics
+
+        last: dict[str, float] = {}
+        for row in read_metrics(self.paths.root / "metrics.jsonl"):
+            if row.get("stage") == "rl":
+                last.update({k: v for k, v in row.items() if k.startswith(("eval/", "rollout/"))})
+        return last
 
     def resume_point(self) -> Path | None:
         r = self.cfg.run.resume

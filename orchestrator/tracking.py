@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,10 @@ class Tracker:
                 mode=wandb_mode,
                 config=config,
             )
+        self.total, self.start_step = total_steps, start_step
+        self.t0 = time.perf_counter()
         self.bar = None
-        if progress:
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(
@@ -115,7 +118,10 @@ class Tracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record a finished step, advance the progress bar, print its summary line."""
         self.record(step, metrics)
-        line = f"[{self.stage} {step}] " + " ".join(
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        line = f"[{self.stage} {step}/{self.total} eta {eta:.0f}s] " + " ".join(
             f"{short} {metrics[key]:.4g}" for short, key in SUMMARY_KEYS if key in metrics
         )
         if self.bar is not None:

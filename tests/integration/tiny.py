@@ -1,0 +1,27 @@
+"""Overrides for a tiny, fast run of the real pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_overrides(out: Path, name: str, steps: int, *extra: str) -> list[str]:
+    return [
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"train.steps={steps}",
+        "run.save_every_steps=2",
+        "sft.steps=10",
+        "sft.batch_samples=16",
+        "sft.micro_batch_samples_per_device=16",
+        "task.num_demos=200",
+        "task.num_rl_prompts=200",
+        "task.num_eval_prompts=16",
+        "train.rollout_batch_prompts=16",
+        "train.mini_batch_samples=8",
+        "train.micro_batch_samples_per_device=8",
+        "train.eval_every_steps=2",
+        "logger.wandb_mode=disabled",
+        "logger.progress=false",
+        *extra,
+    ]
