@@ -102,10 +102,15 @@ class CheckpointManager:
         return sorted(found)
 
     def _prune(self) -> None:
+        """Drop all but the newest `keep`: renamed away first, so a kill mid-delete never
+        leaves a half-deleted step_<N> folder behind."""
         for _, p in self.complete()[: -self.keep]:
-            shutil.rmtree(p, ignore_errors=True)
-        for p in self.root.glob(".tmp_step_*"):
-            shutil.rmtree(p, ignore_errors=True)
+            trash = self.root / f".trash_{p.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(p, trash)
+        for pattern in (".tmp_step_*", ".trash_*", ".old_step_*"):
+            for p in self.root.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod
     def verify(folder: Path) -> list[str]:

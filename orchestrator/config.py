@@ -224,7 +224,36 @@ def check_overrides(overrides: list[str]) -> list[Problem]:
                 f"did you mean '{close[0]}'?" if close else "see `relay train --help` for the keys"
             )
             problems.append(Problem(key, value, "unknown key", fix))
+            continue
+        type_problem = _type_problem(key, value, str(LEAF_PATHS[key]))
+        if type_problem:
+            problems.append(type_problem)
     return problems
+
+
+def _type_problem(key: str, raw: str, annotation: str) -> Problem | None:
+    """A wrong-typed override value (int, float, bool fields; null where optional)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    kinds = {k.strip() for k in annotation.split("|")}
+    if value is None:
+        ok = "None" in kinds
+    elif "bool" in kinds:
+        ok = isinstance(value, bool)
+    elif "int" in kinds and "float" not in kinds:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "float" in kinds:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = True
+    if ok:
+        return None
+    want = " or ".join(sorted("null" if k == "None" else k for k in kinds))
+    return Problem(key, raw, f"must be {want}", f"give {key} a value of type {want}")
 
 
 def compose(overrides: list[str]) -> DictConfig:

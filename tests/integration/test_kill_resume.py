@@ -1,0 +1,75 @@
+"""SIGKILL of the driver at a random moment: resume loses at most the steps since the
+last checkpoint and never loads an incomplete checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.checkpoint import CheckpointManager
+from tests.integration.tiny import tiny_overrides
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def relay(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
+    overrides = tiny_overrides(tmp_path, "killed", 12, "run.save_every_steps=1")
+    run_dir = tmp_path / "killed"
+    ckpts = CheckpointManager(run_dir, keep=2)
+    proc = relay(overrides)
+    try:
+        deadline = time.time() + 240
+        while not ckpts.complete() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert ckpts.complete(), "no checkpoint was written before the deadline"
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))  # a random moment
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's helper processes of the dead driver
+        except ProcessLookupError:
+            pass
+    # every checkpoint that resume could pick verifies completely
+    complete = ckpts.complete()
+    assert complete
+    for _, folder in complete:
+        assert CheckpointManager.verify(folder) == []
+    killed_at = complete[-1][0]
+    assert killed_at < 12, "the run finished before it was killed; nothing was tested"
+
+    done = relay(overrides)
+    try:
+        out, _ = done.communicate(timeout=400)
+    finally:
+        try:
+            os.killpg(done.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert done.returncode == 0, out[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["stage"] == "rl" and "rollout/reward_mean" in r]
+    assert steps == list(range(1, 13)), steps
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_12"

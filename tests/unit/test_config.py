@@ -1,0 +1,127 @@
+"""Every config file composes and validates; every invalid case is one clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+from orchestrator.config import CONFIG_DIR, ConfigError, RelayConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP_FILES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent != CONFIG_DIR)
+
+
+def test_there_are_group_files() -> None:
+    assert {p.parent.name for p in GROUP_FILES} >= {"algo", "model", "task", "cluster", "logger"}
+
+
+def test_default_config_validates() -> None:
+    cfg = load_config([])
+    assert isinstance(cfg, RelayConfig)
+    assert cfg.algo.name == "ppo" and cfg.model.preset == "tiny" and cfg.task.name == "sort"
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_config_file_loads(path: Path) -> None:
+    cfg = load_config([f"{path.parent.name}={path.stem}"])
+    assert isinstance(cfg, RelayConfig)
+
+
+def problems_of(overrides: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    return [str(p) for p in err.value.problems]
+
+
+def test_batch_that_does_not_divide() -> None:
+    (msg,) = problems_of(["train.rollout_batch_prompts=48", "train.mini_batch_samples=32"])
+    assert "train.mini_batch_samples = 32" in msg
+    assert "must divide the rollout batch" in msg and "48 samples" in msg and "Fix:" in msg
+
+
+def test_micro_batch_that_does_not_divide() -> None:
+    (msg,) = problems_of(["train.micro_batch_samples_per_device=5"])
+    assert "train.micro_batch_samples_per_device = 5" in msg and "Fix:" in msg
+
+
+def test_unknown_algorithm() -> None:
+    (msg,) = problems_of(["algo.name=ppx"])
+    assert "algo.name = 'ppx'" in msg and "unknown algorithm" in msg and "ppo" in msg
+
+
+def test_unknown_group_option() -> None:
+    (msg,) = problems_of(["algo=ppx"])
+    assert "algo = 'ppx'" in msg and "'ppo'" in msg
+
+
+def test_more_devices_than_the_cluster_has() -> None:
+    (msg,) = problems_of(["cluster.devices_per_node=2"])
+    assert "cluster.devices_per_node = 2" in msg and "4 roles" in msg
+    assert "devices_per_node >= 4" in msg
+
+
+def test_multi_node_without_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (msg,) = problems_of(["cluster.num_nodes=2"])
+    assert "cluster.num_nodes = 2" in msg and "RAY_ADDRESS" in msg
+
+
+def test_missing_model_folder(tmp_path: Path) -> None:
+    (msg,) = problems_of([f"model.path={tmp_path / 'nope'}"])
+    assert "model.path" in msg and "config.json" in msg and "Fix:" in msg
+
+
+def test_misspelled_key_suggests_the_right_one() -> None:
+    (msg,) = problems_of(["train.setps=3"])
+    assert "train.setps" in msg and "unknown key" in msg and "did you mean 'train.steps'" in msg
+
+
+def test_every_problem_is_listed_once() -> None:
+    msgs = problems_of(
+        ["algo.name=nope", "train.setps=3", "train.mini_batch_samples=7", "algo.gamma=2"]
+    )
+    joined = "\n".join(msgs)
+    for field in ("algo.name", "train.setps", "train.mini_batch_samples", "algo.gamma"):
+        assert field in joined
+    assert "train.micro_batch_samples_per_device" in joined  # 32 does not divide 7 either
+    assert len(msgs) == 5
+
+
+def test_cli_exits_non_zero_with_one_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(["train", "algo.name=nope", f"run.output_dir={tmp_path}", "train.setps=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "invalid configuration (2 problems)" in err
+    assert "algo.name" in err and "train.setps" in err
+    assert not any(tmp_path.iterdir()), "a rejected config must not touch the run folder"
+
+
+def test_cli_help_lists_commands_and_config() -> None:
+    relay = Path(sys.executable).parent / "relay"
+    cmd = [str(relay)] if relay.exists() else [sys.executable, "-m", "launch.cli"]
+    top = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert top.returncode == 0 and "train" in top.stdout and "config" in top.stdout
+    train = subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert train.returncode == 0
+    assert "Config groups" in train.stdout and "rollout_batch_prompts" in train.stdout
+    bad = subprocess.run([*cmd, "trian"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+def test_wrong_types_are_named_one_by_one() -> None:
+    msgs = problems_of(["train.steps=many", "algo.gamma=x", "sft.enabled=maybe"])
+    assert len(msgs) == 3
+    assert any(m.startswith("train.steps = 'many': must be int") for m in msgs)
+    assert any(m.startswith("algo.gamma = 'x': must be float") for m in msgs)
+    assert any(m.startswith("sft.enabled = 'maybe': must be bool") for m in msgs)
+
+
+def test_optional_fields_take_null() -> None:
+    cfg = load_config(["algo.dual_clip_c=null", "model.path=null"])
+    assert cfg.algo.dual_clip_c is None and cfg.model.path is None
