@@ -54,7 +54,6 @@ def _setup_env() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def init_ray(cfg: object) -> None:

@@ -48,7 +48,7 @@ def response_values(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -
 
 
 def select(batch: Mapping[str, torch.Tensor], index: torch.Tensor) -> Batch:
-    return {k: v[index] for k, v in batch.items()}
+    return {k: v[index.to(v.device)] for k, v in batch.items()}
 
 
 def minibatches(

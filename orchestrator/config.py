@@ -12,9 +12,11 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -289,6 +291,8 @@ def load_config(overrides: list[str]) -> RelayConfig:
             )
         )
         raise ConfigError(problems) from None
+    from omegaconf import OmegaConf
+
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RelayConfig)
     problems += validate(obj)
@@ -483,10 +487,14 @@ def _divisor_near(n: int, want: int) -> int:
 
 
 def to_yaml(cfg: RelayConfig) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: RelayConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
     out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     assert isinstance(out, dict)
     return out  # type: ignore[return-value]

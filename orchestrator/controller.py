@@ -312,6 +312,7 @@ class Controller:
             optim=optim,
             generation_backend=generation,
             threads=c.cluster.threads_per_device,
+            device=c.cluster.device,
             seed=c.run.seed,
         )
 
@@ -518,6 +519,8 @@ class Controller:
                 kl_ctl.update(m.get("rollout/kl_to_ref_token_mean", 0.0), n_samples)
                 m["time/step_s"] = time.perf_counter() - t0
                 m["perf/samples_per_s"] = n_samples / m["time/step_s"]
+                tokens = m.get("rollout/response_length_mean", 0.0) * n_samples
+                m["perf/response_tokens_per_s"] = tokens / m["time/step_s"]
                 if step % t.eval_every_steps == 0 or step == t.steps:
                     m.update(self.evaluate(workers["actor"], step))
                 tracker.log(step, m)

@@ -131,6 +131,10 @@ def verifier_reward(
     prompts, responses = decode_pairs(ctx.tokenizer, batch)
     scores = torch.tensor([ctx.task.reward(p, r) for p, r in zip(prompts, responses)])
     correct = torch.tensor([float(ctx.task.correct(p, r)) for p, r in zip(prompts, responses)])
+    scores, correct = (
+        scores.to(batch["response_ids"].device),
+        correct.to(batch["response_ids"].device),
+    )
     metrics = {
         "rollout/reward_mean": float(scores.mean()),
         "rollout/reward_min": float(scores.min()),
@@ -216,8 +220,8 @@ def ppo_actor_train(
         ent = aggregate_loss(entropy, mask, a.loss_agg)
         total = loss - a.entropy_coef * ent
         return total, {
-            "loss/policy": float(loss),
-            "train/entropy": float(ent),
+            "loss/policy": float(loss.detach()),
+            "train/entropy": float(ent.detach()),
             **{f"train/{k}": float(v) for k, v in m.items()},
         }
 
@@ -248,7 +252,10 @@ def ppo_critic_train(
             clip_eps=a.value_clip_eps,
             loss_agg=a.loss_agg,
         )
-        return loss, {"loss/value": float(loss), **{f"train/{k}": float(x) for k, x in m.items()}}
+        return loss, {
+            "loss/value": float(loss.detach()),
+            **{f"train/{k}": float(x) for k, x in m.items()},
+        }
 
     metrics = _mean_metrics(_train_loop(ctx, batch, options, a.ppo_epochs, loss_fn))
     metrics["train/explained_variance"] = float(ev)
@@ -269,6 +276,6 @@ def sft_train(
         lp = logprobs_from_logits(logits, mb["response_ids"])
         loss = -masked_mean(lp, mask)
         acc = masked_mean((logits.argmax(-1) == mb["response_ids"]).float(), mask)
-        return loss, {"loss/sft": float(loss), "train/sft_token_accuracy": float(acc)}
+        return loss, {"loss/sft": float(loss.detach()), "train/sft_token_accuracy": float(acc)}
 
     return {}, _mean_metrics(_train_loop(ctx, batch, options, 1, loss_fn))

@@ -4,6 +4,7 @@ engines, running the MFC interfaces the controller dispatches to it."""
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class RoleSpec:
     generation_backend: str | None = None  # set for roles that generate
     threads: int = 1
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda
 
 
 class ModelWorker:
@@ -39,6 +41,8 @@ class ModelWorker:
     def __init__(self, spec: RoleSpec) -> None:
         torch.set_num_threads(spec.threads)
         os.environ["OMP_NUM_THREADS"] = str(spec.threads)
+        # DeepSpeed picks its accelerator once per process, from this variable if set.
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.device == "cuda" else "cpu")
         torch.manual_seed(spec.seed)
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -57,11 +61,19 @@ class ModelWorker:
             module = load_value_model(spec.init_path)
         elif spec.model_kind != "verifier":
             raise ValueError(f"role '{spec.name}': unknown model_kind '{spec.model_kind}'")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if spec.device == "cuda"
+            else torch.device("cpu")
+        )
+        if module is not None:
+            module.to(self.device)
         train = None
         if spec.optim is not None:
             assert module is not None, "a trainable role needs a model"
             train = TrainEngine(module, spec.optim)
             module = train.module
+            self.device = next(module.parameters()).device  # where DeepSpeed put it
         elif module is not None:
             module.requires_grad_(False)
         generator = None
@@ -82,11 +94,14 @@ class ModelWorker:
         missing = [k for k in call.inputs if k not in merged]
         if missing:
             raise KeyError(f"call '{call.name}' is missing inputs {missing}")
-        batch = {k: merged[k] for k in call.inputs}
+        batch = {k: merged[k].to(self.device) for k in call.inputs}
         start = time.perf_counter()
         outputs, metrics = get_interface(call.interface)(self.ctx, batch, options)
+        outputs = {k: v.cpu() for k, v in outputs.items()}  # the object store holds CPU tensors
         check_outputs(call, outputs)
         metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        metrics[f"perf/peak_rss_bytes_{self.spec.name}"] = float(peak_kib * 1024)
         return outputs, metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -119,7 +134,8 @@ class ModelWorker:
         if self.ctx.generator is None:
             raise RuntimeError(f"role '{self.spec.name}' cannot generate")
         ids, mask = encode_prompts(self.ctx.tokenizer, prompts)
-        rids, rmask = self.ctx.generator.generate(ids, mask, params)
+        rids, _ = self.ctx.generator.generate(ids.to(self.device), mask.to(self.device), params)
+        rids = rids.cpu()
         texts, responses = decode_pairs(
             self.ctx.tokenizer, {"prompt_ids": ids, "response_ids": rids}
         )

@@ -14,6 +14,7 @@ from orchestrator.config import load_config
 from orchestrator.controller import Controller, RunError
 from orchestrator.tracking import read_metrics
 from tests.integration.tiny import tiny_overrides
+from tests.unit.test_docs import undocumented
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,10 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
         "rollout/kl_to_ref_token_mean",
     ):
         assert key in rows[2], key
-    assert "time/actor_gen_s" in read_metrics(run_dir / "metrics.jsonl")[-1]
+    logged = read_metrics(run_dir / "metrics.jsonl")
+    assert "time/actor_gen_s" in logged[-1]
+    keys = {k for row in logged for k in row} - {"stage", "step"}
+    assert undocumented(keys) == [], "metrics missing from docs/metrics.md"
     assert (run_dir / "learning_curves.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_2"
     ckpt = run_dir / "checkpoints" / "step_2"

@@ -1,0 +1,37 @@
+"""docs/ stays true: every config key and every README command is documented/tested."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+from orchestrator.config import LEAF_PATHS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def documented_metrics() -> list[str]:
+    text = (REPO / "docs" / "metrics.md").read_text()
+    return [re.sub(r"<[a-z]+>", "*", m) for m in re.findall(r"^\| `([^`]+)`", text, re.M)]
+
+
+def undocumented(keys: set[str]) -> list[str]:
+    patterns = documented_metrics()
+    return sorted(k for k in keys if not any(fnmatch.fnmatchcase(k, p) for p in patterns))
+
+
+def test_every_config_key_is_documented() -> None:
+    text = (REPO / "docs" / "configuration.md").read_text()
+    missing = [k for k in LEAF_PATHS if f"`{k}`" not in text]
+    assert not missing, f"keys missing from docs/configuration.md: {missing}"
+
+
+def test_readme_has_exactly_the_two_setup_commands() -> None:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert block is not None
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+    assert commands == ["make run", "make test"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in ci
