@@ -135,7 +135,6 @@ def start_workers(specs: list[RoleSpec], device: str) -> dict[str, Any]:
             else {"num_cpus": 0, "resources": {"relay_device": 1}}
         )
         workers[spec.name] = actor_cls.options(
-            name=None,
             max_concurrency=1,
             runtime_env={
                 "env_vars": {

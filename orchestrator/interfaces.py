@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from algos.losses import aggregate_loss, entropy_from_logits, explained_variance, masked_mean
+from algos.losses import (
+    aggregate_loss,
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    masked_mean,
+)
 from algos.losses import policy_loss as ppo_policy_loss
 from algos.losses import value_loss as ppo_value_loss
 from algos.ppo import ppo_rollout_advantages
@@ -203,8 +209,6 @@ def ppo_actor_train(
     def loss_fn(module: torch.nn.Module, mb: Batch) -> tuple[torch.Tensor, Metrics]:
         mask = mb["response_mask"].float()
         logits = response_logits(module, mb)
-        from algos.losses import logprobs_from_logits
-
         lp = logprobs_from_logits(logits, mb["response_ids"])
         loss, m = ppo_policy_loss(
             lp,
@@ -271,8 +275,6 @@ def sft_train(
     def loss_fn(module: torch.nn.Module, mb: Batch) -> tuple[torch.Tensor, Metrics]:
         mask = mb["response_mask"].float()
         logits = response_logits(module, mb)
-        from algos.losses import logprobs_from_logits
-
         lp = logprobs_from_logits(logits, mb["response_ids"])
         loss = -masked_mean(lp, mask)
         acc = masked_mean((logits.argmax(-1) == mb["response_ids"]).float(), mask)

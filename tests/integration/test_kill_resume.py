@@ -35,7 +35,9 @@ def relay(args: list[str], **kw) -> subprocess.Popen:
 
 
 def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
-    overrides = tiny_overrides(tmp_path, "killed", 12, "run.save_every_steps=1")
+    overrides = tiny_overrides(
+        tmp_path, "killed", 12, "run.save_every_steps=1", "logger.wandb_mode=offline"
+    )
     run_dir = tmp_path / "killed"
     ckpts = CheckpointManager(run_dir, keep=2)
     proc = relay(overrides)
@@ -73,3 +75,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     steps = [r["step"] for r in rows if r["stage"] == "rl" and "rollout/reward_mean" in r]
     assert steps == list(range(1, 13)), steps
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_12"
+    # the resumed process logged into the same wandb run (one offline folder per start)
+    wandb_id = json.loads((run_dir / "relay_run.json").read_text())["wandb_id"]
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) >= 3 and all(r.endswith(wandb_id) for r in runs), runs

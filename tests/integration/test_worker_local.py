@@ -36,7 +36,7 @@ def make_workers(folder: Path, device: str, zero_stage: int) -> dict[str, ModelW
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> None:
     task = make_task("sort", 4)
     tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
