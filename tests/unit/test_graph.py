@@ -8,66 +8,141 @@ import torch
 from algos.graph import MFC, CallKind, DataflowGraph, GraphError, check_outputs
 from algos.ppo import ppo_graph, sft_graph
 
-INF, T = CallKind.INFERENCE, CallKind.TRAIN
+GEN, INF, T = CallKind.GENERATE, CallKind.INFERENCE, CallKind.TRAIN
 PROMPT = ("prompt_ids", "prompt_mask")
+INFERENCE_CALLS = {"ref_inf", "reward_inf", "critic_inf"}
+TRAIN_CALLS = {"actor_train", "critic_train"}
 
 
-def test_ppo_graph_shape() -> None:
+# ---------------------------------------------------------------- the declared graphs
+
+
+def test_ppo_graph_order() -> None:
     g = ppo_graph()
-    assert [c.name for c in g.order][0] == "actor_gen"
-    assert {c.name for c in g.order[-2:]} == {"actor_train", "critic_train"}
-    for name in ("ref_inf", "reward_inf", "critic_inf"):
+    order = [c.name for c in g.order]
+    assert len(order) == 6 and set(order) == {"actor_gen"} | INFERENCE_CALLS | TRAIN_CALLS
+    # actor_gen first, the three inference calls next (any order), the trainers last
+    assert order[0] == "actor_gen"
+    assert set(order[1:4]) == INFERENCE_CALLS
+    assert set(order[4:]) == TRAIN_CALLS
+
+
+def test_ppo_graph_parents() -> None:
+    g = ppo_graph()
+    assert g.parents(g.call("actor_gen")) == []  # reads only dataset keys
+    for name in INFERENCE_CALLS:
         assert g.parents(g.call(name)) == ["actor_gen"]
-    assert g.parents(g.call("actor_train")) == ["actor_gen", "critic_inf", "ref_inf", "reward_inf"]
+    for name in TRAIN_CALLS:
+        assert g.parents(g.call(name)) == ["actor_gen", "critic_inf", "ref_inf", "reward_inf"]
+    assert g.producer["values"] == "critic_inf"
+    assert g.producer["ref_logprobs"] == "ref_inf"
+    assert g.producer["logprobs"] == "actor_gen"
+    assert g.producer["prompt_ids"] == "<dataset>"
+
+
+def test_ppo_graph_roles() -> None:
+    g = ppo_graph()
     assert g.roles == ("actor", "ref", "reward", "critic")
     assert g.trainable_roles == ("actor", "critic")
-    assert len(g.calls) == 6
+    assert g.call("actor_gen").kind is GEN
+    assert all(g.call(n).kind is T and g.call(n).outputs == () for n in TRAIN_CALLS)
+    with pytest.raises(KeyError, match="no call 'nope' in graph 'ppo'"):
+        g.call("nope")
 
 
 def test_ready_returns_calls_whose_inputs_are_done() -> None:
     g = ppo_graph()
     assert [c.name for c in g.ready(set(), set())] == ["actor_gen"]
+    # a running call is not offered again
     assert [c.name for c in g.ready(set(), {"actor_gen"})] == []
     after_gen = {c.name for c in g.ready({"actor_gen"}, set())}
-    assert after_gen == {"ref_inf", "reward_inf", "critic_inf"}
+    assert after_gen == INFERENCE_CALLS
+    assert {c.name for c in g.ready({"actor_gen"}, {"ref_inf"})} == {"reward_inf", "critic_inf"}
+    # the trainers wait for all three inference calls
     assert {c.name for c in g.ready({"actor_gen", "ref_inf", "reward_inf"}, set())} == {
         "critic_inf"
     }
+    inferred = {"actor_gen"} | INFERENCE_CALLS
+    assert {c.name for c in g.ready(inferred, set())} == TRAIN_CALLS
+    assert g.ready(inferred | TRAIN_CALLS, set()) == []
 
 
 def test_sft_graph() -> None:
     g = sft_graph()
     assert [c.name for c in g.calls] == ["actor_sft"] and g.trainable_roles == ("actor",)
+    assert [c.name for c in g.order] == ["actor_sft"]
+    assert g.parents(g.call("actor_sft")) == []  # everything comes from the dataset
 
 
-def build(*calls: MFC) -> DataflowGraph:
-    return DataflowGraph("test", calls, dataset_keys=PROMPT)
+# ---------------------------------------------------------------- errors found when built
+
+
+def build(*calls: MFC, dataset_keys: tuple[str, ...] = PROMPT) -> DataflowGraph:
+    return DataflowGraph("test", calls, dataset_keys=dataset_keys)
 
 
 def test_missing_producer() -> None:
     with pytest.raises(GraphError) as err:
         build(MFC("train", "actor", T, "x", (*PROMPT, "scores")))
-    assert "call 'train' reads 'scores', which no call produces" in str(err.value)
+    msg = str(err.value)
+    assert msg.startswith("dataflow graph 'test' is invalid")
+    assert "call 'train' reads 'scores', which no call produces" in msg
+    assert len(err.value.problems) == 1
 
 
 def test_two_producers() -> None:
-    with pytest.raises(GraphError, match="key 'values' has two producers: 'a' and 'b'"):
+    with pytest.raises(GraphError) as err:
         build(
             MFC("a", "critic", INF, "x", PROMPT, ("values",)),
             MFC("b", "critic2", INF, "x", PROMPT, ("values",)),
         )
+    assert err.value.problems == ["key 'values' has two producers: 'a' and 'b'"]
+
+
+def test_producing_a_dataset_key_is_a_second_producer() -> None:
+    with pytest.raises(GraphError, match="key 'prompt_ids' has two producers: '<dataset>' and 'a'"):
+        build(MFC("a", "r", INF, "x", PROMPT, ("prompt_ids",)))
 
 
 def test_cycle() -> None:
-    with pytest.raises(GraphError, match="cycle: ") as err:
+    with pytest.raises(GraphError) as err:
         build(
             MFC("a", "r1", INF, "x", ("scores",), ("values",)),
             MFC("b", "r2", INF, "x", ("values",), ("scores",)),
         )
-    assert "a" in str(err.value) and "b" in str(err.value)
+    # a reads scores (from b), b reads values (from a)
+    assert err.value.problems == ["cycle: a -> b -> a"]
 
 
-def test_undeclared_key_and_duplicate_names_are_listed_together() -> None:
+def test_self_cycle() -> None:
+    with pytest.raises(GraphError) as err:
+        build(MFC("loop", "r", INF, "x", (*PROMPT, "values"), ("values",)))
+    assert err.value.problems == ["cycle: loop -> loop"]
+
+
+def test_undeclared_key() -> None:
+    with pytest.raises(GraphError) as err:
+        build(MFC("a", "r", INF, "x", PROMPT, ("vaules",)))
+    msg = str(err.value)
+    assert "call 'a': key 'vaules' is not declared" in msg
+    assert "'values'" in msg  # the declared keys are listed, so the typo is easy to spot
+
+
+def test_undeclared_dataset_key() -> None:
+    with pytest.raises(GraphError, match="dataset key 'prompt_text' is not a declared key"):
+        build(MFC("a", "r", INF, "x", PROMPT, ("values",)), dataset_keys=(*PROMPT, "prompt_text"))
+
+
+def test_duplicate_call_names() -> None:
+    with pytest.raises(GraphError) as err:
+        build(
+            MFC("a", "r", INF, "x", PROMPT, ("values",)),
+            MFC("a", "r", INF, "x", PROMPT, ("scores",)),
+        )
+    assert err.value.problems == ["call name 'a' is used by 2 calls; names must be unique"]
+
+
+def test_problems_are_listed_together() -> None:
     with pytest.raises(GraphError) as err:
         build(
             MFC("a", "r", INF, "x", PROMPT, ("vaules",)),
@@ -79,16 +154,33 @@ def test_undeclared_key_and_duplicate_names_are_listed_together() -> None:
 
 
 def test_train_calls_produce_nothing() -> None:
-    with pytest.raises(GraphError, match="a train call produces no keys"):
+    with pytest.raises(GraphError, match="call 't': a train call produces no keys"):
         build(MFC("t", "actor", T, "x", PROMPT, ("scores",)))
+
+
+def test_empty_graph() -> None:
+    with pytest.raises(GraphError, match="the graph has no calls"):
+        build()
+
+
+# ---------------------------------------------------------------- check_outputs
 
 
 def test_check_outputs() -> None:
     call = MFC("c", "critic", INF, "values", PROMPT, ("values",))
-    check_outputs(call, {"values": torch.zeros(2, 3)})
-    with pytest.raises(GraphError, match="'values' is torch.int64"):
+    check_outputs(call, {"values": torch.zeros(2, 3)})  # as declared: no error
+    with pytest.raises(GraphError) as err:
         check_outputs(call, {"values": torch.zeros(2, 3, dtype=torch.long)})
-    with pytest.raises(GraphError, match="missing outputs"):
+    assert "'c outputs'" in str(err.value)
+    assert "'values' is torch.int64 with 2 dims, declared torch.float32 [B,T]" in str(err.value)
+    with pytest.raises(GraphError, match=r"missing outputs \['values'\]"):
         check_outputs(call, {})
-    with pytest.raises(GraphError, match="undeclared outputs"):
+    with pytest.raises(GraphError, match=r"undeclared outputs \['scores'\]"):
         check_outputs(call, {"values": torch.zeros(2, 3), "scores": torch.zeros(2)})
+
+
+def test_check_outputs_wrong_rank() -> None:
+    call = MFC("r", "reward", INF, "x", PROMPT, ("scores",))
+    check_outputs(call, {"scores": torch.zeros(4)})
+    with pytest.raises(GraphError, match="'scores' is torch.float32 with 2 dims, declared"):
+        check_outputs(call, {"scores": torch.zeros(4, 1)})
