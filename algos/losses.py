@@ -13,8 +13,8 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of x over valid entries (all entries if dim is None)."""
-    m = mask.to(x.dtype)
-    return (x * m).sum() if dim is None else (x * m).sum(dim)
+    kept = torch.where(mask.bool(), x, torch.zeros_like(x))  # NaN/inf in padding stays out
+    return kept.sum() if dim is None else kept.sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -29,7 +29,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> t
     m = mask.to(x.dtype)
     mean = masked_mean(x, m)
     n = m.sum()
-    ss = masked_sum((x - mean) ** 2, m)
+    ss = masked_sum((torch.where(mask.bool(), x, mean) - mean) ** 2, m)
     denom = (n - 1).clamp(min=1) if unbiased else n.clamp(min=1)
     return ss / denom
 
@@ -46,7 +46,7 @@ def masked_whiten(
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
 def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -54,7 +54,7 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> tor
 
     token-mean: sum(l*m) / sum(m); seq-mean-token-mean: mean over sequences (with at least
     one valid token) of each sequence's token mean; seq-mean-token-sum: mean over
-    sequences of each sequence's token sum."""
+    sequences (with at least one valid token) of each sequence's token sum."""
     m = mask.to(loss_mat.dtype)
     if mode == "token-mean":
         return masked_mean(loss_mat, m)
@@ -63,7 +63,8 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> tor
         has = (m.sum(-1) > 0).to(loss_mat.dtype)
         return (per_seq * has).sum() / has.sum().clamp(min=1)
     if mode == "seq-mean-token-sum":
-        return masked_sum(loss_mat, m, dim=-1).mean()
+        has = (m.sum(-1) > 0).to(loss_mat.dtype)
+        return (masked_sum(loss_mat, m, dim=-1) * has).sum() / has.sum().clamp(min=1)
     raise ValueError(f"unknown loss aggregation '{mode}'; valid modes: {list(LOSS_AGG_MODES)}")
 
 

@@ -41,11 +41,11 @@ def shaped_token_rewards(
 ) -> torch.Tensor:
     """rt [B, T] = -kl_coef * kl * mask, plus clip(score, -c, c) on each row's last valid
     token (rows with no valid token get no score). scores: [B]; kl, mask: [B, T]."""
-    m = mask.to(torch.float32)
-    rt = -kl_coef * kl * m
+    m = mask.to(kl.dtype)
+    rt = torch.where(m.bool(), -kl_coef * kl, torch.zeros_like(kl))
     has = m.sum(-1) > 0
     idx = last_token_index(m)
-    bonus = torch.clamp(scores.float(), -reward_clip, reward_clip) * has.float()
+    bonus = torch.clamp(scores.to(rt.dtype), -reward_clip, reward_clip) * has.to(rt.dtype)
     return rt.scatter_add(-1, idx.unsqueeze(-1), bonus.unsqueeze(-1))
 
 

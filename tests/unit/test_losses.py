@@ -424,3 +424,21 @@ def test_padded_tokens_get_no_gradient() -> None:
     assert pad.any()
     assert torch.all(logp.grad[pad] == 0) and torch.all(values.grad[pad] == 0)
     assert logp.grad[~pad].abs().sum() > 0 and values.grad[~pad].abs().sum() > 0
+
+
+def test_nan_in_padding_stays_out() -> None:
+    x = torch.tensor([[1.0, float("nan")], [2.0, float("inf")]])
+    m = torch.tensor([[1, 0], [1, 0]])
+    assert_close(masked_mean(x, m), torch.tensor(1.5), rtol=1e-6, atol=1e-6)
+    assert_close(masked_var(x, m), torch.tensor(0.25), rtol=1e-6, atol=1e-6)
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        assert torch.isfinite(aggregate_loss(x, m, mode))
+
+
+def test_seq_mean_token_sum_skips_empty_rows() -> None:
+    x = torch.tensor([[1.0, 2.0], [5.0, 5.0]])
+    m = torch.tensor([[1, 1], [0, 0]])
+    # only row 0 has valid tokens: its sum 3; an all-padding row does not dilute it
+    assert_close(
+        aggregate_loss(x, m, "seq-mean-token-sum"), torch.tensor(3.0), rtol=1e-6, atol=1e-6
+    )
