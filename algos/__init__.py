@@ -1,4 +1,7 @@
-"""Relay's algorithm core: losses, advantage estimators, KL and graph declarations.
+"""Relay's algorithm core: pure tensor math and graph declarations.
 
-Imports torch only (never ray, vllm or deepspeed); nothing heavy is imported here.
+losses (masked reductions, PPO policy and value losses), rewards (KL estimators, shaped
+reward, KL controllers), advantages (the estimator registry, GAE), graph and ppo (dataflow
+graphs). The core imports torch only, never ray, vllm or deepspeed; this file imports
+nothing.
 """

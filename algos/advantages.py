@@ -1,6 +1,7 @@
 """Advantage estimators: one registry, one signature.
 
-Every estimator takes an `AdvantageInput` and returns (advantages [B, T], returns [B, T]).
+Every estimator takes an `AdvantageInput` and returns (advantages [B, T], returns [B, T]),
+zero on padding. Dispatch goes only through `get_estimator(name)`.
 Shape legend: B = sequences, T = response tokens (right padded); `mask` is 1 on valid
 tokens. Estimators do not whiten; callers whiten with `algos.losses.masked_whiten`.
 """
@@ -15,13 +16,42 @@ import torch
 
 @dataclass(frozen=True)
 class AdvantageInput:
-    token_rewards: torch.Tensor  # [B, T] shaped per-token rewards
-    mask: torch.Tensor  # [B, T]
-    values: torch.Tensor | None = None  # [B, T] critic values
-    scores: torch.Tensor | None = None  # [B] sequence rewards
-    group_ids: torch.Tensor | None = None  # [B] prompt group of each sample
+    """Everything any advantage estimator may read; shapes are checked on construction.
+
+    token_rewards: [B, T] shaped per-token rewards (see `algos.rewards.shaped_token_rewards`).
+    mask: [B, T] float or bool, 1 on valid response tokens.
+    values: [B, T] critic values, or None for critic-free estimators.
+    scores: [B] sequence rewards, or None.
+    group_ids: [B] long, the prompt group of each sample, or None.
+    gamma, lam: discount and GAE lambda, each in [0, 1].
+    """
+
+    token_rewards: torch.Tensor
+    mask: torch.Tensor
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
     gamma: float = 1.0
     lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        shape = tuple(self.token_rewards.shape)
+        if len(shape) != 2:
+            problems.append(f"token_rewards has shape {shape}; it must be [B, T]")
+        per_token = {"mask": self.mask, "values": self.values}
+        for name, x in per_token.items():
+            if x is not None and tuple(x.shape) != shape:
+                problems.append(f"{name} has shape {tuple(x.shape)}; it must match token_rewards")
+        per_sample = {"scores": self.scores, "group_ids": self.group_ids}
+        for name, x in per_sample.items():
+            if x is not None and tuple(x.shape) != shape[:1]:
+                problems.append(f"{name} has shape {tuple(x.shape)}; it must be [B] = {shape[:1]}")
+        for name, v in (("gamma", self.gamma), ("lam", self.lam)):
+            if not 0.0 <= v <= 1.0:
+                problems.append(f"{name}={v!r} must lie in [0, 1]")
+        if problems:
+            raise ValueError("invalid AdvantageInput: " + "; ".join(problems))
 
 
 Estimator = Callable[[AdvantageInput], tuple[torch.Tensor, torch.Tensor]]
@@ -29,6 +59,8 @@ _ESTIMATORS: dict[str, Estimator] = {}
 
 
 def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
+    """Decorator adding an estimator under `name`; a name already taken raises ValueError."""
+
     def wrap(fn: Estimator) -> Estimator:
         if name in _ESTIMATORS:
             raise ValueError(f"advantage estimator '{name}' is already registered")
@@ -39,41 +71,56 @@ def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
 
 
 def unregister_estimator(name: str) -> None:
+    """Remove `name` from the registry (no error if absent); for tests that register one."""
     _ESTIMATORS.pop(name, None)
 
 
 def get_estimator(name: str) -> Estimator:
+    """The estimator registered as `name`; an unknown name raises ValueError listing all."""
     if name not in _ESTIMATORS:
         raise ValueError(f"unknown advantage estimator '{name}'; registered: {list_estimators()}")
     return _ESTIMATORS[name]
 
 
 def list_estimators() -> list[str]:
+    """The registered estimator names, sorted."""
     return sorted(_ESTIMATORS)
 
 
 @register_estimator("gae")
+@torch.no_grad()
 def gae(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the response, V after the last token = 0:
-    delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}; R = A + V."""
+    """Generalised advantage estimation over the response (Schulman et al. 2016).
+
+    Reverse loop over T, vectorised over B, with V after the last valid token = 0:
+    delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}; R_t = A_t + V_t.
+    Padded tokens hold no reward and no value and are skipped: t+1 means the next valid
+    token, so a masked token inside a response does not cut the recursion. Reads
+    token_rewards [B, T], values [B, T], mask [B, T]; returns (advantages, returns), both
+    [B, T] in at least fp32, zero on padding, without gradient."""
     if inp.values is None:
-        raise ValueError("the 'gae' estimator needs values from a critic (values is None)")
-    m = inp.mask.to(torch.float32)
-    r = inp.token_rewards.float() * m
-    v = inp.values.float() * m
-    t_len = r.shape[-1]
-    adv = torch.zeros_like(r)
-    next_adv = torch.zeros_like(r[:, 0])
-    next_v = torch.zeros_like(r[:, 0])
-    for t in reversed(range(t_len)):
+        raise ValueError(
+            "the 'gae' estimator needs values from a critic (AdvantageInput.values is None)"
+        )
+    valid = inp.mask.bool()
+    dtype = torch.promote_types(
+        torch.promote_types(inp.token_rewards.dtype, inp.values.dtype), torch.float32
+    )
+    zero = torch.zeros((), dtype=dtype, device=inp.token_rewards.device)
+    r = torch.where(valid, inp.token_rewards.to(dtype), zero)  # NaN/inf in padding stays out
+    v = torch.where(valid, inp.values.to(dtype), zero)
+    next_adv = torch.zeros_like(r[:, 0])  # [B] A at the next valid token
+    next_v = torch.zeros_like(r[:, 0])  # [B] V at the next valid token
+    columns = []
+    for t in reversed(range(r.shape[1])):
         delta = r[:, t] + inp.gamma * next_v - v[:, t]
-        a = (delta + inp.gamma * inp.lam * next_adv) * m[:, t]
-        adv[:, t] = a
-        # padding resets the recursion: V and A after the last valid token are 0
-        next_adv = a
-        next_v = v[:, t]
-    returns = (adv + v) * m
-    return adv, returns
+        adv_t = delta + inp.gamma * inp.lam * next_adv
+        columns.append(torch.where(valid[:, t], adv_t, zero))
+        next_adv = torch.where(valid[:, t], adv_t, next_adv)
+        next_v = torch.where(valid[:, t], v[:, t], next_v)
+    advantages = torch.stack(columns[::-1], dim=1) if columns else torch.zeros_like(r)
+    returns = torch.where(valid, advantages + v, zero)
+    return advantages, returns
 
 
 def gae_reference(
@@ -83,21 +130,22 @@ def gae_reference(
     gamma: float,
     lam: float,
 ) -> tuple[list[list[float]], list[list[float]]]:
-    """Plain-Python GAE, sample by sample and token by token (the test reference)."""
+    """Plain-Python GAE, sample by sample and token by token: the test reference for `gae`.
+
+    Lists of B rows of T numbers each; padded tokens (mask 0) are skipped and get 0."""
     advs, rets = [], []
     for r_row, v_row, m_row in zip(token_rewards, values, mask):
         n = len(r_row)
         a_row, ret_row = [0.0] * n, [0.0] * n
-        last_adv, next_v = 0.0, 0.0
+        next_adv, next_v = 0.0, 0.0  # at the next valid token; 0 after the last one
         for t in range(n - 1, -1, -1):
             if not m_row[t]:
-                last_adv, next_v = 0.0, 0.0
                 continue
             delta = r_row[t] + gamma * next_v - v_row[t]
-            last_adv = delta + gamma * lam * last_adv
-            a_row[t] = last_adv
-            ret_row[t] = last_adv + v_row[t]
+            next_adv = delta + gamma * lam * next_adv
             next_v = v_row[t]
+            a_row[t] = next_adv
+            ret_row[t] = next_adv + v_row[t]
         advs.append(a_row)
         rets.append(ret_row)
     return advs, rets

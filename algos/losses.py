@@ -1,7 +1,8 @@
 """Masked reductions and the PPO family's losses, as pure functions.
 
 Shape legend: B = sequences in the batch, T = response tokens, V = vocabulary size.
-`mask` is [B, T], 1 (or True) on valid response tokens; padded tokens never contribute.
+`mask` is [B, T], float or bool, 1 (True) on valid response tokens. Padded tokens never
+contribute to a result or a gradient, even when they hold NaN or inf.
 """
 
 from __future__ import annotations
@@ -12,20 +13,27 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of x over valid entries (all entries if dim is None)."""
+    """Sum of x over valid entries.
+
+    x, mask: same shape (usually [B, T]). dim=None sums everything (0-d result);
+    dim=-1 gives one sum per sequence ([B])."""
     kept = torch.where(mask.bool(), x, torch.zeros_like(x))  # NaN/inf in padding stays out
     return kept.sum() if dim is None else kept.sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x over valid entries; an all-padding reduction gives 0."""
+    """Mean of x over valid entries; a reduction with no valid entry gives 0.
+
+    x, mask: same shape (usually [B, T]); dim as in `masked_sum`."""
     m = mask.to(x.dtype)
     count = m.sum() if dim is None else m.sum(dim)
     return masked_sum(x, m, dim) / count.clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
-    """Variance of x over all valid entries (population variance unless unbiased)."""
+    """Variance (0-d) of x over all valid entries: population variance unless `unbiased`.
+
+    x, mask: same shape (usually [B, T])."""
     m = mask.to(x.dtype)
     mean = masked_mean(x, m)
     n = m.sum()
@@ -37,9 +45,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> t
 def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over valid entries; zeros on padding.
+    """(x - mean) / sqrt(var + eps) with mean and population var over valid entries.
 
-    With shift_mean=False the mean is added back (scale only)."""
+    x, mask: [B, T]; returns [B, T] with zeros on padding. With shift_mean=False the mean
+    is added back (the result is only rescaled)."""
     m = mask.to(x.dtype)
     mean = masked_mean(x, m)
     var = masked_var(x, m)
@@ -50,34 +59,39 @@ def masked_whiten(
 
 
 def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar.
+    """Reduce a per-token loss loss_mat [B, T] to a scalar (0-d).
 
-    token-mean: sum(l*m) / sum(m); seq-mean-token-mean: mean over sequences (with at least
-    one valid token) of each sequence's token mean; seq-mean-token-sum: mean over
-    sequences (with at least one valid token) of each sequence's token sum."""
+    token-mean: sum(l*m) / sum(m).
+    seq-mean-token-mean: mean over sequences of sum_t(l*m) / sum_t(m).
+    seq-mean-token-sum: mean over sequences of sum_t(l*m).
+    Both seq-mean modes average over the sequences with at least one valid token, so an
+    all-padding row does not dilute the loss. An unknown mode raises ValueError."""
     m = mask.to(loss_mat.dtype)
     if mode == "token-mean":
         return masked_mean(loss_mat, m)
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation '{mode}'; valid modes: {list(LOSS_AGG_MODES)}")
+    tokens = m.sum(-1)  # [B]
+    per_seq = masked_sum(loss_mat, m, dim=-1)  # [B] token sums
     if mode == "seq-mean-token-mean":
-        per_seq = masked_sum(loss_mat, m, dim=-1) / m.sum(-1).clamp(min=1)
-        has = (m.sum(-1) > 0).to(loss_mat.dtype)
-        return (per_seq * has).sum() / has.sum().clamp(min=1)
-    if mode == "seq-mean-token-sum":
-        has = (m.sum(-1) > 0).to(loss_mat.dtype)
-        return (masked_sum(loss_mat, m, dim=-1) * has).sum() / has.sum().clamp(min=1)
-    raise ValueError(f"unknown loss aggregation '{mode}'; valid modes: {list(LOSS_AGG_MODES)}")
+        per_seq = per_seq / tokens.clamp(min=1)
+    return masked_mean(per_seq, tokens > 0)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy [B, T] of softmax(logits [B, T, V]): logsumexp(z) - sum(softmax(z) * z)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    """Entropy [B, T] (fp32) of softmax(logits [B, T, V]): logsumexp(z) - sum(softmax(z) * z)."""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probs [B, T] of tokens [B, T] under logits [B, T, V] (computed in fp32)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """Log-probs [B, T] (fp32) of tokens [B, T] (long) under logits [B, T, V].
+
+    Computed as z[token] - logsumexp(z) in fp32, which is log_softmax(z)[token] without
+    keeping a second [B, T, V] tensor of log-probabilities."""
+    z = logits.float()
+    taken = z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return taken - torch.logsumexp(z, dim=-1)
 
 
 def policy_loss(
@@ -92,11 +106,13 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped (and dual-clipped) PPO policy loss.
 
-    logp, old_logp, advantages, mask: [B, T].
-    rho = exp(clamp(logp - old_logp, -20, 20)); L = -min(rho*A, clip(rho, 1-el, 1+eh)*A);
-    where A < 0, L = min(L, -c*A). Returns (scalar loss, metrics): clip_frac (share of
-    valid tokens where the clipped objective was the smaller one), approx_kl (mean of
-    old_logp - logp), dual_clip_frac."""
+    logp, old_logp, advantages, mask: [B, T]. Returns (loss 0-d, metrics).
+    rho = exp(clamp(logp - old_logp, -20, 20));
+    L = -min(rho*A, clip(rho, 1 - eps_low, 1 + eps_high)*A); where A < 0 and dual_clip_c
+    is set, L = min(L, -c*A). L is reduced with `aggregate_loss(L, mask, loss_agg)`.
+    metrics (python floats, over valid tokens): clip_frac (share where the clipped
+    objective was strictly smaller than the unclipped one), approx_kl (mean of
+    old_logp - logp), dual_clip_frac (share where the dual clip bound was taken)."""
     m = mask.to(torch.float32)
     rho = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     unclipped = rho * advantages
@@ -105,10 +121,10 @@ def policy_loss(
     clip_frac = masked_mean((clipped < unclipped).float(), m)
     dual_frac = torch.zeros(())
     if dual_clip_c is not None:
+        negative = advantages < 0
         dual = torch.minimum(loss, -dual_clip_c * advantages)
-        use_dual = (advantages < 0) & (dual < loss)
-        loss = torch.where(advantages < 0, dual, loss)
-        dual_frac = masked_mean(use_dual.float(), m)
+        dual_frac = masked_mean((negative & (dual < loss)).float(), m)
+        loss = torch.where(negative, dual, loss)
     metrics = {
         "clip_frac": float(clip_frac),
         "approx_kl": float(masked_mean((old_logp - logp).detach(), m)),
@@ -125,10 +141,11 @@ def value_loss(
     clip_eps: float | None = 0.2,
     loss_agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -e, e) - R)^2).
+    """Clipped value loss 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2).
 
-    values, old_values, returns, mask: [B, T]. metrics: value_clip_frac (share of valid
-    tokens where the clipped term was the larger one)."""
+    values, old_values, returns, mask: [B, T]. Returns (loss 0-d, metrics). clip_eps=None
+    gives the plain 0.5 * (V - R)^2. metrics: value_clip_frac (python float, share of
+    valid tokens where the clipped term was strictly the larger one)."""
     m = mask.to(torch.float32)
     unclipped = (values - returns) ** 2
     if clip_eps is None:
@@ -143,6 +160,9 @@ def value_loss(
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / (Var(R) + 1e-5) over valid tokens ([B, T] inputs)."""
+    """1 - Var(R - V) / (Var(R) + 1e-5) over valid tokens (population variances).
+
+    values, returns, mask: [B, T]. 1 means the critic predicts the returns exactly; 0 or
+    less means it explains nothing."""
     m = mask.to(torch.float32)
     return float(1.0 - masked_var(returns - values, m) / (masked_var(returns, m) + 1e-5))

@@ -426,24 +426,14 @@ class Controller:
     def rl_roles(self) -> list[RoleSpec]:
         cfg, t = self.cfg, self.cfg.train
         init = self.paths.sft_model if cfg.sft.enabled else self.base
-        actor_optim = OptimSpec(
-            t.actor_lr,
-            t.warmup_steps,
-            t.weight_decay,
-            t.grad_clip,
-            t.zero_stage,
-            t.mini_batch_samples,
-            t.micro_batch_samples_per_device,
-        )
-        critic_optim = OptimSpec(
-            t.critic_lr,
-            t.warmup_steps,
-            t.weight_decay,
-            t.grad_clip,
-            t.zero_stage,
-            t.mini_batch_samples,
-            t.micro_batch_samples_per_device,
-        )
+
+        def optim(lr: float) -> OptimSpec:
+            return OptimSpec(
+                lr, t.warmup_steps, t.weight_decay, t.grad_clip, t.zero_stage,
+                t.mini_batch_samples, t.micro_batch_samples_per_device,
+            )  # fmt: skip
+
+        actor_optim, critic_optim = optim(t.actor_lr), optim(t.critic_lr)
         return [
             self.role("actor", "causal", init, actor_optim, cfg.generate.backend),
             self.role("ref", "causal", init),

@@ -1,17 +1,26 @@
-"""Tokenizers and tiny Llama-architecture models built locally (no downloads), saved in
-Hugging Face format so transformers (and vLLM) load them like any other model folder."""
+"""A character-level tokenizer and tiny Llama-architecture models built locally (no
+downloads), saved in Hugging Face format so transformers (and vLLM) load them like any
+other model folder; plus the value model built from a causal LM and the batch helpers
+that turn prompt strings into ids and response ids back into strings.
+
+Shapes: B = batch size, P = prompt tokens (bos included), T = response tokens.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 
-# head_dim = hidden / heads is 64 everywhere: vLLM's CPU attention refuses smaller heads.
-MODEL_PRESETS: dict[str, dict[str, int]] = {
+# head_dim = hidden_size / num_attention_heads = 64 in every preset: vLLM's CPU attention
+# refuses smaller heads.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=128,
         num_hidden_layers=2,
@@ -36,39 +45,73 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+# ---------------------------------------------------------------- tokenizer
+
+
 def train_tokenizer(alphabet: str, out_dir: str | Path) -> Any:
-    """A character-level tokenizer trained with `tokenizers` on the task's alphabet."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A character-level `PreTrainedTokenizerFast` for `alphabet`, saved to `out_dir`.
+
+    Ids: <pad> 0, <bos> 1, <eos> 2, <unk> 3, then the alphabet's characters in order of
+    first appearance. Every character is one token (any other character is <unk>);
+    encoding adds no bos/eos, decoding joins tokens without spaces, padding is on the left.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS), min_frequency=1)
-    tok.train_from_iterator([alphabet, *alphabet], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
+    chars = list(dict.fromkeys(alphabet))
+    bad = [c for c in chars if c.isspace()]
+    if not chars or bad:
+        raise ValueError(
+            f"tokenizer alphabet {alphabet!r}: must be non-empty without whitespace "
+            f"(found {bad!r}); pass the task's alphabet()"
+        )
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
-    fast.save_pretrained(str(out_dir))
-    return fast
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+# ---------------------------------------------------------------- models
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' per-load "Loading weights" bars off, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def llama_config(preset: str, tokenizer: Any, max_position_embeddings: int = 128) -> Any:
+    """The `LlamaConfig` of a preset, with the tokenizer's vocabulary and special ids."""
     from transformers import LlamaConfig
 
     if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset '{preset}'; presets: {sorted(MODEL_PRESETS)}")
+        raise ValueError(
+            f"model.preset = {preset!r}: unknown preset; presets: {sorted(MODEL_PRESETS)}"
+        )
     return LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-6,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         attention_dropout=0.0,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -79,49 +122,91 @@ def llama_config(preset: str, tokenizer: Any, max_position_embeddings: int = 128
 
 
 def build_model_folder(
-    preset: str, tokenizer: Any, out_dir: str | Path, seed: int, max_position_embeddings: int = 128
+    preset: str,
+    tokenizer: Any,
+    out_dir: str | Path,
+    seed: int,
+    max_position_embeddings: int = 128,
 ) -> Path:
-    """A randomly initialised LlamaForCausalLM (seeded) saved with its tokenizer."""
+    """A randomly initialised LlamaForCausalLM saved (safetensors) with its tokenizer.
+
+    The weights depend only on `seed` (torch.manual_seed inside a forked RNG, so the
+    caller's global torch RNG is left as it was)."""
     from transformers import LlamaForCausalLM
 
     config = llama_config(preset, tokenizer, max_position_embeddings)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(out_dir)
-    model.save_pretrained(out)
+    with _no_progress_bars():
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
+def _own_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """Copy every parameter and buffer into memory of its own.
+
+    from_pretrained leaves tensors mapped onto the safetensors file, at offsets with no
+    particular alignment: a file rewritten in place would change them under the model,
+    and misaligned weights take other CPU matmul kernels, so a reloaded model's outputs
+    can differ from the saved one's in the last bit. Tied weights stay tied (one Parameter).
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for module in model.modules():
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None:
+                    setattr(module, name, b.clone())
+    return model
+
+
 def load_causal_lm(path: str | Path | None) -> Any:
+    """The causal LM at `path` in float32, in eval mode, in memory of its own."""
     from transformers import AutoModelForCausalLM
 
     if path is None:
-        raise ValueError("a causal LM role needs a model folder")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        raise ValueError("a causal LM role needs a model folder (path is None)")
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.generation_config.pad_token_id = model.config.pad_token_id
-    return model.eval()
+    return _own_memory(model).eval()
+
+
+def _is_value_model(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return config.num_labels == 1 and any(a.endswith("ForTokenClassification") for a in archs)
 
 
 def load_value_model(path: str | Path | None, init_std: float = 0.0) -> Any:
-    """A LlamaForTokenClassification (one label = the value) whose backbone is the causal
-    LM's at `path`; the value head starts at zero (or N(0, init_std))."""
+    """A token-classification model with one label (`logits[..., 0]` = per-token value).
+
+    If `path` holds a value model saved earlier, it is loaded as it is. Otherwise `path`
+    is a causal LM: the backbone weights are copied from it and the score head starts at
+    zero (init_std = 0) or N(0, init_std^2) drawn from the global torch RNG, with bias 0.
+    Dropout before the head is 0 (classifier_dropout = 0.0). float32, eval mode.
+    """
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     if path is None:
-        raise ValueError("a value model needs a model folder")
+        raise ValueError("a value model role needs a model folder (path is None)")
+    if init_std < 0:
+        raise ValueError(f"value head init_std = {init_std}: must be >= 0")
     config = AutoConfig.from_pretrained(str(path))
-    if getattr(config, "num_labels", None) == 1 and "TokenClassification" in str(
-        config.architectures
-    ):
-        return AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch.float32)
+    if _is_value_model(config):
+        with _no_progress_bars():
+            model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch.float32)
+        return _own_memory(model).eval()
     config.num_labels = 1
     config.classifier_dropout = 0.0
-    config.architectures = ["LlamaForTokenClassification"]
-    model = AutoModelForTokenClassification.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the backbone's random init is overwritten
+        model = AutoModelForTokenClassification.from_config(config, dtype=torch.float32)
     lm = load_causal_lm(path)
-    missing, unexpected = model.model.load_state_dict(lm.model.state_dict(), strict=True), None
-    del missing, unexpected
+    backbone = getattr(model, model.base_model_prefix)
+    backbone.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict(), strict=True)
     with torch.no_grad():
         if init_std > 0:
             model.score.weight.normal_(0.0, init_std)
@@ -136,30 +221,40 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# ---------------------------------------------------------------- batch helpers
+
+
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids [B, P] with bos first, and the attention mask [B, P]."""
+    """Prompt ids [B, P] (long), bos first, LEFT-padded with the pad id, and the attention
+    mask [B, P] (long, 1 on bos and prompt tokens, 0 on padding)."""
+    if not prompts:
+        raise ValueError("encode_prompts: no prompts given")
+    if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"encode_prompts: the tokenizer has bos id {tokenizer.bos_token_id} and pad id "
+            f"{tokenizer.pad_token_id}; both are needed (set bos_token and pad_token)"
+        )
     rows = [
-        [tokenizer.bos_token_id, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts
+        [tokenizer.bos_token_id, *ids]
+        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     ]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r) :] = 1
     return ids, mask
 
 
 def decode_responses(tokenizer: Any, response_ids: torch.Tensor) -> list[str]:
-    """Response strings cut at the first eos (excluded), padding ignored."""
-    out = []
-    specials = {tokenizer.pad_token_id, tokenizer.bos_token_id}
-    for row in response_ids.tolist():
-        toks = []
-        for t in row:
-            if t == tokenizer.eos_token_id:
-                break
-            if t not in specials:
-                toks.append(t)
-        out.append(tokenizer.decode(toks, skip_special_tokens=True).replace(" ", ""))
-    return out
+    """Response strings from ids [B, T]: each row is cut at its first eos (excluded) and
+    pad tokens are dropped. Other special tokens (bos, unk) stay visible as "<bos>",
+    "<unk>", so a response cannot become correct by hiding them."""
+    ids = response_ids.detach().to("cpu", torch.long)
+    before_eos = torch.cumsum(ids == tokenizer.eos_token_id, dim=1) == 0
+    keep = before_eos
+    if tokenizer.pad_token_id is not None:
+        keep = keep & (ids != tokenizer.pad_token_id)
+    rows = [row[k].tolist() for row, k in zip(ids, keep)]
+    return [tokenizer.decode(r, skip_special_tokens=False) for r in rows]

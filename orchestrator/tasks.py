@@ -1,93 +1,140 @@
-"""Embedded synthetic tasks with a verifiable reward: demonstrations for SFT, prompts
-for RL and held-out prompts for evaluation. Pure Python and deterministic per seed.
+"""Embedded synthetic tasks with a verifiable reward: demonstrations for SFT, prompts for
+RL and held-out prompts for evaluation. Pure Python, deterministic for a seed.
 
-- sort: "S52817=" -> "12578" (the digits in ascending order).
-- add:  "A123+045=" -> "861": the sum 168 written least significant digit first, which
-  a tiny left-to-right model can learn (each digit depends on the carry so far).
+Tasks (n = `num_digits`):
+- sort: "S" + n digits + "=" -> the digits in ascending order: "S3120=" -> "0123".
+- add:  "A" + a + "+" + b + "=" with a and b written with exactly n digits (leading zeros
+  kept) -> the decimal sum without leading zeros, written REVERSED, least significant digit
+  first: "A123+045=" -> 123 + 45 = 168 -> "861"; "A999+999=" -> 1998 -> "8991". A model
+  that writes left to right then produces each digit from the two digits at that place and
+  the carry so far, which a tiny model can learn; the usual order needs the whole sum first.
+
+Reward (both tasks): 1.0 for the exact answer, otherwise partial credit
+0.5 * (positions i where response[i] == answer[i]) / max(len(answer), len(response)),
+so a wrong answer scores below 0.5 and an empty response scores 0.0.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+DIGITS = "0123456789"
+
 
 class Task(Protocol):
-    name: str
-    num_digits: int
+    """A prompt distribution with a known answer per prompt and a graded reward."""
 
-    def sample_prompt(self, rng: random.Random) -> str: ...
-    def answer(self, prompt: str) -> str: ...
-    def alphabet(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_digits(self) -> int: ...
+
+    @property
+    def num_distinct_prompts(self) -> int:
+        """How many different prompts `sample_prompt` can return."""
+        ...
+
     @property
     def max_prompt_chars(self) -> int: ...
+
     @property
     def max_response_chars(self) -> int: ...
 
+    def sample_prompt(self, rng: random.Random) -> str: ...
 
-def _positional_reward(answer: str, response: str) -> float:
-    """1.0 for an exact match, else 0.5 x the share of positions that match."""
+    def answer(self, prompt: str) -> str:
+        """The correct response; ValueError for a prompt this task cannot produce."""
+        ...
+
+    def demonstration(self, prompt: str, rng: random.Random, noise: float) -> str:
+        """The answer, or with probability `noise` an answer with one mistake."""
+        ...
+
+    def reward(self, prompt: str, response: str) -> float:
+        """In [0, 1]: 1.0 for the exact answer, else positional partial credit below 0.5."""
+        ...
+
+    def correct(self, prompt: str, response: str) -> bool: ...
+
+    def alphabet(self) -> str:
+        """Every character that may appear in a prompt or a response."""
+        ...
+
+
+# ---------------------------------------------------------------- shared pure functions
+
+
+def positional_reward(answer: str, response: str) -> float:
+    """1.0 for an exact match, else 0.5 x matching positions / max(len(answer), len(response))."""
     if response == answer:
         return 1.0
     width = max(len(answer), len(response))
     if width == 0:
         return 0.0
-    same = sum(a == b for a, b in zip(answer, response))
+    same = sum(a == r for a, r in zip(answer, response))
     return 0.5 * same / width
 
 
-class _DigitTask:
-    name = "base"
-
-    def __init__(self, num_digits: int) -> None:
-        if num_digits < 1:
-            raise ValueError(f"task.num_digits = {num_digits}: must be >= 1")
-        self.num_digits = num_digits
-
-    def answer(self, prompt: str) -> str:
-        raise NotImplementedError
-
-    def reward(self, prompt: str, response: str) -> float:
-        return _positional_reward(self.answer(prompt), response)
-
-    def correct(self, prompt: str, response: str) -> bool:
-        return response == self.answer(prompt)
-
-    def demonstration(self, prompt: str, rng: random.Random, noise: float) -> str:
-        """The correct answer, or with probability `noise` one with a single mistake."""
-        good = self.answer(prompt)
-        if rng.random() >= noise:
-            return good
-        return self.corrupt(good, rng)
-
-    def corrupt(self, answer: str, rng: random.Random) -> str:
-        chars = list(answer)
-        i = rng.randrange(len(chars))
-        chars[i] = rng.choice([d for d in "0123456789" if d != chars[i]])
-        return "".join(chars)
+def replace_one_digit(text: str, rng: random.Random) -> str:
+    """`text` with one position replaced by a different digit."""
+    chars = list(text)
+    i = rng.randrange(len(chars))
+    chars[i] = rng.choice([d for d in DIGITS if d != chars[i]])
+    return "".join(chars)
 
 
-class SortTask(_DigitTask):
-    name = "sort"
+def swap_adjacent_or_replace(text: str, rng: random.Random) -> str:
+    """`text` with two adjacent unequal characters swapped (half of the time, when such a
+    pair exists), otherwise with one digit replaced. The result always differs from `text`."""
+    pairs = [i for i in range(len(text) - 1) if text[i] != text[i + 1]]
+    if pairs and rng.random() < 0.5:
+        i = rng.choice(pairs)
+        return text[:i] + text[i + 1] + text[i] + text[i + 2 :]
+    return replace_one_digit(text, rng)
 
-    def sample_prompt(self, rng: random.Random) -> str:
-        return "S" + "".join(rng.choice("0123456789") for _ in range(self.num_digits)) + "="
 
-    def answer(self, prompt: str) -> str:
-        return "".join(sorted(prompt[1:-1]))
+def noisy(
+    answer: str, rng: random.Random, noise: float, corrupt: Callable[[str, random.Random], str]
+) -> str:
+    """`answer`, or with probability `noise` `corrupt(answer, rng)`."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"demonstration noise = {noise}: must be in [0, 1]")
+    return corrupt(answer, rng) if rng.random() < noise else answer
 
-    def corrupt(self, answer: str, rng: random.Random) -> str:
-        pairs = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
-        if pairs and rng.random() < 0.5:  # swap two adjacent unequal digits
-            i = rng.choice(pairs)
-            c = list(answer)
-            c[i], c[i + 1] = c[i + 1], c[i]
-            return "".join(c)
-        return super().corrupt(answer, rng)
 
-    def alphabet(self) -> str:
-        return "0123456789S="
+def _random_digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(DIGITS) for _ in range(n))
+
+
+def _check_num_digits(task: str, num_digits: int) -> None:
+    if not isinstance(num_digits, int) or num_digits < 1:
+        raise ValueError(f"task '{task}': num_digits = {num_digits!r}; it must be an integer >= 1")
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class SortTask:
+    """ "S3120=" -> "0123": the prompt's digits in ascending order."""
+
+    num_digits: int
+
+    @property
+    def name(self) -> str:
+        return "sort"
+
+    def __post_init__(self) -> None:
+        _check_num_digits(self.name, self.num_digits)
+
+    @property
+    def num_distinct_prompts(self) -> int:
+        return 10**self.num_digits
 
     @property
     def max_prompt_chars(self) -> int:
@@ -97,21 +144,47 @@ class SortTask(_DigitTask):
     def max_response_chars(self) -> int:
         return self.num_digits
 
-
-class AddTask(_DigitTask):
-    name = "add"
+    def alphabet(self) -> str:
+        return DIGITS + "S="
 
     def sample_prompt(self, rng: random.Random) -> str:
-        a = "".join(rng.choice("0123456789") for _ in range(self.num_digits))
-        b = "".join(rng.choice("0123456789") for _ in range(self.num_digits))
-        return f"A{a}+{b}="
+        return f"S{_random_digits(rng, self.num_digits)}="
 
     def answer(self, prompt: str) -> str:
-        a, b = prompt[1:-1].split("+")
-        return str(int(a) + int(b))[::-1]
+        m = re.fullmatch(rf"S(\d{{{self.num_digits}}})=", prompt)
+        if m is None:
+            raise ValueError(
+                f"sort task ({self.num_digits} digits): bad prompt {prompt!r}; "
+                f"expected 'S' + {self.num_digits} digits + '='"
+            )
+        return "".join(sorted(m.group(1)))
 
-    def alphabet(self) -> str:
-        return "0123456789A+="
+    def demonstration(self, prompt: str, rng: random.Random, noise: float) -> str:
+        return noisy(self.answer(prompt), rng, noise, swap_adjacent_or_replace)
+
+    def reward(self, prompt: str, response: str) -> float:
+        return positional_reward(self.answer(prompt), response)
+
+    def correct(self, prompt: str, response: str) -> bool:
+        return response == self.answer(prompt)
+
+
+@dataclass(frozen=True)
+class AddTask:
+    """ "A123+045=" -> "861": the sum 168 written least significant digit first."""
+
+    num_digits: int
+
+    @property
+    def name(self) -> str:
+        return "add"
+
+    def __post_init__(self) -> None:
+        _check_num_digits(self.name, self.num_digits)
+
+    @property
+    def num_distinct_prompts(self) -> int:
+        return 10 ** (2 * self.num_digits)
 
     @property
     def max_prompt_chars(self) -> int:
@@ -121,14 +194,44 @@ class AddTask(_DigitTask):
     def max_response_chars(self) -> int:
         return self.num_digits + 1
 
+    def alphabet(self) -> str:
+        return DIGITS + "A+="
 
-TASKS: dict[str, type[_DigitTask]] = {"sort": SortTask, "add": AddTask}
+    def sample_prompt(self, rng: random.Random) -> str:
+        a = _random_digits(rng, self.num_digits)
+        b = _random_digits(rng, self.num_digits)
+        return f"A{a}+{b}="
+
+    def answer(self, prompt: str) -> str:
+        n = self.num_digits
+        m = re.fullmatch(rf"A(\d{{{n}}})\+(\d{{{n}}})=", prompt)
+        if m is None:
+            raise ValueError(
+                f"add task ({n} digits): bad prompt {prompt!r}; "
+                f"expected 'A' + {n} digits + '+' + {n} digits + '='"
+            )
+        return str(int(m.group(1)) + int(m.group(2)))[::-1]
+
+    def demonstration(self, prompt: str, rng: random.Random, noise: float) -> str:
+        return noisy(self.answer(prompt), rng, noise, replace_one_digit)
+
+    def reward(self, prompt: str, response: str) -> float:
+        return positional_reward(self.answer(prompt), response)
+
+    def correct(self, prompt: str, response: str) -> bool:
+        return response == self.answer(prompt)
 
 
-def make_task(name: str, num_digits: int) -> _DigitTask:
+TASKS: dict[str, Callable[[int], Task]] = {"sort": SortTask, "add": AddTask}
+
+
+def make_task(name: str, num_digits: int) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task '{name}'; tasks: {sorted(TASKS)}")
+        raise ValueError(f"task.name = {name!r}: unknown task; tasks: {sorted(TASKS)}")
     return TASKS[name](num_digits)
+
+
+# ---------------------------------------------------------------- data sets
 
 
 @dataclass
@@ -139,35 +242,56 @@ class TaskData:
 
 
 def build_task_data(
-    task: _DigitTask,
+    task: Task,
     num_demos: int,
     num_rl_prompts: int,
     num_eval_prompts: int,
     demo_noise: float,
     seed: int,
 ) -> TaskData:
-    """Demonstrations, RL prompts and evaluation prompts; eval prompts are held out from both."""
+    """Demonstrations (prompt, possibly noisy response) for SFT, prompts for RL, and
+    distinct evaluation prompts that appear in neither. SFT and RL prompts are drawn
+    independently and may repeat (the prompt space of a short task is small).
+
+    Eval prompts may take at most half of the task's distinct prompts, so the rest can be
+    drawn by rejection quickly; a larger request is a ValueError.
+    """
+    problems = []
+    for field, value in (
+        ("num_demos", num_demos),
+        ("num_rl_prompts", num_rl_prompts),
+        ("num_eval_prompts", num_eval_prompts),
+    ):
+        if not isinstance(value, int) or value < 0:
+            problems.append(f"task.{field} = {value!r}: must be an integer >= 0")
+    if not 0.0 <= demo_noise <= 1.0:
+        problems.append(f"task.demo_noise = {demo_noise!r}: must be in [0, 1]")
+    room = task.num_distinct_prompts // 2
+    if isinstance(num_eval_prompts, int) and num_eval_prompts > room:
+        problems.append(
+            f"task.num_eval_prompts = {num_eval_prompts}: the {task.name} task with "
+            f"{task.num_digits} digits has {task.num_distinct_prompts} distinct prompts and "
+            f"at most half ({room}) may be held out; lower num_eval_prompts or raise num_digits"
+        )
+    if problems:
+        raise ValueError("invalid task data settings:\n  " + "\n  ".join(problems))
+
     rng = random.Random(seed)
-    seen: set[str] = set()
+    held_out: set[str] = set()
     eval_prompts: list[str] = []
-    tries = 0
-    while len(eval_prompts) < num_eval_prompts and tries < 100 * max(num_eval_prompts, 1):
-        tries += 1
+    while len(eval_prompts) < num_eval_prompts:
         p = task.sample_prompt(rng)
-        if p not in seen:
-            seen.add(p)
+        if p not in held_out:
+            held_out.add(p)
             eval_prompts.append(p)
 
-    def fresh() -> str:
-        for _ in range(1000):
+    def train_prompt() -> str:
+        while True:  # at least half the prompts are free: ~2 draws expected
             p = task.sample_prompt(rng)
-            if p not in seen:
+            if p not in held_out:
                 return p
-        raise ValueError(
-            f"task '{task.name}' with {task.num_digits} digits has too few distinct prompts"
-        )
 
-    demo_prompts = [fresh() for _ in range(num_demos)]
+    demo_prompts = [train_prompt() for _ in range(num_demos)]
     sft_pairs = [(p, task.demonstration(p, rng, demo_noise)) for p in demo_prompts]
-    rl_prompts = [fresh() for _ in range(num_rl_prompts)]
-    return TaskData(sft_pairs, rl_prompts, eval_prompts)
+    rl_prompts = [train_prompt() for _ in range(num_rl_prompts)]
+    return TaskData(sft_pairs=sft_pairs, rl_prompts=rl_prompts, eval_prompts=eval_prompts)

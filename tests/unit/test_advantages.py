@@ -114,6 +114,84 @@ def test_gae_padded_values_change_nothing() -> None:
     assert torch.all(clean[0][pad] == 0) and torch.all(clean[1][pad] == 0)
 
 
+def test_gae_skips_a_masked_token_inside_the_response() -> None:
+    # token 1 is masked (e.g. a tool output): it is skipped, not treated as the end
+    r = torch.tensor([[0.0, 50.0, 1.0]])
+    v = torch.tensor([[0.5, -50.0, 0.7]])
+    mask = torch.tensor([[1, 0, 1]])
+    adv, ret = get_estimator("gae")(AdvantageInput(r, mask, values=v, gamma=0.9, lam=0.5))
+    # t=2: delta = 1 + 0 - 0.7 = 0.3;                 A2 = 0.3
+    # t=1: masked -> A1 = 0, carries (V, A) = (0.7, 0.3) back to t=0
+    # t=0: delta = 0 + 0.9 * 0.7 - 0.5 = 0.13;        A0 = 0.13 + 0.9 * 0.5 * 0.3 = 0.265
+    # R = (0.265 + 0.5, 0, 0.3 + 0.7) = (0.765, 0, 1.0)
+    assert_close(adv, torch.tensor([[0.265, 0.0, 0.3]]), **TOL)
+    assert_close(ret, torch.tensor([[0.765, 0.0, 1.0]]), **TOL)
+    ref_adv, ref_ret = gae_reference(r.tolist(), v.tolist(), mask.tolist(), 0.9, 0.5)
+    assert_close(torch.tensor(ref_adv), adv, **TOL)
+    assert_close(torch.tensor(ref_ret), ret, **TOL)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gae_matches_the_plain_loop_with_holes(seed: int) -> None:
+    # any mask, not only right padding: masked tokens inside rows are skipped by both
+    g = torch.Generator().manual_seed(seed)
+    r, v = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    mask = torch.rand(6, 9, generator=g) < 0.6
+    adv, ret = get_estimator("gae")(AdvantageInput(r, mask, values=v, gamma=0.99, lam=0.95))
+    ref_adv, ref_ret = gae_reference(r.tolist(), v.tolist(), mask.int().tolist(), 0.99, 0.95)
+    assert_close(adv, torch.tensor(ref_adv), **TOL)
+    assert_close(ret, torch.tensor(ref_ret), **TOL)
+
+
+def test_gae_nan_in_padding_stays_out() -> None:
+    r = torch.tensor([[0.0, 1.0, float("nan")]])
+    v = torch.tensor([[0.5, 0.6, float("inf")]])
+    adv, ret = get_estimator("gae")(AdvantageInput(r, torch.tensor([[1, 1, 0]]), values=v))
+    # as in test_gae_right_padding: A = (0.5, 0.4, 0), R = (1, 1, 0)
+    assert_close(adv, torch.tensor([[0.5, 0.4, 0.0]]), **TOL)
+    assert_close(ret, torch.tensor([[1.0, 1.0, 0.0]]), **TOL)
+
+
+def test_gae_float64_in_float64_out_and_no_gradient() -> None:
+    r = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+    v = torch.tensor([[0.5, 0.6, 0.7]], dtype=torch.float64, requires_grad=True)
+    adv, ret = get_estimator("gae")(AdvantageInput(r, torch.ones(1, 3), values=v, lam=0.95))
+    assert adv.dtype == ret.dtype == torch.float64
+    # advantages and returns are targets: no gradient flows back into the critic
+    assert not adv.requires_grad and not ret.requires_grad
+    expected = torch.tensor([[0.46575, 0.385, 0.3]], dtype=torch.float64)  # test_gae_by_hand
+    assert_close(adv, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_advantage_input_reports_every_problem_at_once() -> None:
+    with pytest.raises(ValueError) as err:
+        AdvantageInput(
+            torch.zeros(2, 3),
+            torch.ones(2, 4),
+            values=torch.zeros(3, 3),
+            scores=torch.zeros(3),
+            group_ids=torch.zeros(2, 1, dtype=torch.long),
+            gamma=1.5,
+            lam=-0.1,
+        )
+    msg = str(err.value)
+    for part in ("mask has shape (2, 4)", "values has shape (3, 3)", "scores has shape (3,)",
+                 "group_ids has shape (2, 1)", "gamma=1.5", "lam=-0.1"):  # fmt: skip
+        assert part in msg, part
+    with pytest.raises(ValueError, match=r"token_rewards has shape \(3,\)"):
+        AdvantageInput(torch.zeros(3), torch.ones(3))
+    # a valid record: right shapes, gamma and lam at the ends of [0, 1]
+    AdvantageInput(
+        torch.zeros(2, 3),
+        torch.ones(2, 3, dtype=torch.bool),
+        values=torch.zeros(2, 3),
+        scores=torch.zeros(2),
+        group_ids=torch.tensor([0, 0]),
+        gamma=0.0,
+        lam=1.0,
+    )
+
+
 def test_gae_needs_values() -> None:
     with pytest.raises(ValueError, match="'gae' estimator needs values"):
         get_estimator("gae")(AdvantageInput(torch.zeros(1, 2), torch.ones(1, 2)))

@@ -54,3 +54,12 @@ def test_algos_imports_without_ray_vllm_deepspeed() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_importing_the_package_itself_loads_nothing_heavy() -> None:
+    # algos/__init__.py is a docstring: importing the package loads not even torch
+    script = "import sys, algos; sys.exit('torch was imported' if 'torch' in sys.modules else 0)"
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr

@@ -102,6 +102,12 @@ def test_aggregation_unknown_mode_lists_valid_modes() -> None:
         assert mode in str(err.value)
 
 
+def test_aggregation_of_an_all_padding_batch_is_zero() -> None:
+    # no valid token anywhere: every mode gives 0 (counts clamped to 1), never nan
+    for mode in LOSS_AGG_MODES:
+        assert_close(aggregate_loss(X, torch.zeros(2, 3), mode), t(0.0), **TOL)
+
+
 def test_seq_mean_token_mean_skips_rows_without_tokens() -> None:
     x3 = torch.cat([X, torch.tensor([[7.0, 8.0, 9.0]])])
     m3 = torch.cat([M, torch.zeros(1, 3, dtype=torch.long)])
@@ -146,6 +152,18 @@ def test_logprobs_from_logits() -> None:
     logits = torch.log(torch.tensor([[[1.0, 2.0, 5.0], [1.0, 2.0, 5.0]]]))
     lp = logprobs_from_logits(logits, torch.tensor([[2, 0]]))
     assert_close(lp, torch.tensor([[math.log(5 / 8), math.log(1 / 8)]]), **TOL)
+
+
+def test_logprobs_match_log_softmax_and_are_fp32() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 17, generator=g) * 4
+    tokens = torch.randint(0, 17, (3, 5), generator=g)
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert_close(logprobs_from_logits(logits, tokens), expected, **TOL)
+    # bf16 logits are read in fp32: zeros over 8 tokens -> every log-prob is ln 1/8
+    lp = logprobs_from_logits(torch.zeros(1, 2, 8, dtype=torch.bfloat16), torch.tensor([[3, 7]]))
+    assert lp.dtype == torch.float32
+    assert_close(lp, torch.full((1, 2), -math.log(8)), **TOL)
 
 
 # ---------------------------------------------------------------- policy loss

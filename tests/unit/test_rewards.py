@@ -9,6 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from algos.rewards import (
+    KL_CONTROLLERS,
+    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     kl_estimate,
@@ -77,7 +79,8 @@ def test_kl_values_inside_the_clamps_are_kept() -> None:
 def test_unknown_kl_estimator() -> None:
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'") as err:
         kl_estimate(LP, REF, "k4")
-    for name in ("k1", "k2", "k3"):
+    assert KL_ESTIMATORS == ("k1", "k2", "k3")
+    for name in KL_ESTIMATORS:
         assert name in str(err.value)
 
 
@@ -87,6 +90,7 @@ def test_unknown_kl_estimator() -> None:
 def test_last_token_index() -> None:
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0]])
     assert last_token_index(mask).tolist() == [1, 2, 0, 0]
+    assert last_token_index(mask).dtype == torch.long
     assert last_token_index(mask.bool()).tolist() == [1, 2, 0, 0]
     assert last_token_index(mask.float()).tolist() == [1, 2, 0, 0]
 
@@ -179,3 +183,30 @@ def test_make_kl_controller() -> None:
     with pytest.raises(ValueError, match="unknown KL controller 'pid'") as err:
         make_kl_controller("pid", 0.1, 0.1, 1)
     assert "fixed" in str(err.value) and "adaptive" in str(err.value)
+
+
+def test_adaptive_controller_rejects_bad_target_and_horizon() -> None:
+    # both problems are reported in one error
+    with pytest.raises(ValueError, match="target=0.0 must be > 0.*horizon=0 must be > 0"):
+        AdaptiveKLController(0.1, target=0.0, horizon=0)
+    with pytest.raises(ValueError, match="horizon=-5"):
+        make_kl_controller("adaptive", 0.1, 0.02, -5)
+    # a fixed controller ignores target and horizon
+    assert make_kl_controller("fixed", 0.1, 0.0, 0).value == 0.1
+    assert KL_CONTROLLERS == ("fixed", "adaptive")
+
+
+def test_kl_to_reward_to_controller_by_hand() -> None:
+    # d = logp - ref = (0.1, 0.3 | 0.2, <pad>); k1 = d; per-token mean over the 3 valid
+    # tokens = (0.1 + 0.3 + 0.2) / 3 = 0.2 (the controller's unit)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    kl = kl_estimate(torch.tensor([[0.1, 0.3], [0.2, 9.0]]), torch.zeros(2, 2), "k1")
+    kl_token_mean = float((kl * mask).sum() / mask.sum())
+    assert kl_token_mean == pytest.approx(0.2, rel=1e-6)
+    # beta = 0.1, scores (1, -1): row 0 (-0.01, -0.03 + 1), row 1 (-0.02 - 1, 0)
+    rt = shaped_token_rewards(torch.tensor([1.0, -1.0]), kl, mask, kl_coef=0.1)
+    assert_close(rt, torch.tensor([[-0.01, 0.97], [-1.02, 0.0]]), **TOL)
+    # target 0.1: e = clip(0.2 / 0.1 - 1 = 1, -0.2, 0.2) = 0.2 -> 0.1 * (1 + 0.2 * 2 / 10) = 0.104
+    ctl = AdaptiveKLController(0.1, target=0.1, horizon=10)
+    ctl.update(kl_token_mean, n_samples=2)
+    assert ctl.value == pytest.approx(0.104, rel=1e-6)
