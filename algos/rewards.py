@@ -117,9 +117,8 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the coefficient; target and horizon stay as configured."""
         self.value = float(state["value"])
-        self.target = float(state.get("target", self.target))
-        self.horizon = int(state.get("horizon", self.horizon))
 
 
 def make_kl_controller(kind: str, init_value: float, target: float, horizon: int) -> KLController:

@@ -23,17 +23,24 @@ def full_sequence(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]
     return ids, attn, pos
 
 
-def response_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T, V] that predict each response token (positions P-1 .. P+T-2)."""
+def response_logits(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], temperature: float = 1.0
+) -> torch.Tensor:
+    """Logits [B, T, V] that predict each response token (positions P-1 .. P+T-2), divided
+    by the sampling temperature so that log-probs are those of the sampling distribution
+    (before any top-p/top-k filtering, as in verl and OpenRLHF)."""
     ids, attn, pos = full_sequence(batch)
     p, t = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-    return out.logits[:, p - 1 : p + t - 1].float()
+    logits = out.logits[:, p - 1 : p + t - 1].float()
+    return logits / temperature if temperature != 1.0 else logits
 
 
-def response_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def response_logprobs(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], temperature: float = 1.0
+) -> torch.Tensor:
     """Log-probs [B, T] of the response tokens (0 on padding)."""
-    logits = response_logits(model, batch)
+    logits = response_logits(model, batch, temperature)
     lp = logprobs_from_logits(logits, batch["response_ids"])
     return lp * batch["response_mask"].float()
 

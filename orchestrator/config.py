@@ -312,7 +312,7 @@ def validate(cfg: RelayConfig) -> list[Problem]:
     """Every rule a composed config must satisfy; returns the problems found."""
     from algos.losses import LOSS_AGG_MODES
     from algos.ppo import ALGORITHM_GRAPHS
-    from algos.rewards import KL_ESTIMATORS
+    from algos.rewards import KL_CONTROLLERS, KL_ESTIMATORS
     from orchestrator.modeling import MODEL_PRESETS
     from orchestrator.tasks import TASKS
 
@@ -330,7 +330,7 @@ def validate(cfg: RelayConfig) -> list[Problem]:
         "algo.advantage_estimator", a.advantage_estimator, list_estimators(), "advantage estimator"
     )
     choice("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS, "KL estimator")
-    choice("algo.kl_controller", a.kl_controller, ("fixed", "adaptive"), "KL controller")
+    choice("algo.kl_controller", a.kl_controller, KL_CONTROLLERS, "KL controller")
     choice("algo.loss_agg", a.loss_agg, LOSS_AGG_MODES, "loss aggregation")
     choice("task.name", cfg.task.name, TASKS, "task")
     choice("generate.backend", g.backend, ("hf",), "generation backend")
@@ -389,6 +389,28 @@ def validate(cfg: RelayConfig) -> list[Problem]:
     if not 0 <= cfg.task.demo_noise <= 1:
         p.append(
             Problem("task.demo_noise", cfg.task.demo_noise, "must be in [0, 1]", "use e.g. 0.3")
+        )
+
+    _algo_ranges(p, a)
+    _generate_ranges(p, g)
+    _task_ranges(p, cfg)
+    if s.enabled and s.steps < 1:
+        p.append(
+            Problem(
+                "sft.steps",
+                s.steps,
+                "must be >= 1 when sft.enabled",
+                "set sft.steps >= 1, or sft.enabled=false",
+            )
+        )
+    if cfg.logger.plot_every_steps < 1:
+        p.append(
+            Problem(
+                "logger.plot_every_steps",
+                cfg.logger.plot_every_steps,
+                "must be >= 1",
+                "use e.g. 10",
+            )
         )
 
     rollout = t.rollout_batch_prompts * t.samples_per_prompt
@@ -456,16 +478,19 @@ def validate(cfg: RelayConfig) -> list[Problem]:
                 "set cluster.address (or RAY_ADDRESS) to join a multi-node cluster, or use 1",
             )
         )
-    if c.device == "cuda":
+    if c.device == "cuda" and not address:
         import torch
 
-        if not torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        needed_gpus = len(ALGORITHM_GRAPHS[a.name]().roles) - 1 if a.name in ALGORITHM_GRAPHS else 1
+        if gpus < needed_gpus:
             p.append(
                 Problem(
                     "cluster.device",
                     c.device,
-                    "no CUDA device is visible here",
-                    "use cluster.device=cpu on this machine",
+                    f"the local cluster would need {needed_gpus} GPUs (one per model "
+                    f"role), this machine has {gpus}",
+                    "use cluster.device=cpu, or join a larger cluster (cluster.address)",
                 )
             )
     resume = cfg.run.resume
@@ -479,6 +504,134 @@ def validate(cfg: RelayConfig) -> list[Problem]:
             )
         )
     return p
+
+
+def _algo_ranges(p: list[Problem], a: AlgoConfig) -> None:
+    if a.kl_coef < 0:
+        p.append(
+            Problem("algo.kl_coef", a.kl_coef, "must be >= 0", "use e.g. 0.02, or 0 for no KL")
+        )
+    if a.entropy_coef < 0:
+        p.append(
+            Problem(
+                "algo.entropy_coef",
+                a.entropy_coef,
+                "must be >= 0",
+                "use 0 (off) or a small bonus such as 0.001",
+            )
+        )
+    if a.kl_controller == "adaptive":
+        if a.kl_target_per_token <= 0:
+            p.append(
+                Problem(
+                    "algo.kl_target_per_token",
+                    a.kl_target_per_token,
+                    "must be > 0 for the adaptive controller",
+                    "use e.g. 0.02",
+                )
+            )
+        if a.kl_horizon_samples <= 0:
+            p.append(
+                Problem(
+                    "algo.kl_horizon_samples",
+                    a.kl_horizon_samples,
+                    "must be > 0 for the adaptive controller",
+                    "use e.g. 10000",
+                )
+            )
+    if a.reward_clip <= 0:
+        p.append(
+            Problem(
+                "algo.reward_clip",
+                a.reward_clip,
+                "must be > 0 (scores are clipped to [-c, c])",
+                "use e.g. 10.0",
+            )
+        )
+    for name in ("clip_eps_low", "clip_eps_high"):
+        v = getattr(a, name)
+        if not 0 < v < 1:
+            p.append(Problem(f"algo.{name}", v, "must be in (0, 1)", "use 0.2"))
+    if a.dual_clip_c is not None and a.dual_clip_c <= 1:
+        p.append(
+            Problem(
+                "algo.dual_clip_c",
+                a.dual_clip_c,
+                "must be > 1 (or null to disable)",
+                "use 3.0, or null",
+            )
+        )
+    if a.value_clip_eps is not None and a.value_clip_eps <= 0:
+        p.append(
+            Problem(
+                "algo.value_clip_eps",
+                a.value_clip_eps,
+                "must be > 0 (or null to disable)",
+                "use 0.2, or null",
+            )
+        )
+
+
+def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
+    if g.temperature <= 0:
+        p.append(
+            Problem(
+                "generate.temperature",
+                g.temperature,
+                "must be > 0",
+                "use 1.0 for RL (greedy decoding is an evaluation setting)",
+            )
+        )
+    if not 0 < g.top_p <= 1:
+        p.append(Problem("generate.top_p", g.top_p, "must be in (0, 1]", "use 1.0"))
+    if g.top_k < 0:
+        p.append(Problem("generate.top_k", g.top_k, "must be >= 0 (0 = off)", "use 0"))
+
+
+def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
+    from orchestrator.tasks import TASKS, make_task
+
+    tc = cfg.task
+    for name in ("num_digits", "num_demos", "num_rl_prompts", "num_eval_prompts"):
+        v = getattr(tc, name)
+        if v < 1:
+            p.append(Problem(f"task.{name}", v, "must be >= 1", "use a positive count"))
+    if tc.name not in TASKS or tc.num_digits < 1:
+        return
+    task = make_task(tc.name, tc.num_digits)
+    room = task.num_distinct_prompts // 2
+    if tc.num_eval_prompts > room:
+        p.append(
+            Problem(
+                "task.num_eval_prompts",
+                tc.num_eval_prompts,
+                f"at most half of the {task.num_distinct_prompts} distinct prompts of "
+                f"'{tc.name}' with {tc.num_digits} digits may be held out",
+                f"use at most {room}, or raise task.num_digits",
+            )
+        )
+    need = task.max_response_chars + 1
+    if cfg.generate.max_new_tokens < need:
+        p.append(
+            Problem(
+                "generate.max_new_tokens",
+                cfg.generate.max_new_tokens,
+                f"'{tc.name}' answers take up to {need} tokens with eos, so every "
+                "longer answer would be cut",
+                f"use at least {need}",
+            )
+        )
+    if cfg.model.path is None:
+        context = task.max_prompt_chars + 1 + cfg.generate.max_new_tokens
+        if context > cfg.model.max_position_embeddings:
+            p.append(
+                Problem(
+                    "model.max_position_embeddings",
+                    cfg.model.max_position_embeddings,
+                    f"bos + prompt + response take up to {context} positions",
+                    f"use at least {context}",
+                )
+            )
 
 
 def _divisor_near(n: int, want: int) -> int:

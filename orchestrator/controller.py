@@ -129,11 +129,12 @@ def start_workers(specs: list[RoleSpec], device: str) -> dict[str, Any]:
     actor_cls = ray.remote(ModelWorker)
     workers = {}
     for spec in specs:
-        resources = (
-            {"num_gpus": 1}
-            if device == "cuda"
-            else {"num_cpus": 0, "resources": {"relay_device": 1}}
-        )
+        if device != "cuda":
+            resources: dict[str, Any] = {"num_cpus": 0, "resources": {"relay_device": 1}}
+        elif spec.model_kind == "verifier":  # a Python function: no GPU
+            resources = {"num_cpus": 0}
+        else:
+            resources = {"num_gpus": 1}
         workers[spec.name] = actor_cls.options(
             max_concurrency=1,
             runtime_env={
@@ -496,6 +497,7 @@ class Controller:
                         "sampling": self.sampling(seed),
                         "algo": cfg.algo,
                         "kl_coef": kl_ctl.value,
+                        "temperature": cfg.generate.temperature,
                         "output": call.outputs[0] if call.outputs else None,
                         **call.options,
                     }

@@ -101,11 +101,12 @@ def init_single_process_group() -> None:
 
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    # A fresh port every time: these variables are per process, and a Ray worker
+    # inherits its driver's environment, so inherited values must not be reused.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+        WORLD_SIZE="1",
+    )  # fmt: skip
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
@@ -137,23 +138,20 @@ class TrainEngine:
             "gradient_accumulation_steps": gas,
             "gradient_clipping": spec.grad_clip,
             "zero_optimization": {"stage": spec.zero_stage},
-            "scheduler": {
-                "type": "WarmupLR",
-                "params": {
-                    "warmup_min_lr": 0.0,
-                    "warmup_max_lr": spec.lr,
-                    "warmup_num_steps": max(spec.warmup_steps, 1),
-                    "warmup_type": "linear",
-                },
-            },
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         optimizer = torch.optim.AdamW(
             module.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999)
         )
+        # Linear warm-up whose first optimizer step already has lr / warmup_steps
+        # (DeepSpeed's WarmupLR spends its first steps at lr 0).
+        warmup = max(spec.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=config
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
         self.gas = gas
 

@@ -89,7 +89,7 @@ def generate(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tu
     module = _module(ctx)
     module.eval()
     with torch.no_grad():
-        logprobs = response_logprobs(module, full)
+        logprobs = response_logprobs(module, full, params.temperature)
     lengths = response_mask.sum(-1).float()
     has_eos = (response_ids == ctx.tokenizer.eos_token_id).any(-1).float()
     metrics = {
@@ -108,7 +108,7 @@ def logprobs(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tu
     module = _module(ctx)
     module.eval()
     with torch.no_grad():
-        lp = response_logprobs(module, batch)
+        lp = response_logprobs(module, batch, options.get("temperature", 1.0))
     return {options["output"]: lp}, {}
 
 
@@ -181,7 +181,14 @@ def _train_loop(
     options: Mapping[str, Any],
     epochs: int,
     loss_fn: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Metrics]],
+    token_mean: bool,
 ) -> list[Metrics]:
+    """Epochs over shuffled mini-batches, each accumulated over micro-batches.
+
+    DeepSpeed averages the micro-batch losses of a mini-batch. A token-mean loss is
+    rescaled by (micro tokens / mini tokens) x micro-batches, so the mini-batch's gradient
+    is that of sum(l m) / sum(m) over the whole mini-batch, not a mean of micro means.
+    """
     engine = ctx.train
     if engine is None:
         raise RuntimeError(f"role '{ctx.role}' is not trainable")
@@ -190,8 +197,12 @@ def _train_loop(
     rows: list[Metrics] = []
     for _ in range(epochs):
         for mini in minibatches(batch, engine.spec.mini_batch_samples, gen):
+            mini_tokens = float(mini["response_mask"].sum().clamp(min=1))
             for micro in minibatches(mini, engine.spec.micro_batch_samples_per_device):
                 loss, m = loss_fn(engine.module, micro)
+                if token_mean and engine.gas > 1:
+                    micro_tokens = float(micro["response_mask"].sum())
+                    loss = loss * (micro_tokens / mini_tokens * engine.gas)
                 engine.backward(loss)
                 m.update({f"train/{k}_{ctx.role}": v for k, v in engine.step().items()})
                 rows.append(m)
@@ -208,7 +219,7 @@ def ppo_actor_train(
 
     def loss_fn(module: torch.nn.Module, mb: Batch) -> tuple[torch.Tensor, Metrics]:
         mask = mb["response_mask"].float()
-        logits = response_logits(module, mb)
+        logits = response_logits(module, mb, options.get("temperature", 1.0))
         lp = logprobs_from_logits(logits, mb["response_ids"])
         loss, m = ppo_policy_loss(
             lp,
@@ -229,7 +240,7 @@ def ppo_actor_train(
             **{f"train/{k}": float(v) for k, v in m.items()},
         }
 
-    rows = _train_loop(ctx, batch, options, a.ppo_epochs, loss_fn)
+    rows = _train_loop(ctx, batch, options, a.ppo_epochs, loss_fn, a.loss_agg == "token-mean")
     metrics = _mean_metrics(rows)
     metrics.update(rollout_metrics)
     metrics["rollout/kl_coef"] = float(options["kl_coef"])
@@ -261,7 +272,8 @@ def ppo_critic_train(
             **{f"train/{k}": float(x) for k, x in m.items()},
         }
 
-    metrics = _mean_metrics(_train_loop(ctx, batch, options, a.ppo_epochs, loss_fn))
+    token_mean = a.loss_agg == "token-mean"
+    metrics = _mean_metrics(_train_loop(ctx, batch, options, a.ppo_epochs, loss_fn, token_mean))
     metrics["train/explained_variance"] = float(ev)
     return {}, metrics
 
@@ -280,4 +292,4 @@ def sft_train(
         acc = masked_mean((logits.argmax(-1) == mb["response_ids"]).float(), mask)
         return loss, {"loss/sft": float(loss.detach()), "train/sft_token_accuracy": float(acc)}
 
-    return {}, _mean_metrics(_train_loop(ctx, batch, options, 1, loss_fn))
+    return {}, _mean_metrics(_train_loop(ctx, batch, options, 1, loss_fn, token_mean=True))
