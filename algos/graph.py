@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class CallKind(str, Enum):
+class CallKind(StrEnum):
     GENERATE = "generate"
     INFERENCE = "inference"
     TRAIN = "train"

@@ -54,6 +54,17 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, keep: int) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self._recover()
+
+    def _recover(self) -> None:
+        """Finish a swap that a kill interrupted: put a sealed step folder back in place."""
+        if not self.root.is_dir():
+            return
+        for pattern in (".tmp_step_*", ".old_step_*"):
+            for p in sorted(self.root.glob(pattern)):
+                final = self.root / f"step_{p.name.rsplit('_', 1)[1]}"
+                if not final.exists() and (p / MANIFEST).is_file():
+                    os.replace(p, final)
 
     def begin(self, step: int) -> Path:
         """A fresh temporary folder for the checkpoint of `step`."""
@@ -102,9 +113,12 @@ class CheckpointManager:
         return sorted(found)
 
     def _prune(self) -> None:
-        """Drop all but the newest `keep`: renamed away first, so a kill mid-delete never
-        leaves a half-deleted step_<N> folder behind."""
-        for _, p in self.complete()[: -self.keep]:
+        """Drop all but the `keep` most recently written: renamed away first, so a kill
+        mid-delete never leaves a half-deleted step_<N> folder behind. (Most recently
+        written, not highest step: after resuming from an older checkpoint, the new
+        branch's checkpoints are the ones to keep.)"""
+        by_age = sorted(self.complete(), key=lambda sp: (sp[1] / MANIFEST).stat().st_mtime_ns)
+        for _, p in by_age[: -self.keep]:
             trash = self.root / f".trash_{p.name}"
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(p, trash)
@@ -136,8 +150,16 @@ class CheckpointManager:
         return problems
 
     def newest_valid(self) -> Path | None:
-        """The newest checkpoint that verifies; corrupted ones are reported and skipped."""
-        for _, p in reversed(self.complete()):
+        """The checkpoint `latest` names if it verifies, else the newest that does;
+        corrupted ones are reported and skipped."""
+        candidates = [p for _, p in reversed(self.complete())]
+        latest = self.root / "latest"
+        if latest.is_file():
+            named = self.root / latest.read_text().strip()
+            if named in candidates:
+                candidates.remove(named)
+                candidates.insert(0, named)
+        for p in candidates:
             problems = self.verify(p)
             if not problems:
                 return p

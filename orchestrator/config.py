@@ -66,7 +66,8 @@ class AlgoConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
-    kl_estimator: str = "k1"  # k1 | k2 | k3
+    kl_estimator: str = "k1"  # k1 | k2 | k3 (KL in the reward)
+    kl_in_loss: bool = False  # KL as a loss term (kl_coef x token-mean k3) instead
     kl_coef: float = 0.02
     kl_controller: str = "fixed"  # fixed | adaptive
     kl_target_per_token: float = 0.02  # adaptive target, per-token mean KL

@@ -25,6 +25,7 @@ from algos.losses import (
 from algos.losses import policy_loss as ppo_policy_loss
 from algos.losses import value_loss as ppo_value_loss
 from algos.ppo import ppo_rollout_advantages
+from algos.rewards import kl_estimate
 from orchestrator.batch import (
     Batch,
     minibatches,
@@ -160,7 +161,7 @@ def _rollout_targets(
         batch["values"],
         batch["scores"],
         batch["response_mask"],
-        kl_coef=options["kl_coef"],
+        kl_coef=0.0 if a.kl_in_loss else options["kl_coef"],  # KL as a loss term instead
         kl_estimator=a.kl_estimator,
         reward_clip=a.reward_clip,
         estimator=a.advantage_estimator,
@@ -234,6 +235,10 @@ def ppo_actor_train(
         entropy = entropy_from_logits(logits)
         ent = aggregate_loss(entropy, mask, a.loss_agg)
         total = loss - a.entropy_coef * ent
+        if a.kl_in_loss:  # coef * mean of k3(pi || ref) over the valid tokens
+            kl_loss = aggregate_loss(kl_estimate(lp, mb["ref_logprobs"], "k3"), mask, a.loss_agg)
+            total = total + options["kl_coef"] * kl_loss
+            m["kl_loss"] = float(kl_loss.detach())
         return total, {
             "loss/policy": float(loss.detach()),
             "train/entropy": float(ent.detach()),

@@ -61,13 +61,14 @@ def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> N
                 "sampling": SamplingParams(6, seed=step),
                 "kl_coef": 0.02,
                 "output": call.outputs[0] if call.outputs else None,
-                "algo": AlgoConfig(),
+                "algo": AlgoConfig(kl_in_loss=zero_stage == 1),
             }
             inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
             outputs[call.name], m = workers[call.role].run(call, opts, *inputs)
             metrics.update(m)
         for key in ("loss/policy", "loss/value", "rollout/reward_mean", "train/grad_norm_actor"):
             assert math.isfinite(metrics[key]), key
+        assert ("train/kl_loss" in metrics) == (zero_stage == 1)
         assert all(v.device.type == "cpu" for v in outputs["actor_gen"].values())
     after = workers["actor"].state_dict()
     assert any(not torch.equal(before[k].cpu(), after[k].cpu()) for k in before)

@@ -76,3 +76,34 @@ def test_rewriting_a_step_replaces_it(tmp_path: Path) -> None:
     final = write_step(mgr, 3, b"new")
     assert (final / "actor" / "model.safetensors").read_bytes() == b"new" * 100
     assert CheckpointManager.verify(final) == []
+
+
+def test_latest_pointer_wins_and_pruning_keeps_the_newest_written(tmp_path: Path) -> None:
+    import os
+    import time
+
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in (2, 4, 6):
+        write_step(mgr, step)
+    # resumed from step 2 (an older branch): step 3 is written after 4 and 6
+    time.sleep(0.01)
+    write_step(mgr, 3)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert mgr.newest_valid() == tmp_path / "checkpoints" / "step_3"
+    kept = sorted(s for s, _ in mgr.complete())
+    assert kept == [3, 6]
+    os.utime(tmp_path / "checkpoints" / "step_6" / MANIFEST)  # mtimes only order the pruning
+    assert mgr.newest_valid() == tmp_path / "checkpoints" / "step_3"
+
+
+def test_interrupted_swap_is_recovered(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep=3)
+    final = write_step(mgr, 5)
+    # a kill between the two renames of a rewrite: only .old_step_5 is left
+    (final.parent / ".old_step_5").mkdir()
+    for p in final.iterdir():
+        p.rename(final.parent / ".old_step_5" / p.name)
+    final.rmdir()
+    again = CheckpointManager(tmp_path, keep=3)
+    assert again.newest_valid() == final
+    assert CheckpointManager.verify(final) == []

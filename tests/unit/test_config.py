@@ -125,3 +125,39 @@ def test_wrong_types_are_named_one_by_one() -> None:
 def test_optional_fields_take_null() -> None:
     cfg = load_config(["algo.dual_clip_c=null", "model.path=null"])
     assert cfg.algo.dual_clip_c is None and cfg.model.path is None
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("task.num_digits=0", "task.num_digits"),
+        ("task.num_demos=0", "task.num_demos"),
+        ("task.num_eval_prompts=60", "task.num_eval_prompts"),  # with task.num_digits=2
+        ("sft.steps=0", "sft.steps"),
+        ("logger.plot_every_steps=0", "logger.plot_every_steps"),
+        ("algo.dual_clip_c=1.0", "algo.dual_clip_c"),
+        ("algo.reward_clip=0", "algo.reward_clip"),
+        ("algo.clip_eps_low=1.5", "algo.clip_eps_low"),
+        ("algo.value_clip_eps=-0.1", "algo.value_clip_eps"),
+        ("algo.kl_coef=-1", "algo.kl_coef"),
+        ("generate.temperature=0", "generate.temperature"),
+        ("generate.top_p=0", "generate.top_p"),
+        ("generate.top_k=-1", "generate.top_k"),
+        ("generate.max_new_tokens=4", "generate.max_new_tokens"),
+        ("model.max_position_embeddings=16", "model.max_position_embeddings"),
+    ],
+)
+def test_range_rules(override: str, field: str) -> None:
+    extra = ["task.num_digits=2", "task.num_eval_prompts=60"] if "eval" in override else []
+    msgs = problems_of([override, *extra] if not extra else extra)
+    assert any(m.startswith(f"{field} = ") and "Fix:" in m for m in msgs), msgs
+
+
+def test_adaptive_controller_settings() -> None:
+    msgs = problems_of(
+        ["algo=ppo_adaptive_kl", "algo.kl_target_per_token=0", "algo.kl_horizon_samples=0"]
+    )
+    assert {m.split(" = ")[0] for m in msgs} == {
+        "algo.kl_target_per_token",
+        "algo.kl_horizon_samples",
+    }

@@ -164,7 +164,7 @@ def test_adaptive_controller() -> None:
 
 def test_adaptive_controller_state_round_trip() -> None:
     ctl = AdaptiveKLController(0.091341, target=0.02, horizon=1000)
-    again = make_kl_controller("adaptive", 1.0, 1.0, 1)
+    again = make_kl_controller("adaptive", 1.0, 0.02, 1000)
     again.load_state_dict(ctl.state_dict())
     assert again.state_dict() == {"value": 0.091341, "target": 0.02, "horizon": 1000}
     # both continue identically: e = clip(0.05 / 0.02 - 1 = 1.5) = 0.2;
@@ -172,6 +172,13 @@ def test_adaptive_controller_state_round_trip() -> None:
     for c in (ctl, again):
         c.update(0.05, 200)
         assert c.value == pytest.approx(0.09499464, rel=1e-9)
+
+
+def test_restoring_keeps_the_configured_target_and_horizon() -> None:
+    saved = AdaptiveKLController(0.5, target=0.02, horizon=1000).state_dict()
+    ctl = make_kl_controller("adaptive", 1.0, 0.05, 500)
+    ctl.load_state_dict(saved)  # only the coefficient is state; the rest is config
+    assert ctl.state_dict() == {"value": 0.5, "target": 0.05, "horizon": 500}
 
 
 def test_make_kl_controller() -> None:
