@@ -127,6 +127,9 @@ def train(argv: list[str]) -> int:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+    if summary.get("stopped"):
+        print(f"relay train: stopped on request. Run folder: {summary['run_dir']}")
+        return 0
     print(f"relay train: done. Run folder: {summary['run_dir']}")
     for stage in ("sft", "rl"):
         if stage in summary:

@@ -338,14 +338,26 @@ class Controller:
 
     # -- stages -------------------------------------------------------------------
 
+    def request_stop(self, signum: int = 0, frame: Any = None) -> None:
+        """SIGTERM: finish the current step, write a checkpoint, then return."""
+        self.stop_requested = True
+
     def run(self) -> dict[str, Any]:
+        import signal
+        import threading
+
+        self.stop_requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
         marker = self.prepare()
         self.wandb_id = marker["wandb_id"]
         self.build_assets()
         summary: dict[str, Any] = {"run_dir": str(self.paths.root), "parameters": self.num_params}
         if self.cfg.sft.enabled:
             summary["sft"] = self.run_sft()
-        summary["rl"] = self.run_rl()
+        if not self.stop_requested:
+            summary["rl"] = self.run_rl()
+        summary["stopped"] = self.stop_requested
         plot_learning_curves(self.paths.root)
         write_atomic(self.paths.root / "summary.json", json.dumps(summary, indent=1))
         return summary
@@ -393,6 +405,9 @@ class Controller:
                 if step == s.steps:
                     m.update(self.evaluate(workers["actor"], step))
                 tracker.log(step, m)
+                if self.stop_requested:
+                    print(f"relay: stop requested during SFT (step {step}); SFT restarts on resume")
+                    return {}
             result = {k: v for k, v in m.items() if k.startswith("eval/")}
             import ray
 
@@ -516,8 +531,13 @@ class Controller:
                     m.update(self.evaluate(workers["actor"], step))
                 tracker.log(step, m)
                 last = m
-                if step % cfg.run.save_every_steps == 0 or step == t.steps:
+                if step % cfg.run.save_every_steps == 0 or step == t.steps or self.stop_requested:
                     self.save_checkpoint(step, workers, trainable, kl_ctl)
+                if self.stop_requested:
+                    print(
+                        f"relay: stopped at step {step} with a checkpoint; the same command resumes"
+                    )
+                    break
                 if step % cfg.logger.plot_every_steps == 0:
                     plot_learning_curves(self.paths.root)
         finally:

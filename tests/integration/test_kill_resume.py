@@ -79,3 +79,29 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     wandb_id = json.loads((run_dir / "relay_run.json").read_text())["wandb_id"]
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) >= 3 and all(r.endswith(wandb_id) for r in runs), runs
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(tmp_path: Path) -> None:
+    overrides = tiny_overrides(tmp_path, "stopped", 30, "run.save_every_steps=100")
+    run_dir = tmp_path / "stopped"
+    proc = relay(overrides)
+    try:
+        deadline = time.time() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and '"stage": "rl", "step": 2' in metrics.read_text():
+                break
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out and "stopped on request" in out
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if '"rl"' in line and "rollout/reward_mean" in line]  # fmt: skip
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{steps[-1]}" and 2 <= steps[-1] < 30
