@@ -275,7 +275,8 @@ class Controller:
             if not (paths.base_model / "DONE").is_file():
                 tmp = paths.assets / ".building"
                 shutil.rmtree(tmp, ignore_errors=True)
-                tok = train_tokenizer(self.task.alphabet(), tmp / "tokenizer")
+                corpus = [p + r for p, r in self.data.sft_pairs] + self.data.rl_prompts
+                tok = train_tokenizer(self.task.alphabet(), tmp / "tokenizer", corpus)
                 build_model_folder(
                     cfg.model.preset,
                     tok,

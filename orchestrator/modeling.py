@@ -8,7 +8,7 @@ Shapes: B = batch size, P = prompt tokens (bos included), T = response tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(alphabet: str, out_dir: str | Path) -> Any:
-    """A character-level `PreTrainedTokenizerFast` for `alphabet`, saved to `out_dir`.
+def train_tokenizer(alphabet: str, out_dir: str | Path, corpus: Iterable[str] = ()) -> Any:
+    """A character-level `PreTrainedTokenizerFast` trained with `tokenizers`' WordLevel
+    trainer on `corpus` (the task's texts) plus `alphabet`, saved to `out_dir`.
 
-    Ids: <pad> 0, <bos> 1, <eos> 2, <unk> 3, then the alphabet's characters in order of
-    first appearance. Every character is one token (any other character is <unk>);
-    encoding adds no bos/eos, decoding joins tokens without spaces, padding is on the left.
+    Ids: <pad> 0, <bos> 1, <eos> 2, <unk> 3, then every alphabet character (more frequent
+    in the corpus first; the same corpus gives the same ids). Every character is one token
+    (any other character is <unk>); encoding adds no bos/eos, decoding joins tokens without
+    spaces, padding is on the left.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(alphabet))
@@ -65,10 +67,14 @@ def train_tokenizer(alphabet: str, out_dir: str | Path) -> Any:
             f"tokenizer alphabet {alphabet!r}: must be non-empty without whitespace "
             f"(found {bad!r}); pass the task's alphabet()"
         )
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core = Tokenizer(models.WordLevel(unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
+    core.train_from_iterator(["".join(chars), *corpus], trainer=trainer)
+    missing = [c for c in chars if core.token_to_id(c) is None]
+    if missing:
+        raise RuntimeError(f"the trained vocabulary lacks {missing!r}")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD,
