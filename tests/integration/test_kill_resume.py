@@ -22,6 +22,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of the driver's process group (Ray's helper processes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def relay(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "launch.cli", "train", *args],
@@ -50,10 +58,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # Ray's helper processes of the dead driver
-        except ProcessLookupError:
-            pass
+        kill_group(proc)
     # every checkpoint that resume could pick verifies completely
     complete = ckpts.complete()
     assert complete
@@ -66,10 +71,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     try:
         out, _ = done.communicate(timeout=400)
     finally:
-        try:
-            os.killpg(done.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(done)
     assert done.returncode == 0, out[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r["stage"] == "rl" and "rollout/reward_mean" in r]
@@ -95,10 +97,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(tmp_path: Path) ->
         os.kill(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out and "stopped on request" in out
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
