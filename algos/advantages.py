@@ -149,3 +149,55 @@ def gae_reference(
         advs.append(a_row)
         rets.append(ret_row)
     return advs, rets
+
+
+def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-sample group size n [B], group sum [B] and group sum of squares [B]."""
+    groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
+    s = scores.double()
+    n = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, torch.ones_like(s))
+    total = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, s)
+    squares = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, s * s)
+    return n[group_ids], total[group_ids], squares[group_ids]
+
+
+def _outcome(inp: AdvantageInput, name: str) -> tuple[torch.Tensor, ...]:
+    """Scores [B] and, per sample, its group's size, sum and sum of squares [B]."""
+    if inp.scores is None or inp.group_ids is None:
+        raise ValueError(
+            f"the '{name}' estimator needs scores and group_ids (one group per prompt)"
+        )
+    return (inp.scores.double(), *_group_stats(inp.scores, inp.group_ids.long()))
+
+
+def _per_token(adv: torch.Tensor, inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast a per-sample advantage [B] to every valid token; returns = advantages."""
+    out = adv.to(torch.float32)[:, None] * inp.mask.to(torch.float32)
+    return out, out.clone()
+
+
+@register_estimator("grpo")
+def grpo(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6), unbiased std, on every
+    token of response i; a group of one gets A = 0."""
+    r, n, total, squares = _outcome(inp, "grpo")
+    mean = total / n
+    var = ((squares - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    adv = torch.where(n > 1, (r - mean) / (var.sqrt() + 1e-6), torch.zeros_like(r))
+    return _per_token(adv, inp)
+
+
+@register_estimator("dr_grpo")
+def dr_grpo(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dr. GRPO: A_i = r_i - mean(r_group) (no division by the std)."""
+    r, n, total, _ = _outcome(inp, "dr_grpo")
+    adv = torch.where(n > 1, r - total / n, torch.zeros_like(r))
+    return _per_token(adv, inp)
+
+
+@register_estimator("rloo")
+def rloo(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO: A_i = r_i - mean_{j != i} r_j within the group; a group of one gets A = 0."""
+    r, n, total, _ = _outcome(inp, "rloo")
+    adv = torch.where(n > 1, r - (total - r) / (n - 1).clamp(min=1), torch.zeros_like(r))
+    return _per_token(adv, inp)

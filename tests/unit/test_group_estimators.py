@@ -1,0 +1,60 @@
+"""Group-baseline estimators (GRPO, Dr. GRPO, RLOO) against hand-worked numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from algos.advantages import AdvantageInput, get_estimator
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+# two groups: prompt 0 with rewards (1, 0, 0, 1), prompt 1 with a single sample (0.5)
+SCORES = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5])
+GROUPS = torch.tensor([0, 0, 0, 0, 1])
+MASK = torch.tensor([[1, 1, 0]] * 4 + [[1, 0, 0]])
+
+
+def run(name: str) -> torch.Tensor:
+    inp = AdvantageInput(torch.zeros(5, 3), MASK, scores=SCORES, group_ids=GROUPS)
+    adv, ret = get_estimator(name)(inp)
+    assert_close(adv, ret, **TOL)
+    assert torch.all(adv[MASK == 0] == 0)
+    return adv[:, 0]
+
+
+def test_grpo() -> None:
+    # group 0: mean 0.5, unbiased std = sqrt(4 * 0.25 / 3) = 0.5773503; A = +-0.5 / (0.57735 + 1e-6)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-6)
+    assert_close(run("grpo"), torch.tensor([a, -a, -a, a, 0.0]), **TOL)
+
+
+def test_dr_grpo() -> None:
+    assert_close(run("dr_grpo"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0]), **TOL)
+
+
+def test_rloo() -> None:
+    # sample 0: 1 - (0 + 0 + 1) / 3 = 2/3; sample 1: 0 - (1 + 0 + 1) / 3 = -2/3
+    assert_close(run("rloo"), torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0]), **TOL)
+
+
+def test_rloo_matches_a_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(12, generator=g)
+    groups = torch.arange(3).repeat_interleave(4)
+    adv = get_estimator("rloo")(
+        AdvantageInput(torch.zeros(12, 1), torch.ones(12, 1), scores=scores, group_ids=groups)
+    )[0][:, 0]
+    expected = []
+    for i in range(12):
+        others = [scores[j].item() for j in range(12) if groups[j] == groups[i] and j != i]
+        expected.append(scores[i].item() - sum(others) / len(others))
+    assert_close(adv, torch.tensor(expected), **TOL)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_needs_scores_and_groups(name: str) -> None:
+    with pytest.raises(ValueError, match="group_ids"):
+        get_estimator(name)(AdvantageInput(torch.zeros(2, 2), torch.ones(2, 2)))
