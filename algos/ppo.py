@@ -66,7 +66,43 @@ def sft_graph() -> DataflowGraph:
     )
 
 
-ALGORITHM_GRAPHS = {"ppo": ppo_graph}
+def group_baseline_graph(name: str) -> DataflowGraph:
+    """Critic-free (GRPO, RLOO): actor_gen -> {ref_inf, reward_inf} -> actor_train, with n
+    responses per prompt and the advantage from each prompt's group of rewards."""
+    rollout = (*PROMPT, *RESPONSE, "logprobs", "ref_logprobs", "scores")
+    return DataflowGraph(
+        name,
+        [
+            MFC(
+                "actor_gen", "actor", CallKind.GENERATE, "generate", PROMPT, (*RESPONSE, "logprobs")
+            ),
+            MFC(
+                "ref_inf",
+                "ref",
+                CallKind.INFERENCE,
+                "logprobs",
+                (*PROMPT, *RESPONSE),
+                ("ref_logprobs",),
+            ),
+            MFC(
+                "reward_inf",
+                "reward",
+                CallKind.INFERENCE,
+                "verifier_reward",
+                (*PROMPT, *RESPONSE),
+                ("scores", "task_correct"),
+            ),
+            MFC("actor_train", "actor", CallKind.TRAIN, "ppo_actor_train", rollout),
+        ],
+        dataset_keys=PROMPT,
+    )
+
+
+ALGORITHM_GRAPHS = {
+    "ppo": ppo_graph,
+    "grpo": lambda: group_baseline_graph("grpo"),
+    "rloo": lambda: group_baseline_graph("rloo"),
+}
 """RL algorithms selectable with `algo.name=<name>`."""
 
 
@@ -84,6 +120,7 @@ def ppo_rollout_advantages(
     gamma: float,
     lam: float,
     whiten: bool,
+    group_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Shaped per-token reward, advantages and returns of one rollout batch.
 
@@ -99,6 +136,7 @@ def ppo_rollout_advantages(
         mask=mask,
         values=values * mask,
         scores=scores,
+        group_ids=group_ids,
         gamma=gamma,
         lam=lam,
     )

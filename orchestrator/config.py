@@ -457,6 +457,41 @@ def validate(cfg: RelayConfig) -> list[Problem]:
         )
 
     if a.name in ALGORITHM_GRAPHS:
+        has_critic = "critic" in ALGORITHM_GRAPHS[a.name]().roles
+        if a.advantage_estimator == "gae" and not has_critic:
+            p.append(
+                Problem(
+                    "algo.advantage_estimator",
+                    a.advantage_estimator,
+                    f"'gae' needs a critic; algorithm '{a.name}' has none",
+                    "use algo=grpo or algo=rloo (they set their estimator), or grpo|rloo",
+                )
+            )
+        if (
+            a.advantage_estimator in ("grpo", "dr_grpo", "rloo")
+            and not a.kl_in_loss
+            and a.kl_coef > 0
+        ):
+            p.append(
+                Problem(
+                    "algo.kl_in_loss",
+                    a.kl_in_loss,
+                    f"the '{a.advantage_estimator}' estimator uses sequence rewards only, "
+                    "so a KL penalty in the per-token reward would be ignored",
+                    "set algo.kl_in_loss=true (or algo.kl_coef=0)",
+                )
+            )
+        if a.advantage_estimator in ("grpo", "dr_grpo", "rloo") and t.samples_per_prompt < 2:
+            p.append(
+                Problem(
+                    "train.samples_per_prompt",
+                    t.samples_per_prompt,
+                    f"the '{a.advantage_estimator}' estimator compares responses within "
+                    "a prompt's group, so it needs at least 2",
+                    "use e.g. train.samples_per_prompt=4",
+                )
+            )
+    if a.name in ALGORITHM_GRAPHS:
         needed = len(ALGORITHM_GRAPHS[a.name]().roles)
         have = c.num_nodes * c.devices_per_node
         if needed > have:

@@ -514,6 +514,7 @@ class Controller:
                         "algo": cfg.algo,
                         "kl_coef": kl_ctl.value,
                         "temperature": cfg.generate.temperature,
+                        "samples_per_prompt": t.samples_per_prompt,
                         "output": call.outputs[0] if call.outputs else None,
                         **call.options,
                     }

@@ -155,10 +155,14 @@ def _rollout_targets(
     batch: Batch, options: Mapping[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
     a = options["algo"]
+    values = batch.get("values")  # critic-free graphs have none
+    n = int(options.get("samples_per_prompt", 1))
+    b = batch["response_ids"].shape[0]
+    group_ids = torch.arange(b // n, device=batch["response_ids"].device).repeat_interleave(n)
     return ppo_rollout_advantages(
         batch["logprobs"],
         batch["ref_logprobs"],
-        batch["values"],
+        values if values is not None else torch.zeros_like(batch["logprobs"]),
         batch["scores"],
         batch["response_mask"],
         kl_coef=0.0 if a.kl_in_loss else options["kl_coef"],  # KL as a loss term instead
@@ -168,6 +172,7 @@ def _rollout_targets(
         gamma=a.gamma,
         lam=a.lam,
         whiten=a.whiten_advantages,
+        group_ids=group_ids,
     )
 
 

@@ -120,3 +120,23 @@ def test_finished_run_and_foreign_folder(ray_cluster, tmp_path: Path, capsys) ->
     with pytest.raises(RunError, match="not a Relay run folder"):
         run(tiny_overrides(tmp_path, "foreign", 2))
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_critic_free_algorithms_run(ray_cluster, tmp_path: Path, algo: str) -> None:
+    summary = run(
+        tiny_overrides(
+            tmp_path,
+            algo,
+            2,
+            f"algo={algo}",
+            "train.rollout_batch_prompts=4",
+            "train.mini_batch_samples=8",
+            "train.micro_batch_samples_per_device=4",
+        )  # fmt: skip
+    )
+    run_dir = Path(summary["run_dir"])
+    rows = rl_rows(run_dir)
+    assert "train/kl_loss" in rows[2] and "loss/value" not in rows[2]
+    assert not (run_dir / "checkpoints" / "step_2" / "critic").exists()
+    assert (run_dir / "checkpoints" / "step_2" / "actor" / "model.safetensors").is_file()
