@@ -155,9 +155,13 @@ def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.T
     """Per-sample group size n [B], group sum [B] and group sum of squares [B]."""
     groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
     s = scores.double()
-    n = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, torch.ones_like(s))
-    total = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, s)
-    squares = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, s * s)
+    n = torch.zeros(groups, dtype=torch.float64, device=s.device).index_add_(
+        0, group_ids, torch.ones_like(s)
+    )
+    total = torch.zeros(groups, dtype=torch.float64, device=s.device).index_add_(0, group_ids, s)
+    squares = torch.zeros(groups, dtype=torch.float64, device=s.device).index_add_(
+        0, group_ids, s * s
+    )
     return n[group_ids], total[group_ids], squares[group_ids]
 
 

@@ -118,6 +118,9 @@ def train(argv: list[str]) -> int:
         return 2
     import ray
 
+    from orchestrator.controller import install_stop_handler
+
+    install_stop_handler()  # before Ray starts, so an early SIGTERM is a graceful stop too
     try:
         init_ray(cfg)
         summary = Controller(cfg).run()

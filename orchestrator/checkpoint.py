@@ -4,9 +4,10 @@
 DeepSpeed optimizer/scheduler state, plus `controller.json` and `rng.pt`. A checkpoint
 is written into a hidden temporary folder, a MANIFEST.json with every file's size and
 sha256 is written last, the folder is renamed into place, and only then is the `latest`
-pointer replaced. Resume takes the newest checkpoint whose manifest verifies; a folder
-without a manifest (interrupted) is never picked, and a corrupted one is reported and
-skipped.
+pointer replaced. Resume takes the checkpoint `latest` names, or else the most recently
+written one, whose manifest verifies; a folder without a manifest (interrupted) is never
+picked, and a corrupted one is reported and skipped. The N most recently written are kept
+(the write order is a counter in each manifest).
 """
 
 from __future__ import annotations
@@ -54,9 +55,8 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, keep: int) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self._recover()
 
-    def _recover(self) -> None:
+    def recover(self) -> None:
         """Finish a swap that a kill interrupted: put a sealed step folder back in place."""
         if not self.root.is_dir():
             return
@@ -83,7 +83,9 @@ class CheckpointManager:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
                 files[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        seq = max((self.seq(p) for _, p in self.complete()), default=0) + 1
+        manifest = {"step": step, "seq": seq, "files": files}
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         final = self.root / f"step_{step}"
         if final.exists():  # the same step written again after a resume: swap, then delete
             old = self.root / f".old_step_{step}"
@@ -117,14 +119,25 @@ class CheckpointManager:
         mid-delete never leaves a half-deleted step_<N> folder behind. (Most recently
         written, not highest step: after resuming from an older checkpoint, the new
         branch's checkpoints are the ones to keep.)"""
-        by_age = sorted(self.complete(), key=lambda sp: (sp[1] / MANIFEST).stat().st_mtime_ns)
-        for _, p in by_age[: -self.keep]:
+        for p in self.by_write_order()[: -self.keep]:
             trash = self.root / f".trash_{p.name}"
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(p, trash)
         for pattern in (".tmp_step_*", ".trash_*", ".old_step_*"):
             for p in self.root.glob(pattern):
                 shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def seq(folder: Path) -> int:
+        """The write order of a sealed checkpoint (a counter in its manifest)."""
+        try:
+            return int(json.loads((folder / MANIFEST).read_text()).get("seq", 0))
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    def by_write_order(self) -> list[Path]:
+        """Sealed checkpoints, oldest written first (ties: lower step first)."""
+        return [p for _, p in sorted(self.complete(), key=lambda sp: (self.seq(sp[1]), sp[0]))]
 
     @staticmethod
     def verify(folder: Path) -> list[str]:
@@ -150,9 +163,9 @@ class CheckpointManager:
         return problems
 
     def newest_valid(self) -> Path | None:
-        """The checkpoint `latest` names if it verifies, else the newest that does;
-        corrupted ones are reported and skipped."""
-        candidates = [p for _, p in reversed(self.complete())]
+        """The checkpoint `latest` names if it verifies, else the most recently written
+        one that does; corrupted ones are reported and skipped."""
+        candidates = list(reversed(self.by_write_order()))
         latest = self.root / "latest"
         if latest.is_file():
             named = self.root / latest.read_text().strip()

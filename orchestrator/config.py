@@ -492,7 +492,7 @@ def validate(cfg: RelayConfig) -> list[Problem]:
                 )
             )
     if a.name in ALGORITHM_GRAPHS:
-        needed = len(ALGORITHM_GRAPHS[a.name]().roles)
+        needed = devices_needed(a.name, c.device)
         have = c.num_nodes * c.devices_per_node
         if needed > have:
             p.append(
@@ -518,7 +518,7 @@ def validate(cfg: RelayConfig) -> list[Problem]:
         import torch
 
         gpus = torch.cuda.device_count()
-        needed_gpus = len(ALGORITHM_GRAPHS[a.name]().roles) - 1 if a.name in ALGORITHM_GRAPHS else 1
+        needed_gpus = devices_needed(a.name, "cuda") if a.name in ALGORITHM_GRAPHS else 1
         if gpus < needed_gpus:
             p.append(
                 Problem(
@@ -540,6 +540,14 @@ def validate(cfg: RelayConfig) -> list[Problem]:
             )
         )
     return p
+
+
+def devices_needed(algo: str, device: str) -> int:
+    """Devices the algorithm's roles take: one each; on GPUs the verifier reward needs none."""
+    from algos.ppo import ALGORITHM_GRAPHS
+
+    roles = ALGORITHM_GRAPHS[algo]().roles
+    return len(roles) - (1 if device == "cuda" and "reward" in roles else 0)
 
 
 def _algo_ranges(p: list[Problem], a: AlgoConfig) -> None:
@@ -628,7 +636,10 @@ def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
     from orchestrator.tasks import TASKS, make_task
 
     tc = cfg.task
-    for name in ("num_digits", "num_demos", "num_rl_prompts", "num_eval_prompts"):
+    counts = ["num_digits", "num_rl_prompts", "num_eval_prompts"]
+    if cfg.sft.enabled:
+        counts.append("num_demos")
+    for name in counts:
         v = getattr(tc, name)
         if v < 1:
             p.append(Problem(f"task.{name}", v, "must be >= 1", "use a positive count"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import threading
 import time
 import uuid
 import zlib
@@ -31,6 +33,14 @@ from orchestrator.tracking import Tracker, plot_learning_curves
 from orchestrator.worker import ModelWorker, RoleSpec
 
 RUN_MARKER = "relay_run.json"
+STOP = threading.Event()
+"""Set by SIGTERM: the controller finishes the step in flight, checkpoints, and returns."""
+
+
+def install_stop_handler() -> None:
+    """Route SIGTERM to STOP (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
 
 
 class RunError(RuntimeError):
@@ -339,26 +349,22 @@ class Controller:
 
     # -- stages -------------------------------------------------------------------
 
-    def request_stop(self, signum: int = 0, frame: Any = None) -> None:
-        """SIGTERM: finish the current step, write a checkpoint, then return."""
-        self.stop_requested = True
+    @property
+    def stop_requested(self) -> bool:
+        return STOP.is_set()
 
     def run(self) -> dict[str, Any]:
-        import signal
-        import threading
-
-        self.stop_requested = False
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)
+        install_stop_handler()
+        self.stopped_early = False
         marker = self.prepare()
         self.wandb_id = marker["wandb_id"]
         self.build_assets()
         summary: dict[str, Any] = {"run_dir": str(self.paths.root), "parameters": self.num_params}
         if self.cfg.sft.enabled:
             summary["sft"] = self.run_sft()
-        if not self.stop_requested:
+        if not self.stopped_early:
             summary["rl"] = self.run_rl()
-        summary["stopped"] = self.stop_requested
+        summary["stopped"] = self.stopped_early
         plot_learning_curves(self.paths.root)
         write_atomic(self.paths.root / "summary.json", json.dumps(summary, indent=1))
         return summary
@@ -406,8 +412,9 @@ class Controller:
                 if step == s.steps:
                     m.update(self.evaluate(workers["actor"], step))
                 tracker.log(step, m)
-                if self.stop_requested:
-                    print(f"relay: stop requested during SFT (step {step}); SFT restarts on resume")
+                if self.stop_requested and step < s.steps:
+                    print(f"relay: stopped during SFT (step {step}); SFT restarts on resume")
+                    self.stopped_early = True
                     return {}
             result = {k: v for k, v in m.items() if k.startswith("eval/")}
             import ray
@@ -470,6 +477,7 @@ class Controller:
             cfg.algo.kl_horizon_samples,
         )
         start_step = 0
+        self.ckpt.recover()
         resume_from = self.resume_point()
         specs = [s for s in self.rl_roles() if s.name in graph.roles]
         workers = start_workers(specs, cfg.cluster.device)
@@ -533,9 +541,11 @@ class Controller:
                     m.update(self.evaluate(workers["actor"], step))
                 tracker.log(step, m)
                 last = m
-                if step % cfg.run.save_every_steps == 0 or step == t.steps or self.stop_requested:
+                stop = self.stop_requested  # read once: a signal may land at any point
+                if step % cfg.run.save_every_steps == 0 or step == t.steps or stop:
                     self.save_checkpoint(step, workers, trainable, kl_ctl)
-                if self.stop_requested:
+                if stop and step < t.steps:
+                    self.stopped_early = True
                     print(
                         f"relay: stopped at step {step} with a checkpoint; the same command resumes"
                     )

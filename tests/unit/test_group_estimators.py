@@ -58,3 +58,18 @@ def test_rloo_matches_a_loop() -> None:
 def test_needs_scores_and_groups(name: str) -> None:
     with pytest.raises(ValueError, match="group_ids"):
         get_estimator(name)(AdvantageInput(torch.zeros(2, 2), torch.ones(2, 2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_on_cuda_tensors(name: str) -> None:
+    cuda = torch.device("cuda")
+    inp = AdvantageInput(
+        torch.zeros(5, 3, device=cuda),
+        MASK.to(cuda),
+        scores=SCORES.to(cuda),
+        group_ids=GROUPS.to(cuda),
+    )
+    adv, _ = get_estimator(name)(inp)
+    assert adv.device.type == "cuda"
+    assert_close(adv.cpu()[:, 0], run(name), **TOL)
