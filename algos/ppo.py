@@ -17,31 +17,36 @@ PROMPT = ("prompt_ids", "prompt_mask")
 RESPONSE = ("response_ids", "response_mask")
 
 
+def _rollout_calls() -> list[MFC]:
+    """The calls every RL graph starts with: sample, then reference log-probs and reward."""
+    return [
+        MFC("actor_gen", "actor", CallKind.GENERATE, "generate", PROMPT, (*RESPONSE, "logprobs")),
+        MFC(
+            "ref_inf",
+            "ref",
+            CallKind.INFERENCE,
+            "logprobs",
+            (*PROMPT, *RESPONSE),
+            ("ref_logprobs",),
+        ),
+        MFC(
+            "reward_inf",
+            "reward",
+            CallKind.INFERENCE,
+            "verifier_reward",
+            (*PROMPT, *RESPONSE),
+            ("scores", "task_correct"),
+        ),
+    ]
+
+
 def ppo_graph() -> DataflowGraph:
     """actor_gen -> {ref_inf, reward_inf, critic_inf} -> {actor_train, critic_train}."""
     rollout = (*PROMPT, *RESPONSE, "logprobs", "ref_logprobs", "values", "scores")
     return DataflowGraph(
         "ppo",
         [
-            MFC(
-                "actor_gen", "actor", CallKind.GENERATE, "generate", PROMPT, (*RESPONSE, "logprobs")
-            ),
-            MFC(
-                "ref_inf",
-                "ref",
-                CallKind.INFERENCE,
-                "logprobs",
-                (*PROMPT, *RESPONSE),
-                ("ref_logprobs",),
-            ),
-            MFC(
-                "reward_inf",
-                "reward",
-                CallKind.INFERENCE,
-                "verifier_reward",
-                (*PROMPT, *RESPONSE),
-                ("scores", "task_correct"),
-            ),
+            *_rollout_calls(),
             MFC(
                 "critic_inf",
                 "critic",
@@ -73,25 +78,7 @@ def group_baseline_graph(name: str) -> DataflowGraph:
     return DataflowGraph(
         name,
         [
-            MFC(
-                "actor_gen", "actor", CallKind.GENERATE, "generate", PROMPT, (*RESPONSE, "logprobs")
-            ),
-            MFC(
-                "ref_inf",
-                "ref",
-                CallKind.INFERENCE,
-                "logprobs",
-                (*PROMPT, *RESPONSE),
-                ("ref_logprobs",),
-            ),
-            MFC(
-                "reward_inf",
-                "reward",
-                CallKind.INFERENCE,
-                "verifier_reward",
-                (*PROMPT, *RESPONSE),
-                ("scores", "task_correct"),
-            ),
+            *_rollout_calls(),
             MFC("actor_train", "actor", CallKind.TRAIN, "ppo_actor_train", rollout),
         ],
         dataset_keys=PROMPT,
