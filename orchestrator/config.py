@@ -633,7 +633,7 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
 
 
 def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
-    from orchestrator.tasks import TASKS, make_task
+    from orchestrator.tasks import TASKS, make_task, max_eval_prompts
 
     tc = cfg.task
     counts = ["num_digits", "num_rl_prompts", "num_eval_prompts"]
@@ -646,7 +646,7 @@ def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
     if tc.name not in TASKS or tc.num_digits < 1:
         return
     task = make_task(tc.name, tc.num_digits)
-    room = task.num_distinct_prompts // 2
+    room = max_eval_prompts(task)
     if tc.num_eval_prompts > room:
         p.append(
             Problem(

@@ -136,12 +136,10 @@ def verifier_reward(
 ) -> tuple[Batch, Metrics]:
     """The task's verifier as the reward role: scores in [0, 1] and exact-match flags."""
     prompts, responses = decode_pairs(ctx.tokenizer, batch)
-    scores = torch.tensor([ctx.task.reward(p, r) for p, r in zip(prompts, responses)])
-    correct = torch.tensor([float(ctx.task.correct(p, r)) for p, r in zip(prompts, responses)])
-    scores, correct = (
-        scores.to(batch["response_ids"].device),
-        correct.to(batch["response_ids"].device),
-    )
+    device = batch["response_ids"].device
+    pairs = list(zip(prompts, responses))
+    scores = torch.tensor([ctx.task.reward(p, r) for p, r in pairs], device=device)
+    correct = torch.tensor([float(ctx.task.correct(p, r)) for p, r in pairs], device=device)
     metrics = {
         "rollout/reward_mean": float(scores.mean()),
         "rollout/reward_min": float(scores.min()),

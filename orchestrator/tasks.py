@@ -241,6 +241,11 @@ class TaskData:
     eval_prompts: list[str]
 
 
+def max_eval_prompts(task: Task) -> int:
+    """At most half of a task's distinct prompts may be held out for evaluation."""
+    return task.num_distinct_prompts // 2
+
+
 def build_task_data(
     task: Task,
     num_demos: int,
@@ -266,7 +271,7 @@ def build_task_data(
             problems.append(f"task.{field} = {value!r}: must be an integer >= 0")
     if not 0.0 <= demo_noise <= 1.0:
         problems.append(f"task.demo_noise = {demo_noise!r}: must be in [0, 1]")
-    room = task.num_distinct_prompts // 2
+    room = max_eval_prompts(task)
     if isinstance(num_eval_prompts, int) and num_eval_prompts > room:
         problems.append(
             f"task.num_eval_prompts = {num_eval_prompts}: the {task.name} task with "

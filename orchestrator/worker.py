@@ -15,7 +15,7 @@ import torch
 
 from algos.graph import MFC, check_outputs
 from orchestrator.engines import HFGenerateEngine, OptimSpec, SamplingParams, TrainEngine
-from orchestrator.interfaces import Batch, Metrics, WorkerContext, decode_pairs, get_interface
+from orchestrator.interfaces import Batch, Metrics, WorkerContext, get_interface
 
 
 @dataclass(frozen=True)
@@ -129,16 +129,14 @@ class ModelWorker:
 
     def evaluate(self, prompts: list[str], params: SamplingParams) -> dict[str, float]:
         """Task accuracy and mean reward of responses to `prompts` under `params`."""
-        from orchestrator.modeling import encode_prompts
+        from orchestrator.modeling import decode_responses, encode_prompts
 
         if self.ctx.generator is None:
             raise RuntimeError(f"role '{self.spec.name}' cannot generate")
         ids, mask = encode_prompts(self.ctx.tokenizer, prompts)
         rids, _ = self.ctx.generator.generate(ids.to(self.device), mask.to(self.device), params)
         rids = rids.cpu()
-        texts, responses = decode_pairs(
-            self.ctx.tokenizer, {"prompt_ids": ids, "response_ids": rids}
-        )
+        responses = decode_responses(self.ctx.tokenizer, rids)  # prompts: already strings
         task = self.ctx.task
         correct = [float(task.correct(p, r)) for p, r in zip(prompts, responses)]
         rewards = [task.reward(p, r) for p, r in zip(prompts, responses)]
