@@ -21,7 +21,9 @@ class AdvantageInput:
     token_rewards: [B, T] shaped per-token rewards (see `algos.rewards.shaped_token_rewards`).
     mask: [B, T] float or bool, 1 on valid response tokens.
     values: [B, T] critic values, or None for critic-free estimators.
-    scores: [B] sequence rewards, or None.
+    scores: [B] the sequence reward an outcome estimator reads, or None: for the group
+        baselines (GRPO, RLOO) each sample's whole return, for ReMax the outcome
+        r(x, y) - r(x, y_greedy) (already clipped) that token_rewards holds on the last token.
     group_ids: [B] long, the prompt group of each sample, or None.
     gamma, lam: discount and GAE lambda, each in [0, 1].
     """
@@ -205,3 +207,26 @@ def rloo(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
     r, n, total, _ = _outcome(inp, "rloo")
     adv = torch.where(n > 1, r - (total - r) / (n - 1).clamp(min=1), torch.zeros_like(r))
     return _per_token(adv, inp)
+
+
+@register_estimator("remax")
+def remax(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax return per token, as in the reference code (Li et al. 2024, liziniu/ReMax):
+    G_t = gamma^(last - t) * s + (rt_t - [t == last] * s), where s = scores [B] is the
+    clipped outcome r(x, y) - r(x, y_greedy) and rt = token_rewards [B, T] holds the
+    per-token KL penalty plus s on the last valid token. So each token gets the discounted
+    outcome and only its own KL penalty (no KL return-to-go). advantages = returns = G,
+    zero on padding."""
+    if inp.scores is None:
+        raise ValueError("the 'remax' estimator needs scores (reward minus the greedy baseline)")
+    valid = inp.mask.bool()
+    dtype = torch.promote_types(inp.token_rewards.dtype, torch.float32)
+    rt = torch.where(valid, inp.token_rewards.to(dtype), torch.zeros((), dtype=dtype))
+    s = inp.scores.to(dtype)
+    t = torch.arange(rt.shape[1], device=rt.device)
+    last = torch.where(valid, t, torch.zeros_like(t)).amax(-1, keepdim=True)  # [B, 1]
+    is_last = (t == last) & valid
+    kl_part = rt - torch.where(is_last, s[:, None], torch.zeros((), dtype=dtype))
+    discount = torch.pow(torch.full((), inp.gamma, dtype=dtype), (last - t).clamp(min=0).to(dtype))
+    g = torch.where(valid, kl_part + discount * s[:, None], torch.zeros((), dtype=dtype))
+    return g, g.clone()

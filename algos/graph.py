@@ -5,8 +5,9 @@ An algorithm is declared as a graph: each MFC names the role that runs it, its k
 graph is checked when it is built, so a missing producer, two producers of one key or
 a cycle is reported before any worker starts.
 
-Shape legend for the keys: B = sequences in the batch, P = prompt tokens (left padded),
-T = response tokens (right padded).
+Shape legend for the keys: B = sequences in the batch, U = distinct prompts of the batch
+(B = U x samples per prompt), P = prompt tokens (left padded), T = response tokens (right
+padded).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ KEYS: dict[str, Key] = _keys(
     Key("values", torch.float32, "B,T", "critic values before each response token"),
     Key("scores", torch.float32, "B", "scalar reward of each prompt/response pair"),
     Key("task_correct", torch.float32, "B", "1 where the task's verifier accepts the response"),
+    Key("unique_prompt_ids", torch.long, "U,P", "each distinct prompt of the batch once"),
+    Key("unique_prompt_mask", torch.long, "U,P", "1 on unique_prompt_ids' prompt tokens"),
+    Key("greedy_response_ids", torch.long, "U,T", "greedy response to each distinct prompt"),
+    Key("greedy_response_mask", torch.long, "U,T", "1 on greedy response tokens up to eos"),
+    Key("baseline_scores", torch.float32, "U", "reward of each greedy response (ReMax)"),
+    Key("greedy_task_correct", torch.float32, "U", "1 where the verifier accepts the greedy one"),
+    Key("chosen_ids", torch.long, "B,T", "preferred response of a preference pair"),
+    Key("chosen_mask", torch.long, "B,T", "1 on chosen response tokens up to eos"),
+    Key("rejected_ids", torch.long, "B,T", "dispreferred response of a preference pair"),
+    Key("rejected_mask", torch.long, "B,T", "1 on rejected response tokens up to eos"),
 )
 
 

@@ -94,7 +94,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return taken - torch.logsumexp(z, dim=-1)
 
 
-def policy_loss(
+def policy_loss_tokens(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -102,17 +102,15 @@ def policy_loss(
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     dual_clip_c: float | None = 3.0,
-    loss_agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped (and dual-clipped) PPO policy loss.
+    """Per-token clipped (and dual-clipped) PPO policy loss L [B, T], before reduction.
 
-    logp, old_logp, advantages, mask: [B, T]. Returns (loss 0-d, metrics).
+    logp, old_logp, advantages, mask: [B, T]. Returns (L [B, T], metrics).
     rho = exp(clamp(logp - old_logp, -20, 20));
     L = -min(rho*A, clip(rho, 1 - eps_low, 1 + eps_high)*A); where A < 0 and dual_clip_c
-    is set, L = min(L, -c*A). L is reduced with `aggregate_loss(L, mask, loss_agg)`.
-    metrics (python floats, over valid tokens): clip_frac (share where the clipped
-    objective was strictly smaller than the unclipped one), approx_kl (mean of
-    old_logp - logp), dual_clip_frac (share where the dual clip bound was taken)."""
+    is set, L = min(L, -c*A). metrics (python floats, over valid tokens): clip_frac (share
+    where the clipped objective was strictly smaller than the unclipped one), approx_kl
+    (mean of old_logp - logp), dual_clip_frac (share where the dual clip bound was taken)."""
     m = mask.to(torch.float32)
     rho = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     unclipped = rho * advantages
@@ -130,7 +128,48 @@ def policy_loss(
         "approx_kl": float(masked_mean((old_logp - logp).detach(), m)),
         "dual_clip_frac": float(dual_frac),
     }
-    return aggregate_loss(loss, m, loss_agg), metrics
+    return loss, metrics
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    dual_clip_c: float | None = 3.0,
+    loss_agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped (and dual-clipped) PPO policy loss: `policy_loss_tokens` reduced with
+    `aggregate_loss(L, mask, loss_agg)`. logp, old_logp, advantages, mask: [B, T].
+    Returns (loss 0-d, metrics as in `policy_loss_tokens`)."""
+    loss, metrics = policy_loss_tokens(
+        logp, old_logp, advantages, mask, clip_eps_low, clip_eps_high, dual_clip_c
+    )
+    return aggregate_loss(loss, mask.to(torch.float32), loss_agg), metrics
+
+
+def reinforce_loss(
+    logp: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    loss_agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE loss -G * logp reduced over valid tokens (ReMax's loss: one epoch, no
+    ratio, no clipping).
+
+    logp, returns (G, no gradient), mask: [B, T]. Returns (loss 0-d, metrics):
+    L = aggregate(-G * logp); metrics: return_mean (python float, token mean of G)."""
+    m = mask.to(torch.float32)
+    return aggregate_loss(reinforce_loss_tokens(logp, returns), m, loss_agg), {
+        "return_mean": float(masked_mean(returns, m))
+    }
+
+
+def reinforce_loss_tokens(logp: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """Per-token REINFORCE loss -G * logp [B, T] (G = returns [B, T], detached)."""
+    return -returns.detach() * logp
 
 
 def value_loss(

@@ -1,7 +1,8 @@
-"""PPO (InstructGPT style) and SFT declared as dataflow graphs, plus the rollout math
-that both PPO train calls share (shaped reward -> advantage estimator -> whitening).
+"""The RL algorithms (PPO, ReMax, GRPO, RLOO) and the one-call stages (SFT, reward model)
+declared as dataflow graphs, plus the rollout math every actor and critic train call
+shares (shaped reward -> advantage estimator -> whitening).
 
-Shape legend: B = sequences, T = response tokens.
+Shape legend: B = sequences, U = distinct prompts, T = response tokens.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import torch
 
 from algos.advantages import AdvantageInput, get_estimator
 from algos.graph import MFC, CallKind, DataflowGraph
-from algos.losses import masked_mean, masked_whiten
+from algos.losses import masked_mean, masked_sum, masked_whiten
 from algos.rewards import kl_estimate, shaped_token_rewards
 
 PROMPT = ("prompt_ids", "prompt_mask")
 RESPONSE = ("response_ids", "response_mask")
+UNIQUE_PROMPT = ("unique_prompt_ids", "unique_prompt_mask")
+GREEDY_RESPONSE = ("greedy_response_ids", "greedy_response_mask")
+PAIR = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
 
 
 def _rollout_calls() -> list[MFC]:
@@ -33,7 +37,7 @@ def _rollout_calls() -> list[MFC]:
             "reward_inf",
             "reward",
             CallKind.INFERENCE,
-            "verifier_reward",
+            "reward",
             (*PROMPT, *RESPONSE),
             ("scores", "task_correct"),
         ),
@@ -71,6 +75,48 @@ def sft_graph() -> DataflowGraph:
     )
 
 
+def reward_model_graph() -> DataflowGraph:
+    """One call: Bradley-Terry training of the reward model on preference pairs."""
+    return DataflowGraph(
+        "reward_model",
+        [MFC("reward_train", "reward", CallKind.TRAIN, "reward_model_train", (*PROMPT, *PAIR))],
+        dataset_keys=(*PROMPT, *PAIR),
+    )
+
+
+def remax_graph() -> DataflowGraph:
+    """ReMax (Li et al. 2024): {actor_gen, actor_greedy_gen} -> {reward_inf,
+    reward_greedy_inf, ref_inf} -> actor_train; no critic. The greedy response to each
+    distinct prompt (decoded once, before the prompts are repeated) is the baseline."""
+    rollout = (*PROMPT, *RESPONSE, "logprobs", "ref_logprobs", "scores", "baseline_scores")
+    return DataflowGraph(
+        "remax",
+        [
+            *_rollout_calls(),
+            MFC(
+                "actor_greedy_gen",
+                "actor",
+                CallKind.GENERATE,
+                "generate",
+                UNIQUE_PROMPT,
+                GREEDY_RESPONSE,
+                options={"greedy": True, "metric_prefix": "rollout/greedy_"},
+            ),
+            MFC(
+                "reward_greedy_inf",
+                "reward",
+                CallKind.INFERENCE,
+                "reward",
+                (*UNIQUE_PROMPT, *GREEDY_RESPONSE),
+                ("baseline_scores", "greedy_task_correct"),
+                options={"metric_prefix": "rollout/greedy_"},
+            ),
+            MFC("actor_train", "actor", CallKind.TRAIN, "ppo_actor_train", rollout),
+        ],
+        dataset_keys=(*PROMPT, *UNIQUE_PROMPT),
+    )
+
+
 def group_baseline_graph(name: str) -> DataflowGraph:
     """Critic-free (GRPO, RLOO): actor_gen -> {ref_inf, reward_inf} -> actor_train, with n
     responses per prompt and the advantage from each prompt's group of rewards."""
@@ -87,6 +133,7 @@ def group_baseline_graph(name: str) -> DataflowGraph:
 
 ALGORITHM_GRAPHS = {
     "ppo": ppo_graph,
+    "remax": remax_graph,
     "grpo": lambda: group_baseline_graph("grpo"),
     "rloo": lambda: group_baseline_graph("rloo"),
 }
@@ -108,21 +155,31 @@ def ppo_rollout_advantages(
     lam: float,
     whiten: bool,
     group_ids: torch.Tensor | None = None,
+    baseline_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Shaped per-token reward, advantages and returns of one rollout batch.
 
-    logprobs, ref_logprobs, values, mask: [B, T]; scores: [B].
+    logprobs, ref_logprobs, values, mask: [B, T]; scores, baseline_scores: [B].
+    The outcome is clip(scores, -c, c), or with a baseline (ReMax)
+    clip(scores - baseline_scores, -c, c); the shaped reward rt [B, T] is -kl_coef x KL per
+    token plus the outcome on the last valid token. Outcome estimators read, as `scores`,
+    the baseline-corrected outcome (ReMax) or each sample's whole return sum_t rt (GRPO,
+    RLOO), so a KL penalty in the reward reaches them too.
     Returns (advantages [B, T], returns [B, T], metrics). Returns are the estimator's
     (before whitening); advantages are whitened over all valid tokens if `whiten`.
     """
     mask = mask.to(torch.float32)
     kl = kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask
-    token_rewards = shaped_token_rewards(scores, kl, mask, kl_coef, reward_clip)
+    if baseline_scores is not None:
+        outcome = torch.clamp(scores - baseline_scores, -reward_clip, reward_clip)
+    else:
+        outcome = torch.clamp(scores, -reward_clip, reward_clip)
+    token_rewards = shaped_token_rewards(outcome, kl, mask, kl_coef, reward_clip)
     inp = AdvantageInput(
         token_rewards=token_rewards,
         mask=mask,
         values=values * mask,
-        scores=scores,
+        scores=outcome if baseline_scores is not None else masked_sum(token_rewards, mask, -1),
         group_ids=group_ids,
         gamma=gamma,
         lam=lam,

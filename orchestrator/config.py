@@ -37,6 +37,7 @@ class ModelConfig:
     preset: str = "tiny"  # built from a size preset unless `path` is set
     path: str | None = None  # a local Hugging Face model folder (causal LM + tokenizer)
     max_position_embeddings: int = 64
+    zero_head: bool = False  # LM head starts at zero: a uniform next-token distribution
 
 
 @dataclass
@@ -60,6 +61,37 @@ class SFTConfig:
 
 
 @dataclass
+class RewardConfig:
+    source: str = "model"  # model (Bradley-Terry reward model) | verifier (the task's own)
+    steps: int = 300  # reward-model training steps (one batch of pairs each)
+    batch_pairs: int = 64
+    micro_batch_pairs_per_device: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    num_pairs: int = 4000  # training preference pairs
+    num_eval_pairs: int = 256  # held-out pairs (eval prompts) for the accuracy
+    label_noise: float = 0.1  # share of training pairs with chosen and rejected swapped
+
+
+@dataclass
+class PolicyConfig:
+    kind: str = "plain"  # plain | pmoe (a mixture of expert heads with a router)
+    num_experts: int = 1
+    expert_rank: int = 8  # rank of each expert's low-rank delta on the LM head
+    router_coef: float = 1.0  # weight of the router's regression on the best expert
+    q_coef: float = 1.0  # weight of the Q head's regression on the returns
+    best_expert_only: bool = True  # policy gradient only through each token's best expert
+
+
+@dataclass
+class ReweightConfig:
+    strategy: str = "uniform"  # uniform | linupper | quadratic | extremes
+    temperature: float = 1.0  # r: larger is closer to uniform weights
+    warmup_steps: int = 0  # uniform weights for the first steps of each stage
+    policy_proxy: str = "none"  # none | nll | abs_advantage: per-sample difficulty for RL
+
+
+@dataclass
 class AlgoConfig:
     name: str = "ppo"
     advantage_estimator: str = "gae"
@@ -80,6 +112,7 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
     ppo_epochs: int = 1
+    policy_loss: str = "ppo"  # ppo (clipped ratio) | reinforce (ReMax: -G logp, no ratio)
 
 
 @dataclass
@@ -130,6 +163,9 @@ class RelayConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -141,6 +177,8 @@ GROUP_SCHEMAS = {
     "algo": AlgoConfig,
     "model": ModelConfig,
     "task": TaskConfig,
+    "reward": RewardConfig,
+    "policy": PolicyConfig,
     "cluster": ClusterConfig,
     "logger": LoggerConfig,
 }
@@ -467,20 +505,6 @@ def validate(cfg: RelayConfig) -> list[Problem]:
                     "use algo=grpo or algo=rloo (they set their estimator), or grpo|rloo",
                 )
             )
-        if (
-            a.advantage_estimator in ("grpo", "dr_grpo", "rloo")
-            and not a.kl_in_loss
-            and a.kl_coef > 0
-        ):
-            p.append(
-                Problem(
-                    "algo.kl_in_loss",
-                    a.kl_in_loss,
-                    f"the '{a.advantage_estimator}' estimator uses sequence rewards only, "
-                    "so a KL penalty in the per-token reward would be ignored",
-                    "set algo.kl_in_loss=true (or algo.kl_coef=0)",
-                )
-            )
         if a.advantage_estimator in ("grpo", "dr_grpo", "rloo") and t.samples_per_prompt < 2:
             p.append(
                 Problem(
@@ -491,8 +515,9 @@ def validate(cfg: RelayConfig) -> list[Problem]:
                     "use e.g. train.samples_per_prompt=4",
                 )
             )
+    _pipeline_rules(p, cfg)
     if a.name in ALGORITHM_GRAPHS:
-        needed = devices_needed(a.name, c.device)
+        needed = devices_needed(a.name, c.device, cfg.reward.source)
         have = c.num_nodes * c.devices_per_node
         if needed > have:
             p.append(
@@ -518,7 +543,9 @@ def validate(cfg: RelayConfig) -> list[Problem]:
         import torch
 
         gpus = torch.cuda.device_count()
-        needed_gpus = devices_needed(a.name, "cuda") if a.name in ALGORITHM_GRAPHS else 1
+        needed_gpus = (
+            devices_needed(a.name, "cuda", cfg.reward.source) if a.name in ALGORITHM_GRAPHS else 1
+        )
         if gpus < needed_gpus:
             p.append(
                 Problem(
@@ -542,12 +569,102 @@ def validate(cfg: RelayConfig) -> list[Problem]:
     return p
 
 
-def devices_needed(algo: str, device: str) -> int:
-    """Devices the algorithm's roles take: one each; on GPUs the verifier reward needs none."""
+def devices_needed(algo: str, device: str, reward_source: str = "model") -> int:
+    """Devices the algorithm's roles take: one each; on GPUs a verifier reward needs none."""
     from algos.ppo import ALGORITHM_GRAPHS
 
     roles = ALGORITHM_GRAPHS[algo]().roles
-    return len(roles) - (1 if device == "cuda" and "reward" in roles else 0)
+    free = device == "cuda" and "reward" in roles and reward_source == "verifier"
+    return len(roles) - (1 if free else 0)
+
+
+POLICY_LOSSES = ("ppo", "reinforce")
+POLICY_KINDS = ("plain", "pmoe")
+REWARD_SOURCES = ("model", "verifier")
+POLICY_PROXIES = ("none", "nll", "abs_advantage")
+
+
+def _pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
+    """The reward stage, the policy head, sample reweighting and the ReMax pairing."""
+    from algos.reweight import REWEIGHT_STRATEGIES
+
+    a, r, pol, rw, g = cfg.algo, cfg.reward, cfg.policy, cfg.reweight, cfg.generate
+
+    def choice(path: str, value: Any, options: Any, what: str) -> None:
+        if value not in options:
+            p.append(Problem(path, value, f"unknown {what}", f"use one of {list(options)}"))
+
+    choice("reward.source", r.source, REWARD_SOURCES, "reward source")
+    choice("policy.kind", pol.kind, POLICY_KINDS, "policy kind")
+    choice("reweight.strategy", rw.strategy, REWEIGHT_STRATEGIES, "reweighting strategy")
+    choice("reweight.policy_proxy", rw.policy_proxy, POLICY_PROXIES, "difficulty proxy")
+    choice("algo.policy_loss", a.policy_loss, POLICY_LOSSES, "policy loss")
+    if r.source == "model":
+        _positive(p, r, "reward", ["steps", "batch_pairs", "micro_batch_pairs_per_device", "lr"])
+        _positive(p, r, "reward", ["num_pairs", "num_eval_pairs"])
+        if r.micro_batch_pairs_per_device > 0 and r.batch_pairs % r.micro_batch_pairs_per_device:
+            p.append(
+                Problem(
+                    "reward.micro_batch_pairs_per_device",
+                    r.micro_batch_pairs_per_device,
+                    f"must divide reward.batch_pairs ({r.batch_pairs})",
+                    f"use a divisor of {r.batch_pairs}",
+                )
+            )
+    if not 0 <= r.label_noise < 0.5:
+        p.append(
+            Problem(
+                "reward.label_noise",
+                r.label_noise,
+                "must be in [0, 0.5): at 0.5 the labels carry no preference",
+                "use e.g. 0.1",
+            )
+        )
+    if rw.temperature <= 0:
+        p.append(
+            Problem(
+                "reweight.temperature",
+                rw.temperature,
+                "must be > 0 (larger is closer to uniform weights)",
+                "use 1.0 for small models, 0.4 for larger ones",
+            )
+        )
+    if rw.warmup_steps < 0:
+        p.append(Problem("reweight.warmup_steps", rw.warmup_steps, "must be >= 0", "use 0"))
+    if pol.num_experts < 1:
+        p.append(Problem("policy.num_experts", pol.num_experts, "must be >= 1", "use e.g. 5"))
+    if pol.kind == "plain" and pol.num_experts != 1:
+        p.append(
+            Problem(
+                "policy.num_experts",
+                pol.num_experts,
+                "a plain policy has one head",
+                "select policy=pmoe for a mixture of experts, or set policy.num_experts=1",
+            )
+        )
+    if pol.kind == "pmoe":
+        if pol.expert_rank < 1:
+            p.append(Problem("policy.expert_rank", pol.expert_rank, "must be >= 1", "use 8"))
+        if (g.temperature, g.top_p, g.top_k) != (1.0, 1.0, 0):
+            p.append(
+                Problem(
+                    "generate.temperature/top_p/top_k",
+                    (g.temperature, g.top_p, g.top_k),
+                    "a PMOE policy samples in two stages (expert, then token), which is "
+                    "the mixture only without temperature or truncation",
+                    "use generate.temperature=1.0 generate.top_p=1.0 generate.top_k=0",
+                )
+            )
+    if (a.name == "remax") != (a.advantage_estimator == "remax"):
+        p.append(
+            Problem(
+                "algo.advantage_estimator",
+                a.advantage_estimator,
+                "the 'remax' estimator needs the greedy baseline that only algo=remax "
+                "computes, and algo=remax needs the 'remax' estimator",
+                "select algo=remax (it sets its estimator), or another estimator without it",
+            )
+        )
 
 
 def _algo_ranges(p: list[Problem], a: AlgoConfig) -> None:
@@ -657,13 +774,13 @@ def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
                 f"use at most {room}, or raise task.num_digits",
             )
         )
-    need = task.max_response_chars + 1
+    need = task.answer_tokens
     if cfg.generate.max_new_tokens < need:
         p.append(
             Problem(
                 "generate.max_new_tokens",
                 cfg.generate.max_new_tokens,
-                f"'{tc.name}' answers take up to {need} tokens with eos, so every "
+                f"'{tc.name}' answers take up to {need} tokens (eos included), so every "
                 "longer answer would be cut",
                 f"use at least {need}",
             )

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from algos.graph import DataflowGraph
-from algos.ppo import ALGORITHM_GRAPHS, sft_graph
+from algos.graph import MFC, CallKind, DataflowGraph
+from algos.ppo import ALGORITHM_GRAPHS, PAIR, PROMPT, reward_model_graph, sft_graph
 from algos.rewards import make_kl_controller
 from orchestrator.checkpoint import CheckpointManager, write_atomic
 from orchestrator.config import RelayConfig, to_dict, to_yaml
@@ -71,6 +71,10 @@ class RunPaths:
     @property
     def sft_model(self) -> Path:
         return self.root / "models" / "sft"
+
+    @property
+    def reward_model(self) -> Path:
+        return self.root / "models" / "reward"
 
 
 # Keys that may differ between a run and its resumption.
@@ -275,6 +279,9 @@ class Controller:
             num_eval_prompts=cfg.task.num_eval_prompts,
             demo_noise=cfg.task.demo_noise,
             seed=cfg.run.seed,
+            num_pairs=cfg.reward.num_pairs if self.uses_reward_model else 0,
+            num_eval_pairs=cfg.reward.num_eval_pairs if self.uses_reward_model else 0,
+            label_noise=cfg.reward.label_noise,
         )
         if cfg.model.path is not None:
             self.base = Path(cfg.model.path)
@@ -293,6 +300,7 @@ class Controller:
                     tmp / "base_model",
                     seed=cfg.run.seed,
                     max_position_embeddings=cfg.model.max_position_embeddings,
+                    zero_head=cfg.model.zero_head,
                 )
                 for name in ("tokenizer", "base_model"):
                     shutil.rmtree(paths.assets / name, ignore_errors=True)
@@ -311,6 +319,7 @@ class Controller:
         init: Path | None,
         optim: OptimSpec | None = None,
         generation: str | None = None,
+        policy_experts: int | None = None,
     ) -> RoleSpec:
         c = self.cfg
         return RoleSpec(
@@ -325,6 +334,8 @@ class Controller:
             threads=c.cluster.threads_per_device,
             device=c.cluster.device,
             seed=c.run.seed,
+            policy_experts=policy_experts,
+            expert_rank=c.policy.expert_rank,
         )
 
     def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
@@ -362,6 +373,8 @@ class Controller:
         summary: dict[str, Any] = {"run_dir": str(self.paths.root), "parameters": self.num_params}
         if self.cfg.sft.enabled:
             summary["sft"] = self.run_sft()
+        if self.uses_reward_model and not self.stopped_early:
+            summary["reward_model"] = self.run_reward_model()
         if not self.stopped_early:
             summary["rl"] = self.run_rl()
         summary["stopped"] = self.stopped_early
@@ -369,13 +382,17 @@ class Controller:
         write_atomic(self.paths.root / "summary.json", json.dumps(summary, indent=1))
         return summary
 
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.cfg.reward.source == "model"
+
+    @property
+    def policy_init(self) -> Path:
+        return self.paths.sft_model if self.cfg.sft.enabled else self.base
+
     def run_sft(self) -> dict[str, float]:
         """SFT as a one-call graph; its result is a Hugging Face folder, models/sft."""
-        cfg, paths = self.cfg, self.paths
-        done_marker = paths.sft_model / "DONE"
-        if done_marker.is_file():
-            return json.loads(done_marker.read_text())
-        s = cfg.sft
+        cfg, s = self.cfg, self.cfg.sft
         optim = OptimSpec(
             s.lr,
             s.warmup_steps,
@@ -385,47 +402,114 @@ class Controller:
             s.batch_samples,
             s.micro_batch_samples_per_device,
         )
-        workers = start_workers(
-            [self.role("actor", "causal", self.base, optim, cfg.generate.backend)],
-            cfg.cluster.device,
-        )
-        graph = sft_graph()
-        tracker = self.tracker("sft", s.steps, 0)
+        spec = self.role("actor", "causal", self.base, optim, cfg.generate.backend)
+        width = self.task.answer_tokens
         from orchestrator.modeling import encode_prompts
 
+        def batch(step: int) -> dict[str, torch.Tensor]:
+            pairs = take(self.data.sft_pairs, s.batch_samples, step - 1, cfg.run.seed)
+            pids, pmask = encode_prompts(self.tokenizer, [p for p, _ in pairs])
+            rids, rmask = encode_responses(self.tokenizer, [r for _, r in pairs], width)
+            return {"prompt_ids": pids, "prompt_mask": pmask, "response_ids": rids,
+                    "response_mask": rmask}  # fmt: skip
+
+        def evaluate(workers: dict[str, Any], step: int) -> dict[str, float]:
+            return self.evaluate(workers["actor"], step)
+
+        return self.run_stage("sft", sft_graph(), spec, s.steps, batch, evaluate,
+                              self.paths.sft_model)  # fmt: skip
+
+    def run_reward_model(self) -> dict[str, float]:
+        """Bradley-Terry reward model on the task's preference pairs, as a one-call graph,
+        initialised from the SFT model (a scalar head on its last valid token); its result
+        is a Hugging Face folder, models/reward. Held-out pair accuracy is logged."""
+        cfg, r = self.cfg, self.cfg.reward
+        optim = OptimSpec(
+            r.lr,
+            r.warmup_steps,
+            0.0,
+            cfg.train.grad_clip,
+            cfg.train.zero_stage,
+            r.batch_pairs,
+            r.micro_batch_pairs_per_device,
+        )
+        spec = self.role("reward", "value", self.policy_init, optim)
+
+        def batch(step: int) -> dict[str, torch.Tensor]:
+            pairs = take(self.data.pref_pairs, r.batch_pairs, step - 1, cfg.run.seed)
+            return self.encode_pairs(pairs)
+
+        eval_graph = DataflowGraph(
+            "reward_model_eval",
+            [MFC("reward_eval", "reward", CallKind.INFERENCE, "pair_accuracy", (*PROMPT, *PAIR))],
+            dataset_keys=(*PROMPT, *PAIR),
+        )
+
+        def evaluate(workers: dict[str, Any], step: int) -> dict[str, float]:
+            data = self.encode_pairs(self.data.eval_pref_pairs)
+            return run_graph(eval_graph, workers, data, {})["reward_eval"]
+
+        return self.run_stage("reward_model", reward_model_graph(), spec, r.steps, batch,
+                              evaluate, self.paths.reward_model)  # fmt: skip
+
+    def encode_pairs(self, pairs: list[tuple[str, str, str]]) -> dict[str, torch.Tensor]:
+        from orchestrator.modeling import encode_prompts
+
+        width = self.task.answer_tokens
+        pids, pmask = encode_prompts(self.tokenizer, [p for p, _, _ in pairs])
+        cids, cmask = encode_responses(self.tokenizer, [c for _, c, _ in pairs], width)
+        rids, rmask = encode_responses(self.tokenizer, [r for _, _, r in pairs], width)
+        return {"prompt_ids": pids, "prompt_mask": pmask, "chosen_ids": cids,
+                "chosen_mask": cmask, "rejected_ids": rids, "rejected_mask": rmask}  # fmt: skip
+
+    def run_stage(
+        self,
+        stage: str,
+        graph: DataflowGraph,
+        spec: RoleSpec,
+        steps: int,
+        batch: Any,
+        evaluate: Any,
+        out: Path,
+    ) -> dict[str, float]:
+        """A one-call training stage (SFT, reward model): `steps` calls of the graph on
+        `batch(step)`, `evaluate(workers, step)` at the end, the trained role saved as a
+        Hugging Face folder `out` with a DONE marker holding the evaluation. A finished
+        stage is skipped; a stopped one restarts on resume (these stages are short)."""
+        done_marker = out / "DONE"
+        if done_marker.is_file():
+            return json.loads(done_marker.read_text())
+        cfg = self.cfg
+        (call,) = graph.calls
+        workers = start_workers([spec], cfg.cluster.device)
+        tracker = self.tracker(stage, steps, 0)
         try:
-            width = self.task.max_response_chars + 1
-            for step in range(1, s.steps + 1):
+            for step in range(1, steps + 1):
                 t0 = time.perf_counter()
-                pairs = take(self.data.sft_pairs, s.batch_samples, step - 1, cfg.run.seed)
-                pids, pmask = encode_prompts(self.tokenizer, [p for p, _ in pairs])
-                rids, rmask = encode_responses(self.tokenizer, [r for _, r in pairs], width)
-                batch = {
-                    "prompt_ids": pids,
-                    "prompt_mask": pmask,
-                    "response_ids": rids,
-                    "response_mask": rmask,
+                options = {
+                    "seed": call_seed(cfg.run.seed, step, call.name),
+                    "step": step - 1,
+                    "reweight": cfg.reweight,
                 }
-                seed = call_seed(cfg.run.seed, step, "actor_sft")
-                m = run_graph(graph, workers, batch, {"actor_sft": {"seed": seed}})["actor_sft"]
+                m = run_graph(graph, workers, batch(step), {call.name: options})[call.name]
                 m["time/step_s"] = time.perf_counter() - t0
-                if step == s.steps:
-                    m.update(self.evaluate(workers["actor"], step))
+                if step == steps:
+                    m.update(evaluate(workers, step))
                 tracker.log(step, m)
-                if self.stop_requested and step < s.steps:
-                    print(f"relay: stopped during SFT (step {step}); SFT restarts on resume")
+                if self.stop_requested and step < steps:
+                    print(f"relay: stopped during {stage} (step {step}); it restarts on resume")
                     self.stopped_early = True
                     return {}
             result = {k: v for k, v in m.items() if k.startswith("eval/")}
             import ray
 
-            tmp = paths.sft_model.with_name(".sft_tmp")
+            tmp = out.with_name(f".{out.name}_tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            ray.get(workers["actor"].save.remote(str(tmp)))
-            shutil.rmtree(paths.sft_model, ignore_errors=True)
-            (tmp / "actor").rename(paths.sft_model)
+            ray.get(workers[spec.name].save.remote(str(tmp)))
+            shutil.rmtree(out, ignore_errors=True)
+            (tmp / spec.name).rename(out)
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(paths.sft_model / "deepspeed", ignore_errors=True)
+            shutil.rmtree(out / "deepspeed", ignore_errors=True)
             write_atomic(done_marker, json.dumps(result))
         finally:
             tracker.close()
@@ -449,7 +533,7 @@ class Controller:
 
     def rl_roles(self) -> list[RoleSpec]:
         cfg, t = self.cfg, self.cfg.train
-        init = self.paths.sft_model if cfg.sft.enabled else self.base
+        init = self.policy_init
 
         def optim(lr: float) -> OptimSpec:
             return OptimSpec(
@@ -458,11 +542,16 @@ class Controller:
             )  # fmt: skip
 
         actor_optim, critic_optim = optim(t.actor_lr), optim(t.critic_lr)
+        experts = cfg.policy.num_experts if cfg.policy.kind == "pmoe" else None
+        if self.uses_reward_model:
+            reward = self.role("reward", "value", self.paths.reward_model)
+        else:
+            reward = self.role("reward", "verifier", None)
         return [
-            self.role("actor", "causal", init, actor_optim, cfg.generate.backend),
+            self.role("actor", "causal", init, actor_optim, cfg.generate.backend, experts),
             self.role("ref", "causal", init),
             self.role("critic", "value", init, critic_optim),
-            self.role("reward", "verifier", None),
+            reward,
         ]
 
     def run_rl(self) -> dict[str, float]:
@@ -508,27 +597,30 @@ class Controller:
                 tracker.record(0, self.evaluate(workers["actor"], 0))
             for step in range(start_step + 1, t.steps + 1):
                 t0 = time.perf_counter()
-                prompts = take(
-                    self.data.rl_prompts, t.rollout_batch_prompts, step - 1, cfg.run.seed
-                )
-                prompts = [p for p in prompts for _ in range(t.samples_per_prompt)]
+                unique = take(self.data.rl_prompts, t.rollout_batch_prompts, step - 1, cfg.run.seed)
+                prompts = [p for p in unique for _ in range(t.samples_per_prompt)]
                 ids, mask = encode_prompts(self.tokenizer, prompts)
+                dataset = {"prompt_ids": ids, "prompt_mask": mask}
+                if "unique_prompt_ids" in graph.dataset_keys:  # decoded once per prompt
+                    uids, umask = encode_prompts(self.tokenizer, unique)
+                    dataset.update(unique_prompt_ids=uids, unique_prompt_mask=umask)
                 options: dict[str, dict[str, Any]] = {}
                 for call in graph.calls:
                     seed = call_seed(cfg.run.seed, step, call.name)
                     options[call.name] = {
                         "seed": seed,
+                        "step": step - 1,
                         "sampling": self.sampling(seed),
                         "algo": cfg.algo,
+                        "policy": cfg.policy,
+                        "reweight": cfg.reweight,
                         "kl_coef": kl_ctl.value,
                         "temperature": cfg.generate.temperature,
                         "samples_per_prompt": t.samples_per_prompt,
                         "output": call.outputs[0] if call.outputs else None,
                         **call.options,
                     }
-                per_call = run_graph(
-                    graph, workers, {"prompt_ids": ids, "prompt_mask": mask}, options
-                )
+                per_call = run_graph(graph, workers, dataset, options)
                 m: dict[str, float] = {}
                 for call_metrics in per_call.values():
                     m.update(call_metrics)

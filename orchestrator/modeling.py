@@ -133,17 +133,22 @@ def build_model_folder(
     out_dir: str | Path,
     seed: int,
     max_position_embeddings: int = 128,
+    zero_head: bool = False,
 ) -> Path:
     """A randomly initialised LlamaForCausalLM saved (safetensors) with its tokenizer.
 
     The weights depend only on `seed` (torch.manual_seed inside a forked RNG, so the
-    caller's global torch RNG is left as it was)."""
+    caller's global torch RNG is left as it was). With `zero_head` the (untied) LM head
+    starts at zero, so every next-token distribution starts uniform."""
     from transformers import LlamaForCausalLM
 
     config = llama_config(preset, tokenizer, max_position_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    if zero_head:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(out_dir)
     with _no_progress_bars():

@@ -18,6 +18,8 @@ SUMMARY_KEYS = (
     ("pg", "loss/policy"),
     ("vf", "loss/value"),
     ("sft", "loss/sft"),
+    ("rm", "loss/reward_model"),
+    ("rm_acc", "train/reward_accuracy"),
     ("greedy", "eval/greedy_accuracy"),
     ("s/step", "time/step_s"),
 )
@@ -32,6 +34,9 @@ PLOT_KEYS = (
     "loss/value",
     "train/explained_variance",
     "loss/sft",
+    "loss/reward_model",
+    "train/reward_accuracy",
+    "eval/reward_model_accuracy",
 )
 
 

@@ -23,7 +23,7 @@ class RoleSpec:
     """Everything a worker needs to build its role."""
 
     name: str
-    model_kind: str  # causal | value | verifier
+    model_kind: str  # causal | value (critic or reward model) | verifier
     init_path: str | None  # Hugging Face folder the weights start from
     tokenizer_path: str
     task_name: str
@@ -33,6 +33,8 @@ class RoleSpec:
     threads: int = 1
     seed: int = 0
     device: str = "cpu"  # cpu | cuda
+    policy_experts: int | None = None  # a PMOE policy head with this many experts
+    expert_rank: int = 8
 
 
 class ModelWorker:
@@ -55,7 +57,13 @@ class ModelWorker:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
         task = make_task(spec.task_name, spec.task_digits)
         module: torch.nn.Module | None = None
-        if spec.model_kind == "causal":
+        if spec.model_kind == "causal" and spec.policy_experts is not None:
+            from orchestrator.pmoe_model import load_pmoe
+
+            module = load_pmoe(
+                spec.init_path, spec.policy_experts, rank=spec.expert_rank, seed=spec.seed
+            )
+        elif spec.model_kind == "causal":
             module = load_causal_lm(spec.init_path)
         elif spec.model_kind == "value":
             module = load_value_model(spec.init_path)
@@ -96,6 +104,7 @@ class ModelWorker:
             raise KeyError(f"call '{call.name}' is missing inputs {missing}")
         batch = {k: merged[k].to(self.device) for k in call.inputs}
         start = time.perf_counter()
+        options = {**options, "inputs": call.inputs, "outputs": call.outputs}
         outputs, metrics = get_interface(call.interface)(self.ctx, batch, options)
         outputs = {k: v.cpu() for k, v in outputs.items()}  # the object store holds CPU tensors
         check_outputs(call, outputs)

@@ -14,7 +14,7 @@ def test_registry_builds_each_task_and_lists_names_on_error() -> None:
     assert isinstance(make_task("add", 3), AddTask)
     for name in TASKS:
         assert make_task(name, 2).name == name
-    with pytest.raises(ValueError, match=r"\['add', 'sort'\]"):
+    with pytest.raises(ValueError, match=r"\['add', 'bandit', 'sort'\]"):
         make_task("nope", 3)
     with pytest.raises(ValueError, match="num_digits"):
         make_task("sort", 0)
@@ -134,3 +134,35 @@ def test_task_data_rejects_bad_settings_all_at_once() -> None:
     data = build_task_data(make_task("sort", 1), 20, 20, 5, 0.0, seed=0)
     assert len(set(data.eval_prompts)) == 5
     assert set(data.rl_prompts).isdisjoint(data.eval_prompts)
+
+
+def test_bandit_task() -> None:
+    from orchestrator.tasks import BanditTask, build_task_data
+
+    task = BanditTask(4)
+    assert task.alphabet() == "0123" and task.answer_tokens == 1
+    assert task.reward("", "0") == 1.0 and task.reward("", "3") == 0.0
+    assert task.reward("", "") == 0.0 and not task.correct("", "<eos>")
+    data = build_task_data(task, 0, 5, 3, 0.0, seed=1)
+    assert data.rl_prompts == [""] * 5 and data.eval_prompts == [""] * 3
+
+
+def test_preference_pairs_are_ranked_by_the_verifier_with_label_noise() -> None:
+    from orchestrator.tasks import SortTask, build_task_data
+
+    task = SortTask(6)
+    data = build_task_data(task, 10, 10, 20, 0.3, seed=3, num_pairs=2000, num_eval_pairs=50,
+                           label_noise=0.1)  # fmt: skip
+    assert len(data.pref_pairs) == 2000 and len(data.eval_pref_pairs) == 50
+    flipped = 0
+    for p, chosen, rejected in data.pref_pairs:
+        assert chosen != rejected and len(chosen) <= 6 and len(rejected) <= 6
+        flipped += task.reward(p, chosen) < task.reward(p, rejected)
+    assert 0.07 < flipped / 2000 < 0.13  # label_noise 0.1
+    held_out = set(data.eval_prompts)
+    assert all(p in held_out for p, _, _ in data.eval_pref_pairs)
+    assert all(task.reward(p, c) > task.reward(p, r) for p, c, r in data.eval_pref_pairs)
+    assert not held_out & {p for p, _, _ in data.pref_pairs}
+    # the pairs come from a generator of their own: the other lists do not change
+    plain = build_task_data(task, 10, 10, 20, 0.3, seed=3)
+    assert plain.sft_pairs == data.sft_pairs and plain.rl_prompts == data.rl_prompts
