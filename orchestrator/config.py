@@ -280,6 +280,11 @@ def _type_problem(key: str, raw: str, annotation: str) -> Problem | None:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string; Hydra as a float
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
     kinds = {k.strip() for k in annotation.split("|")}
     if value is None:
         ok = "None" in kinds

@@ -15,6 +15,7 @@ from orchestrator.config import load_config
 from orchestrator.controller import Controller
 from orchestrator.modeling import load_causal_lm
 from orchestrator.tasks import BanditTask
+from orchestrator.tracking import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,4 +81,8 @@ def test_bandit_settles_at_the_kl_regularised_optimum(
     ckpt = Path(summary["run_dir"]) / "checkpoints" / f"step_{STEPS}"
     p = action_probability(ckpt / "actor")
     optimum = BanditTask(4).optimum(0.5)
+    rows = [r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if r["step"] > 0]
+    sampled = sum(r["rollout/task_accuracy"] for r in rows[-40:]) / 40  # share of a* sampled
+    print(f"bandit {algo}: p(a*) = {p:.4f}, sampled share over the last 40 steps {sampled:.4f}")
     assert abs(p - optimum) < 0.03, f"{algo}: p(a*) = {p:.4f}, optimum {optimum:.4f}"
+    assert abs(sampled - optimum) < 0.03, f"{algo}: sampled share {sampled:.4f}"

@@ -161,3 +161,42 @@ def test_adaptive_controller_settings() -> None:
         "algo.kl_target_per_token",
         "algo.kl_horizon_samples",
     }
+
+
+def test_floats_in_exponent_notation_are_floats() -> None:
+    cfg = load_config(["train.actor_lr=3e-4", "algo.kl_coef=1E-2"])
+    assert cfg.train.actor_lr == 3e-4 and cfg.algo.kl_coef == 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["algo.advantage_estimator=remax"], "algo.advantage_estimator"),
+        (["algo=remax", "algo.advantage_estimator=gae"], "algo.advantage_estimator"),
+        (["policy=pmoe", "generate.temperature=0.7"], "generate.temperature/top_p/top_k"),
+        (["policy.num_experts=3"], "policy.num_experts"),
+        (["reweight.strategy=hardest"], "reweight.strategy"),
+        (["reweight.temperature=0"], "reweight.temperature"),
+        (["reweight.policy_proxy=loss"], "reweight.policy_proxy"),
+        (["reward.label_noise=0.5"], "reward.label_noise"),
+        (
+            ["reward.batch_pairs=10", "reward.micro_batch_pairs_per_device=4"],
+            "reward.micro_batch_pairs_per_device",
+        ),
+        (["algo.policy_loss=a2c"], "algo.policy_loss"),
+    ],
+)
+def test_pipeline_rules(overrides: list[str], field: str) -> None:
+    msgs = problems_of(overrides)
+    assert any(m.startswith(f"{field} = ") for m in msgs), msgs
+
+
+def test_algorithms_and_pipeline_options_compose() -> None:
+    remax = load_config(["algo=remax"])
+    assert remax.algo.policy_loss == "reinforce" and remax.algo.reward_clip == 5.0
+    pmoe = load_config(["policy=pmoe"])
+    assert pmoe.policy.kind == "pmoe" and pmoe.policy.num_experts == 5
+    assert load_config(["reward=verifier"]).reward.source == "verifier"
+    bandit = load_config(["task=bandit", "algo=grpo"])
+    assert bandit.algo.kl_in_loss is False and bandit.algo.kl_coef == 0.5
+    assert bandit.reward.source == "verifier" and not bandit.sft.enabled
