@@ -63,14 +63,15 @@ class SFTConfig:
 @dataclass
 class RewardConfig:
     source: str = "model"  # model (Bradley-Terry reward model) | verifier (the task's own)
-    steps: int = 300  # reward-model training steps (one batch of pairs each)
-    batch_pairs: int = 64
-    micro_batch_pairs_per_device: int = 64
-    lr: float = 1e-3
+    steps: int = 600  # reward-model training steps (one batch of pairs each)
+    batch_pairs: int = 128
+    micro_batch_pairs_per_device: int = 128
+    lr: float = 5e-4
     warmup_steps: int = 10
     num_pairs: int = 4000  # training preference pairs
     num_eval_pairs: int = 256  # held-out pairs (eval prompts) for the accuracy
     label_noise: float = 0.1  # share of training pairs with chosen and rejected swapped
+    path: str | None = None  # a trained reward-model folder to use (skips the stage)
 
 
 @dataclass
@@ -604,7 +605,27 @@ def _pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
     choice("reweight.strategy", rw.strategy, REWEIGHT_STRATEGIES, "reweighting strategy")
     choice("reweight.policy_proxy", rw.policy_proxy, POLICY_PROXIES, "difficulty proxy")
     choice("algo.policy_loss", a.policy_loss, POLICY_LOSSES, "policy loss")
-    if r.source == "model":
+    if r.path is not None:
+        if r.source != "model":
+            p.append(
+                Problem(
+                    "reward.path",
+                    r.path,
+                    "a reward-model folder is used only with reward.source=model",
+                    "drop reward.path, or select reward=model",
+                )
+            )
+        elif not (Path(r.path) / "config.json").is_file():
+            p.append(
+                Problem(
+                    "reward.path",
+                    r.path,
+                    "must be a reward-model folder (a Hugging Face config.json) written by the "
+                    "reward-model stage (run folder models/reward)",
+                    "point it at <run folder>/models/reward, or unset it to train one",
+                )
+            )
+    if r.source == "model" and r.path is None:
         _positive(p, r, "reward", ["steps", "batch_pairs", "micro_batch_pairs_per_device", "lr"])
         _positive(p, r, "reward", ["num_pairs", "num_eval_pairs"])
         if r.micro_batch_pairs_per_device > 0 and r.batch_pairs % r.micro_batch_pairs_per_device:

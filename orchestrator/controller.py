@@ -279,8 +279,8 @@ class Controller:
             num_eval_prompts=cfg.task.num_eval_prompts,
             demo_noise=cfg.task.demo_noise,
             seed=cfg.run.seed,
-            num_pairs=cfg.reward.num_pairs if self.uses_reward_model else 0,
-            num_eval_pairs=cfg.reward.num_eval_pairs if self.uses_reward_model else 0,
+            num_pairs=cfg.reward.num_pairs if self.trains_reward_model else 0,
+            num_eval_pairs=cfg.reward.num_eval_pairs if self.trains_reward_model else 0,
             label_noise=cfg.reward.label_noise,
         )
         if cfg.model.path is not None:
@@ -373,7 +373,7 @@ class Controller:
         summary: dict[str, Any] = {"run_dir": str(self.paths.root), "parameters": self.num_params}
         if self.cfg.sft.enabled:
             summary["sft"] = self.run_sft()
-        if self.uses_reward_model and not self.stopped_early:
+        if self.trains_reward_model and not self.stopped_early:
             summary["reward_model"] = self.run_reward_model()
         if not self.stopped_early:
             summary["rl"] = self.run_rl()
@@ -385,6 +385,10 @@ class Controller:
     @property
     def uses_reward_model(self) -> bool:
         return self.cfg.reward.source == "model"
+
+    @property
+    def trains_reward_model(self) -> bool:
+        return self.uses_reward_model and self.cfg.reward.path is None
 
     @property
     def policy_init(self) -> Path:
@@ -544,7 +548,8 @@ class Controller:
         actor_optim, critic_optim = optim(t.actor_lr), optim(t.critic_lr)
         experts = cfg.policy.num_experts if cfg.policy.kind == "pmoe" else None
         if self.uses_reward_model:
-            reward = self.role("reward", "value", self.paths.reward_model)
+            trained = self.cfg.reward.path or self.paths.reward_model
+            reward = self.role("reward", "value", Path(trained))
         else:
             reward = self.role("reward", "verifier", None)
         return [

@@ -42,6 +42,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=8,
         intermediate_size=1536,
     ),
+    "large": dict(  # about 60M parameters: model states dominate a worker's memory
+        hidden_size=640,
+        num_hidden_layers=12,
+        num_attention_heads=10,
+        num_key_value_heads=10,
+        intermediate_size=1728,
+    ),
 }
 
 

@@ -41,6 +41,8 @@ class ModelWorker:
     """Hosts one role. Created by the controller as a Ray actor (ray.remote(ModelWorker))."""
 
     def __init__(self, spec: RoleSpec) -> None:
+        # the process before any model: the runtime's own memory, to tell model memory apart
+        self.baseline_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         torch.set_num_threads(spec.threads)
         os.environ["OMP_NUM_THREADS"] = str(spec.threads)
         # DeepSpeed picks its accelerator once per process, from this variable if set.
@@ -111,6 +113,7 @@ class ModelWorker:
         metrics[f"time/{call.name}_s"] = time.perf_counter() - start
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         metrics[f"perf/peak_rss_bytes_{self.spec.name}"] = float(peak_kib * 1024)
+        metrics[f"perf/model_rss_bytes_{self.spec.name}"] = peak_kib * 1024 - self.baseline_rss_bytes
         return outputs, metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -184,6 +184,8 @@ def test_floats_in_exponent_notation_are_floats() -> None:
             "reward.micro_batch_pairs_per_device",
         ),
         (["algo.policy_loss=a2c"], "algo.policy_loss"),
+        (["reward.path=/no/such/folder"], "reward.path"),
+        (["reward=verifier", "reward.path=/tmp"], "reward.path"),
     ],
 )
 def test_pipeline_rules(overrides: list[str], field: str) -> None:

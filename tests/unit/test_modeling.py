@@ -109,7 +109,7 @@ def test_build_and_reload_give_identical_logits(tokenizer, lm_folder: Path, tmp_
     assert la.shape == (3, ids.shape[1], len(tokenizer))
     torch.testing.assert_close(la, lb, rtol=0, atol=0)
     assert not torch.equal(la, lc)  # another seed, other weights
-    with pytest.raises(ValueError, match=r"presets: \['medium', 'small', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"presets: \['large', 'medium', 'small', 'tiny'\]"):
         build_model_folder("huge", tokenizer, tmp_path / "x", seed=0)
 
 

@@ -1,0 +1,119 @@
+"""ReMax against PPO: time per RL step (with the per-call breakdown) and peak memory of
+the model workers, on the same model, task and batch, each with its shipped defaults
+(`algo=ppo` and `algo=remax`), side by side in one run.
+
+The model is the `large` preset (about 60M parameters), so model states dominate the
+workers' memory. The SFT and reward-model stages run one step each: they only build the
+models (the timing of an RL step does not depend on how good they are; an untrained
+policy writes every response to max_new_tokens, the same length in both runs).
+Memory is each worker's peak resident set minus its resident set before it built its
+model (the Python/torch runtime's own share), summed over the workers; the raw peaks are
+reported too. Writes benchmarks/results/remax_vs_ppo.json.
+
+    .venv/bin/python benchmarks/remax_vs_ppo.py [--steps 4] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_algo(algo: str, steps: int, out: str, overrides: list[str]) -> dict:
+    import ray
+
+    from launch.cli import init_ray
+    from orchestrator.config import load_config
+    from orchestrator.controller import Controller
+    from orchestrator.tracking import read_metrics
+
+    cfg = load_config(
+        [
+            f"algo={algo}",
+            "model.preset=large",
+            f"run.output_dir={out}",
+            f"run.name={algo}",
+            f"train.steps={steps}",
+            "sft.steps=1",
+            "reward.steps=1",
+            "task.num_eval_prompts=16",
+            f"train.eval_every_steps={steps + 1}",
+            f"run.save_every_steps={steps + 1}",
+            "logger.wandb_mode=disabled",
+            "logger.progress=false",
+            *overrides,
+        ]
+    )
+    init_ray(cfg)
+    t0 = time.perf_counter()
+    try:
+        Controller(cfg).run()
+    finally:
+        ray.shutdown()
+    rows = [
+        r
+        for r in read_metrics(Path(out) / algo / "metrics.jsonl")
+        if r["stage"] == "rl" and "time/step_s" in r
+    ]
+    measured = [r for r in rows[1:] if "eval/greedy_accuracy" not in r]  # step 1: warm-up
+    last = rows[-1]
+    calls = sorted(
+        k[len("time/") : -2] for k in last if k.startswith("time/") and k != "time/step_s"
+    )
+    return {
+        "steps_measured": len(measured),
+        "step_s": statistics.mean(r["time/step_s"] for r in measured),
+        "per_call_s": {c: statistics.mean(r[f"time/{c}_s"] for r in measured) for c in calls},
+        "model_memory_bytes": {
+            k.rsplit("_", 1)[-1]: v for k, v in last.items() if k.startswith("perf/model_rss")
+        },
+        "peak_rss_bytes": {
+            k.rsplit("_", 1)[-1]: v for k, v in last.items() if k.startswith("perf/peak_rss")
+        },
+        "job_s": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from orchestrator.modeling import MODEL_PRESETS
+
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        for algo in ("ppo", "remax"):
+            results[algo] = run_algo(algo, args.steps, out, args.overrides)
+            print(algo, json.dumps(results[algo], indent=1), flush=True)
+    ppo, remax = results["ppo"], results["remax"]
+    memory = {a: sum(r["model_memory_bytes"].values()) for a, r in results.items()}
+    raw = {a: sum(r["peak_rss_bytes"].values()) for a, r in results.items()}
+    result = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "model": {"preset": "large", **MODEL_PRESETS["large"]},
+        "time_ratio": remax["step_s"] / ppo["step_s"],
+        "memory_ratio": memory["remax"] / memory["ppo"],
+        "raw_rss_ratio": raw["remax"] / raw["ppo"],
+        "goal": {"time_ratio": 0.6, "memory_ratio": 0.6},
+        "ppo": ppo,
+        "remax": remax,
+    }
+    out_path = REPO / "benchmarks" / "results" / "remax_vs_ppo.json"
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("time_ratio", "memory_ratio", "raw_rss_ratio")}))
+
+
+if __name__ == "__main__":
+    main()
