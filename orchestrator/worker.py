@@ -113,7 +113,9 @@ class ModelWorker:
         metrics[f"time/{call.name}_s"] = time.perf_counter() - start
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         metrics[f"perf/peak_rss_bytes_{self.spec.name}"] = float(peak_kib * 1024)
-        metrics[f"perf/model_rss_bytes_{self.spec.name}"] = peak_kib * 1024 - self.baseline_rss_bytes
+        metrics[f"perf/model_rss_bytes_{self.spec.name}"] = (
+            peak_kib * 1024 - self.baseline_rss_bytes
+        )
         return outputs, metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
