@@ -27,6 +27,8 @@ VARIANTS = {
     "ReMax": ["algo=remax"],
     "GRPO": ["algo=grpo"],
     "RLOO": ["algo=rloo"],
+    "GRPO, KL in the reward": ["algo=grpo", "algo.kl_in_loss=false"],
+    "RLOO, KL in the reward": ["algo=rloo", "algo.kl_in_loss=false"],
     "PPO + PMOE (K=5)": ["algo=ppo", "policy=pmoe"],
 }
 
@@ -84,7 +86,7 @@ def main() -> None:
     for name, overrides in VARIANTS.items():
         if name == "PPO":
             continue
-        slug = name.lower().replace(" ", "").replace("+", "-").replace("(", "").replace(")", "")
+        slug = "".join(c for c in name.lower().replace("+", "-") if c.isalnum() or c == "-")
         run_dir, wall = run([f"run.name=table-{slug}", *common, *reuse, *overrides])
         results[name] = {**rl_result(run_dir), "job_s": wall, "overrides": overrides}
         print(name, json.dumps(results[name]), flush=True)

@@ -54,6 +54,7 @@ def main() -> None:
                 "run.name=bench",
                 f"train.steps={args.steps}",
                 "sft.steps=100",
+                "reward=verifier",  # as measured in docs/benchmarks.md (no reward-model stage)
                 "logger.wandb_mode=disabled",
                 "logger.progress=false",
                 f"train.eval_every_steps={args.steps}",

@@ -87,6 +87,20 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
     sft = load_file(run_dir / "models" / "sft" / "model.safetensors")
     trained = weights(ckpt, "actor")
     assert any(not torch.equal(sft[k], trained[k]) for k in sft)
+    # the default pipeline: SFT -> reward model -> RL scored by the reward model
+    rm = json.loads((run_dir / "models" / "reward" / "DONE").read_text())
+    assert 0.0 <= rm["eval/reward_model_accuracy"] <= 1.0
+    stages = [r["stage"] for r in logged]
+    assert stages.index("sft") < stages.index("reward_model") < stages.index("rl")
+    assert "rollout/verifier_reward_mean" in rows[2]
+    # another algorithm from the same SFT and reward models: no SFT or reward stage
+    again = run(
+        tiny_overrides(tmp_path, "reuse", 1, "algo=remax", f"model.path={run_dir}/models/sft",
+                       "sft.enabled=false", f"reward.path={run_dir}/models/reward")
+    )  # fmt: skip
+    reused = read_metrics(Path(again["run_dir"]) / "metrics.jsonl")
+    assert {r["stage"] for r in reused} == {"rl"}
+    assert not (Path(again["run_dir"]) / "models").exists()
 
 
 def test_resume_is_exact(ray_cluster, tmp_path: Path) -> None:
@@ -140,3 +154,22 @@ def test_critic_free_algorithms_run(ray_cluster, tmp_path: Path, algo: str) -> N
     assert "train/kl_loss" in rows[2] and "loss/value" not in rows[2]
     assert not (run_dir / "checkpoints" / "step_2" / "critic").exists()
     assert (run_dir / "checkpoints" / "step_2" / "actor" / "model.safetensors").is_file()
+
+
+def test_remax_with_a_pmoe_policy_runs(ray_cluster, tmp_path: Path) -> None:
+    summary = run(
+        tiny_overrides(tmp_path, "remax-pmoe", 2, "algo=remax", "policy=pmoe",
+                       "policy.num_experts=3", "reward=verifier")
+    )  # fmt: skip
+    run_dir = Path(summary["run_dir"])
+    rows = rl_rows(run_dir)
+    for key in ("rollout/greedy_reward_mean", "train/router_loss", "train/q_loss",
+                "train/return_mean", "loss/policy"):  # fmt: skip
+        assert key in rows[2], key
+    assert "loss/value" not in rows[2] and "train/clip_frac" not in rows[2]
+    keys = {k for row in read_metrics(run_dir / "metrics.jsonl") for k in row} - {"stage", "step"}
+    assert undocumented(keys) == [], "metrics missing from docs/metrics.md"
+    actor = run_dir / "checkpoints" / "step_2" / "actor"
+    assert (actor / "pmoe.safetensors").is_file() and (actor / "model.safetensors").is_file()
+    assert not (run_dir / "checkpoints" / "step_2" / "critic").exists()
+    assert not (run_dir / "models" / "reward").exists()

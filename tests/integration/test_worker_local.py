@@ -167,3 +167,93 @@ def test_reweighted_sft_is_invariant_to_micro_batches_and_differs_from_uniform(
     for k in whole:  # same tolerance reasoning as the PPO invariance test above
         torch.testing.assert_close(whole[k], split[k], rtol=1e-4, atol=1e-5)
     assert any(not torch.allclose(whole[k], uniform[k], atol=1e-5) for k in whole)
+
+
+def test_one_expert_pmoe_trains_exactly_like_the_plain_policy(tmp_path: Path) -> None:
+    """K = 1 reproduces the plain policy bit for bit: the same PPO actor train call (with
+    gradient clipping on) on a plain actor and on a one-expert PMOE actor."""
+    from orchestrator.config import PolicyConfig
+
+    task = make_task("sort", 4)
+    tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
+    folder = build_model_folder("tiny", tok, tmp_path / "base", seed=0, max_position_embeddings=32)
+    workers = make_workers(folder, "cpu", 0)
+    graph = ppo_graph()
+    rng = random.Random(3)
+    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
+    dataset = {"prompt_ids": ids, "prompt_mask": mask}
+    opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
+            "algo": AlgoConfig(), "temperature": 1.0}  # fmt: skip
+    outputs: dict[str, dict] = {}
+    for call in graph.order:
+        if call.kind.value != "train":
+            inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
+            outputs[call.name], _ = workers[call.role].run(
+                call, {**opts, "output": call.outputs[0]}, *inputs
+            )
+    outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
+    train = graph.call("actor_train")
+    inputs = [dataset] + [outputs[p] for p in graph.parents(train)]
+    results = []
+    for experts in (None, 1):
+        common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
+        spec = RoleSpec("actor", "causal", str(folder), optim=OptimSpec(1e-3, 1, 0.0, 0.5, 0, 8, 8),
+                        generation_backend="hf", policy_experts=experts, **common)  # fmt: skip
+        worker = ModelWorker(spec)
+        policy = PolicyConfig(kind="pmoe" if experts else "plain", num_experts=1)
+        _, m = worker.run(train, {**opts, "policy": policy}, *inputs)
+        sd = worker.state_dict()
+        results.append(({k.removeprefix("base."): v for k, v in sd.items()}, m["loss/policy"]))
+    (plain, plain_loss), (one, one_loss) = results
+    assert plain.keys() == one.keys() and plain_loss == one_loss
+    for k in plain:
+        assert torch.equal(plain[k], one[k]), k
+
+
+def test_reward_model_and_policy_reweighting_run_on_workers(tmp_path: Path) -> None:
+    """The reward-model call (Bradley-Terry) and the actor call with a difficulty proxy
+    apply their sample weights (largest weight x N above 1) and train."""
+    from algos.graph import MFC, CallKind
+    from algos.ppo import PAIR, PROMPT, reward_model_graph
+    from orchestrator.config import ReweightConfig
+    from orchestrator.controller import encode_responses
+    from orchestrator.tasks import preference_pair
+
+    task = make_task("sort", 4)
+    tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
+    folder = build_model_folder("tiny", tok, tmp_path / "base", seed=0, max_position_embeddings=32)
+    rng = random.Random(4)
+    pairs = [preference_pair(task, task.sample_prompt(rng), rng, 0.0) for _ in range(16)]
+    ids, mask = encode_prompts(tok, [p for p, _, _ in pairs])
+    cids, cmask = encode_responses(tok, [c for _, c, _ in pairs], 5)
+    rids, rmask = encode_responses(tok, [r for _, _, r in pairs], 5)
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "chosen_ids": cids, "chosen_mask": cmask,
+             "rejected_ids": rids, "rejected_mask": rmask}  # fmt: skip
+    common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
+    rm = ModelWorker(RoleSpec("reward", "value", str(folder),
+                              optim=OptimSpec(1e-3, 1, 0.0, 1.0, 0, 8, 4), **common))  # fmt: skip
+    rw = ReweightConfig(strategy="linupper", temperature=0.4)
+    call = reward_model_graph().call("reward_train")
+    _, m = rm.run(call, {"seed": 0, "step": 0, "reweight": rw}, batch)
+    _, m = rm.run(call, {"seed": 1, "step": 1, "reweight": rw}, batch)  # a trained head
+    assert m["train/sample_weight_max"] > 1.0 and math.isfinite(m["loss/reward_model"])
+    evaluate = MFC("e", "reward", CallKind.INFERENCE, "pair_accuracy", (*PROMPT, *PAIR))
+    _, acc = rm.run(evaluate, {}, batch)
+    assert 0.0 <= acc["eval/reward_model_accuracy"] <= 1.0
+
+    workers = make_workers(folder, "cpu", 0)
+    graph = ppo_graph()
+    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
+    dataset = {"prompt_ids": ids, "prompt_mask": mask}
+    opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
+            "algo": AlgoConfig(), "temperature": 1.0,
+            "reweight": ReweightConfig(strategy="linupper", policy_proxy="abs_advantage")}  # fmt: skip
+    outputs: dict[str, dict] = {}
+    for c in graph.order:
+        if c.kind.value != "train":
+            inputs = [dataset] + [outputs[p] for p in graph.parents(c)]
+            outputs[c.name], _ = workers[c.role].run(c, {**opts, "output": c.outputs[0]}, *inputs)
+    outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
+    train = graph.call("actor_train")
+    _, m = workers["actor"].run(train, opts, dataset, *[outputs[p] for p in graph.parents(train)])
+    assert m["train/sample_weight_max"] > 1.0 and math.isfinite(m["loss/policy"])
