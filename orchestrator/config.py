@@ -655,6 +655,15 @@ def _pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
                 "use 1.0 for small models, 0.4 for larger ones",
             )
         )
+    if rw.policy_proxy != "none" and a.loss_agg != "token-mean":
+        p.append(
+            Problem(
+                "reweight.policy_proxy",
+                rw.policy_proxy,
+                f"sample weights reweight a token-mean loss; algo.loss_agg is {a.loss_agg!r}",
+                "set algo.loss_agg=token-mean, or reweight.policy_proxy=none",
+            )
+        )
     if rw.warmup_steps < 0:
         p.append(Problem("reweight.warmup_steps", rw.warmup_steps, "must be >= 0", "use 0"))
     if pol.num_experts < 1:

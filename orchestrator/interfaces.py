@@ -407,7 +407,10 @@ def ppo_actor_train(
         lp = fwd.logprobs
         if a.policy_loss == "reinforce":
             loss_mat = reinforce_loss_tokens(lp, mb["advantages"])
-            m = {"approx_kl": float(masked_mean((mb["logprobs"] - lp).detach(), mask))}
+            m = {
+                "approx_kl": float(masked_mean((mb["logprobs"] - lp).detach(), mask)),
+                "return_mean": float(masked_mean(mb["advantages"], mask)),
+            }
         else:
             loss_mat, m = policy_loss_tokens(
                 lp,

@@ -178,6 +178,10 @@ def test_floats_in_exponent_notation_are_floats() -> None:
         (["reweight.strategy=hardest"], "reweight.strategy"),
         (["reweight.temperature=0"], "reweight.temperature"),
         (["reweight.policy_proxy=loss"], "reweight.policy_proxy"),
+        (
+            ["reweight.policy_proxy=nll", "algo.loss_agg=seq-mean-token-sum"],
+            "reweight.policy_proxy",
+        ),
         (["reward.label_noise=0.5"], "reward.label_noise"),
         (
             ["reward.batch_pairs=10", "reward.micro_batch_pairs_per_device=4"],
