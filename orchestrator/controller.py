@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -472,8 +473,8 @@ class Controller:
         graph: DataflowGraph,
         spec: RoleSpec,
         steps: int,
-        batch: Any,
-        evaluate: Any,
+        batch: Callable[[int], dict[str, torch.Tensor]],
+        evaluate: Callable[[dict[str, Any], int], dict[str, float]],
         out: Path,
     ) -> dict[str, float]:
         """A one-call training stage (SFT, reward model): `steps` calls of the graph on

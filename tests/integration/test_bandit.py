@@ -22,21 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS = 120
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        resources={"relay_device": 4},
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="warning",
-    )
-    yield
-    ray.shutdown()
-
-
 def action_probability(model_dir: Path) -> float:
     """p("0" | empty prompt) of the saved actor, exactly (softmax over the vocabulary)."""
     from transformers import AutoTokenizer

@@ -19,21 +19,6 @@ from tests.unit.test_docs import undocumented
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        resources={"relay_device": 4},
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="warning",
-    )
-    yield
-    ray.shutdown()
-
-
 def run(overrides: list[str]) -> dict:
     return Controller(load_config(overrides)).run()
 

@@ -40,6 +40,21 @@ def make_workers(folder: Path, device: str, zero_stage: int) -> dict[str, ModelW
     return {s.name: ModelWorker(s) for s in specs}
 
 
+def rollout(workers: dict[str, ModelWorker], dataset: dict, opts: dict) -> dict[str, dict]:
+    """Every inference and generate call of the PPO graph, in order; the reward is replaced
+    by random scores (an untrained model scores 0 everywhere: zero advantages)."""
+    graph = ppo_graph()
+    outputs: dict[str, dict] = {}
+    for call in graph.order:
+        if call.kind.value != "train":
+            inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
+            outputs[call.name], _ = workers[call.role].run(
+                call, {**opts, "output": call.outputs[0]}, *inputs
+            )
+    outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
+    return outputs
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> None:
@@ -100,16 +115,7 @@ def test_micro_batches_x_accumulation_invariance(tmp_path: Path) -> None:
     dataset = {"prompt_ids": ids, "prompt_mask": mask}
     opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
             "algo": AlgoConfig(), "temperature": 1.0}  # fmt: skip
-    outputs: dict[str, dict] = {}
-    for call in graph.order:
-        if call.kind.value == "train":
-            continue
-        inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
-        outputs[call.name], _ = workers[call.role].run(
-            call, {**opts, "output": call.outputs[0]}, *inputs
-        )
-    # an untrained model scores 0 everywhere (zero advantages): give the rollout varied scores
-    outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
+    outputs = rollout(workers, dataset, opts)
     train = graph.call("actor_train")
     inputs = [dataset] + [outputs[p] for p in graph.parents(train)]
     # responses of different lengths make micro means differ from the mini-batch mean
@@ -184,14 +190,7 @@ def test_one_expert_pmoe_trains_exactly_like_the_plain_policy(tmp_path: Path) ->
     dataset = {"prompt_ids": ids, "prompt_mask": mask}
     opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
             "algo": AlgoConfig(), "temperature": 1.0}  # fmt: skip
-    outputs: dict[str, dict] = {}
-    for call in graph.order:
-        if call.kind.value != "train":
-            inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
-            outputs[call.name], _ = workers[call.role].run(
-                call, {**opts, "output": call.outputs[0]}, *inputs
-            )
-    outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
+    outputs = rollout(workers, dataset, opts)
     train = graph.call("actor_train")
     inputs = [dataset] + [outputs[p] for p in graph.parents(train)]
     results = []
@@ -248,12 +247,7 @@ def test_reward_model_and_policy_reweighting_run_on_workers(tmp_path: Path) -> N
     opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
             "algo": AlgoConfig(), "temperature": 1.0,
             "reweight": ReweightConfig(strategy="linupper", policy_proxy="abs_advantage")}  # fmt: skip
-    outputs: dict[str, dict] = {}
-    for c in graph.order:
-        if c.kind.value != "train":
-            inputs = [dataset] + [outputs[p] for p in graph.parents(c)]
-            outputs[c.name], _ = workers[c.role].run(c, {**opts, "output": c.outputs[0]}, *inputs)
-    outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
+    outputs = rollout(workers, dataset, opts)
     train = graph.call("actor_train")
     _, m = workers["actor"].run(train, opts, dataset, *[outputs[p] for p in graph.parents(train)])
     assert m["train/sample_weight_max"] > 1.0 and math.isfinite(m["loss/policy"])

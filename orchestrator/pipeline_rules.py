@@ -1,0 +1,128 @@
+"""Validation rules of the pipeline's stages and policy options: the reward stage, the
+policy head (PMOE), sample reweighting and the ReMax pairing of graph and estimator.
+Called by `orchestrator.config.validate`; each rule appends a Problem (field, value,
+rule, fix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Problem, RelayConfig, _positive
+
+POLICY_LOSSES = ("ppo", "reinforce")
+POLICY_KINDS = ("plain", "pmoe")
+REWARD_SOURCES = ("model", "verifier")
+POLICY_PROXIES = ("none", "nll", "abs_advantage")
+
+
+def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
+    """The reward stage, the policy head, sample reweighting and the ReMax pairing."""
+    from algos.reweight import REWEIGHT_STRATEGIES
+
+    a, r, pol, rw, g = cfg.algo, cfg.reward, cfg.policy, cfg.reweight, cfg.generate
+
+    def choice(path: str, value: Any, options: Any, what: str) -> None:
+        if value not in options:
+            p.append(Problem(path, value, f"unknown {what}", f"use one of {list(options)}"))
+
+    choice("reward.source", r.source, REWARD_SOURCES, "reward source")
+    choice("policy.kind", pol.kind, POLICY_KINDS, "policy kind")
+    choice("reweight.strategy", rw.strategy, REWEIGHT_STRATEGIES, "reweighting strategy")
+    choice("reweight.policy_proxy", rw.policy_proxy, POLICY_PROXIES, "difficulty proxy")
+    choice("algo.policy_loss", a.policy_loss, POLICY_LOSSES, "policy loss")
+    if r.path is not None:
+        if r.source != "model":
+            p.append(
+                Problem(
+                    "reward.path",
+                    r.path,
+                    "a reward-model folder is used only with reward.source=model",
+                    "drop reward.path, or select reward=model",
+                )
+            )
+        elif not (Path(r.path) / "config.json").is_file():
+            p.append(
+                Problem(
+                    "reward.path",
+                    r.path,
+                    "must be a reward-model folder (a Hugging Face config.json) written by the "
+                    "reward-model stage (run folder models/reward)",
+                    "point it at <run folder>/models/reward, or unset it to train one",
+                )
+            )
+    if r.source == "model" and r.path is None:
+        _positive(p, r, "reward", ["steps", "batch_pairs", "micro_batch_pairs_per_device", "lr"])
+        _positive(p, r, "reward", ["num_pairs", "num_eval_pairs"])
+        if r.micro_batch_pairs_per_device > 0 and r.batch_pairs % r.micro_batch_pairs_per_device:
+            p.append(
+                Problem(
+                    "reward.micro_batch_pairs_per_device",
+                    r.micro_batch_pairs_per_device,
+                    f"must divide reward.batch_pairs ({r.batch_pairs})",
+                    f"use a divisor of {r.batch_pairs}",
+                )
+            )
+    if not 0 <= r.label_noise < 0.5:
+        p.append(
+            Problem(
+                "reward.label_noise",
+                r.label_noise,
+                "must be in [0, 0.5): at 0.5 the labels carry no preference",
+                "use e.g. 0.1",
+            )
+        )
+    if rw.temperature <= 0:
+        p.append(
+            Problem(
+                "reweight.temperature",
+                rw.temperature,
+                "must be > 0 (larger is closer to uniform weights)",
+                "use 1.0 for small models, 0.4 for larger ones",
+            )
+        )
+    if rw.policy_proxy != "none" and a.loss_agg != "token-mean":
+        p.append(
+            Problem(
+                "reweight.policy_proxy",
+                rw.policy_proxy,
+                f"sample weights reweight a token-mean loss; algo.loss_agg is {a.loss_agg!r}",
+                "set algo.loss_agg=token-mean, or reweight.policy_proxy=none",
+            )
+        )
+    if rw.warmup_steps < 0:
+        p.append(Problem("reweight.warmup_steps", rw.warmup_steps, "must be >= 0", "use 0"))
+    if pol.num_experts < 1:
+        p.append(Problem("policy.num_experts", pol.num_experts, "must be >= 1", "use e.g. 5"))
+    if pol.kind == "plain" and pol.num_experts != 1:
+        p.append(
+            Problem(
+                "policy.num_experts",
+                pol.num_experts,
+                "a plain policy has one head",
+                "select policy=pmoe for a mixture of experts, or set policy.num_experts=1",
+            )
+        )
+    if pol.kind == "pmoe":
+        if pol.expert_rank < 1:
+            p.append(Problem("policy.expert_rank", pol.expert_rank, "must be >= 1", "use 8"))
+        if (g.temperature, g.top_p, g.top_k) != (1.0, 1.0, 0):
+            p.append(
+                Problem(
+                    "generate.temperature/top_p/top_k",
+                    (g.temperature, g.top_p, g.top_k),
+                    "a PMOE policy samples in two stages (expert, then token), which is "
+                    "the mixture only without temperature or truncation",
+                    "use generate.temperature=1.0 generate.top_p=1.0 generate.top_k=0",
+                )
+            )
+    if (a.name == "remax") != (a.advantage_estimator == "remax"):
+        p.append(
+            Problem(
+                "algo.advantage_estimator",
+                a.advantage_estimator,
+                "the 'remax' estimator needs the greedy baseline that only algo=remax "
+                "computes, and algo=remax needs the 'remax' estimator",
+                "select algo=remax (it sets its estimator), or another estimator without it",
+            )
+        )
