@@ -205,3 +205,13 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     less means it explains nothing."""
     m = mask.to(torch.float32)
     return float(1.0 - masked_var(returns - values, m) / (masked_var(returns, m) + 1e-5))
+
+
+def bradley_terry_loss(
+    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) [B] and the margin
+    r_chosen - r_rejected [B], of the reward model's scores chosen_scores, rejected_scores
+    [B] (logsigmoid is stable for large margins of either sign)."""
+    margin = chosen_scores - rejected_scores
+    return -torch.nn.functional.logsigmoid(margin), margin

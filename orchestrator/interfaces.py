@@ -17,6 +17,7 @@ import torch
 
 from algos.losses import (
     aggregate_loss,
+    bradley_terry_loss,
     entropy_from_logits,
     explained_variance,
     logprobs_from_logits,
@@ -519,8 +520,7 @@ def _pair_losses(module: torch.nn.Module, mb: Batch) -> tuple[torch.Tensor, torc
         module,
         {**prompt, "response_ids": mb["rejected_ids"], "response_mask": mb["rejected_mask"]},
     )
-    margin = chosen - rejected
-    return -torch.nn.functional.logsigmoid(margin), margin
+    return bradley_terry_loss(chosen, rejected)
 
 
 @interface("reward_model_train")

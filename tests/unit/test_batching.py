@@ -40,3 +40,30 @@ def test_finish_responses_masks_through_first_eos() -> None:
     ids, mask = finish_responses(resp, eos, pad, width=4)
     assert ids.tolist() == [[5, 2, 0, 0], [5, 6, 7, 0]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_reward_scores_read_the_last_valid_token_whatever_the_padding(tmp_path) -> None:
+    """A padded batch scores each pair as that pair alone, unpadded, scores at its last
+    token (the last prompt token for an empty response)."""
+    from orchestrator.interfaces import sequence_scores
+    from orchestrator.modeling import build_model_folder, load_value_model
+
+    task = make_task("sort", 4)
+    tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
+    folder = build_model_folder("tiny", tok, tmp_path / "m", seed=0, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = load_value_model(folder, init_std=0.5)
+    prompts, responses = ["S12=", "S4321="], ["123", ""]
+    pids, pmask = encode_prompts(tok, prompts)
+    rids, rmask = encode_responses(tok, responses, 6)
+    rmask[1] = 0  # an empty response: no token, not even eos
+    batch = {"prompt_ids": pids, "prompt_mask": pmask, "response_ids": rids,
+             "response_mask": rmask}  # fmt: skip
+    with torch.no_grad():
+        scores = sequence_scores(model, batch)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids = [tok.bos_token_id, *tok.encode(p, add_special_tokens=False)]
+            if r:
+                ids += [*tok.encode(r, add_special_tokens=False), tok.eos_token_id]
+            alone = model(input_ids=torch.tensor([ids])).logits[0, -1, 0]
+            torch.testing.assert_close(scores[i], alone, rtol=1e-5, atol=1e-5)

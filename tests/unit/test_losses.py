@@ -460,3 +460,22 @@ def test_seq_mean_token_sum_skips_empty_rows() -> None:
     assert_close(
         aggregate_loss(x, m, "seq-mean-token-sum"), torch.tensor(3.0), rtol=1e-6, atol=1e-6
     )
+
+
+def test_bradley_terry_hand_worked() -> None:
+    from algos.losses import bradley_terry_loss
+
+    chosen = torch.tensor([0.5, 2.0, -1.0], requires_grad=True)
+    rejected = torch.tensor([0.5, 1.0, 1.0])
+    loss, margin = bradley_terry_loss(chosen, rejected)
+    # margins [0, 1, -2]: -log sigmoid(0) = ln 2 = 0.6931472; -log sigmoid(1) = ln(1 + e^-1)
+    # = 0.3132617; -log sigmoid(-2) = ln(1 + e^2) = 2.1269280
+    assert_close(margin, torch.tensor([0.0, 1.0, -2.0]), rtol=1e-6, atol=0)
+    assert_close(loss, torch.tensor([0.6931472, 0.3132617, 2.1269280]), rtol=1e-6, atol=0)
+    loss.sum().backward()
+    # d/dr_c -log sigmoid(r_c - r_r) = -sigmoid(-margin) = [-0.5, -0.2689414, -0.8807971]
+    assert_close(chosen.grad, torch.tensor([-0.5, -0.2689414, -0.8807971]), rtol=1e-6, atol=0)
+    big, _ = bradley_terry_loss(torch.tensor([200.0]), torch.tensor([-200.0]))
+    assert big.item() == 0.0 and math.isfinite(
+        bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0]))[0].item()
+    )
