@@ -55,6 +55,25 @@ def rollout(workers: dict[str, ModelWorker], dataset: dict, opts: dict) -> dict[
     return outputs
 
 
+def actor_train_inputs(tmp_path: Path, seed: int) -> tuple[Path, object, list, dict, dict]:
+    """A tiny model folder and one PPO rollout of 16 prompts on fresh workers: returns
+    (folder, actor_train call, its inputs, the rollout's outputs, the call options)."""
+    task = make_task("sort", 4)
+    tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
+    folder = build_model_folder("tiny", tok, tmp_path / "base", seed=0, max_position_embeddings=32)
+    workers = make_workers(folder, "cpu", 0)
+    rng = random.Random(seed)
+    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
+    dataset = {"prompt_ids": ids, "prompt_mask": mask}
+    opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
+            "algo": AlgoConfig(), "temperature": 1.0}  # fmt: skip
+    outputs = rollout(workers, dataset, opts)
+    graph = ppo_graph()
+    train = graph.call("actor_train")
+    inputs = [dataset] + [outputs[p] for p in graph.parents(train)]
+    return folder, train, inputs, outputs, opts
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> None:
@@ -105,19 +124,7 @@ def test_micro_batches_x_accumulation_invariance(tmp_path: Path) -> None:
     mini-batch as 1 x 8 or as 2 x 4 (gradient accumulation) gives the same weights: the
     token-mean loss is over the whole mini-batch. (Adam's first step is nearly sign(g), so
     the second step is what tells the gradients' magnitudes apart.)"""
-    task = make_task("sort", 4)
-    tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
-    folder = build_model_folder("tiny", tok, tmp_path / "base", seed=0, max_position_embeddings=32)
-    workers = make_workers(folder, "cpu", 0)
-    graph = ppo_graph()
-    rng = random.Random(1)
-    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
-    dataset = {"prompt_ids": ids, "prompt_mask": mask}
-    opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
-            "algo": AlgoConfig(), "temperature": 1.0}  # fmt: skip
-    outputs = rollout(workers, dataset, opts)
-    train = graph.call("actor_train")
-    inputs = [dataset] + [outputs[p] for p in graph.parents(train)]
+    folder, train, inputs, outputs, opts = actor_train_inputs(tmp_path, 1)
     # responses of different lengths make micro means differ from the mini-batch mean
     assert len(set(outputs["actor_gen"]["response_mask"].sum(-1).tolist())) > 1
     results = []
@@ -180,19 +187,7 @@ def test_one_expert_pmoe_trains_exactly_like_the_plain_policy(tmp_path: Path) ->
     gradient clipping on) on a plain actor and on a one-expert PMOE actor."""
     from orchestrator.config import PolicyConfig
 
-    task = make_task("sort", 4)
-    tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
-    folder = build_model_folder("tiny", tok, tmp_path / "base", seed=0, max_position_embeddings=32)
-    workers = make_workers(folder, "cpu", 0)
-    graph = ppo_graph()
-    rng = random.Random(3)
-    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
-    dataset = {"prompt_ids": ids, "prompt_mask": mask}
-    opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
-            "algo": AlgoConfig(), "temperature": 1.0}  # fmt: skip
-    outputs = rollout(workers, dataset, opts)
-    train = graph.call("actor_train")
-    inputs = [dataset] + [outputs[p] for p in graph.parents(train)]
+    folder, train, inputs, outputs, opts = actor_train_inputs(tmp_path, 3)
     results = []
     for experts in (None, 1):
         common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
