@@ -346,6 +346,12 @@ def load_config(overrides: list[str]) -> RelayConfig:
     return obj
 
 
+def check_choice(p: list[Problem], path: str, value: Any, options: Any, what: str) -> None:
+    """A Problem if `value` is not one of `options` (listed, sorted, in the fix)."""
+    if value not in options:
+        p.append(Problem(path, value, f"unknown {what}", f"use one of {sorted(options)}"))
+
+
 def _positive(problems: list[Problem], cfg: Any, prefix: str, names: list[str]) -> None:
     for n in names:
         v = getattr(cfg, n)
@@ -365,8 +371,7 @@ def validate(cfg: RelayConfig) -> list[Problem]:
     a, t, s, g, c = cfg.algo, cfg.train, cfg.sft, cfg.generate, cfg.cluster
 
     def choice(path: str, value: Any, options: Any, what: str) -> None:
-        if value not in options:
-            p.append(Problem(path, value, f"unknown {what}", f"use one of {sorted(options)}"))
+        check_choice(p, path, value, options, what)
 
     choice("algo.name", a.name, ALGORITHM_GRAPHS, "algorithm")
     from algos.advantages import list_estimators

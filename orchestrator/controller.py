@@ -339,6 +339,13 @@ class Controller:
             expert_rank=c.policy.expert_rank,
         )
 
+    def optim(
+        self, lr: float, warmup_steps: int, batch: int, micro: int, weight_decay: float = 0.0
+    ) -> OptimSpec:
+        """A trainable role's optimizer: gradient clipping and ZeRO stage from train.*."""
+        t = self.cfg.train
+        return OptimSpec(lr, warmup_steps, weight_decay, t.grad_clip, t.zero_stage, batch, micro)
+
     def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
         g = self.cfg.generate
         return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, greedy, seed)
@@ -398,15 +405,7 @@ class Controller:
     def run_sft(self) -> dict[str, float]:
         """SFT as a one-call graph; its result is a Hugging Face folder, models/sft."""
         cfg, s = self.cfg, self.cfg.sft
-        optim = OptimSpec(
-            s.lr,
-            s.warmup_steps,
-            0.0,
-            cfg.train.grad_clip,
-            cfg.train.zero_stage,
-            s.batch_samples,
-            s.micro_batch_samples_per_device,
-        )
+        optim = self.optim(s.lr, s.warmup_steps, s.batch_samples, s.micro_batch_samples_per_device)
         spec = self.role("actor", "causal", self.base, optim, cfg.generate.backend)
         width = self.task.answer_tokens
         from orchestrator.modeling import encode_prompts
@@ -429,15 +428,7 @@ class Controller:
         initialised from the SFT model (a scalar head on its last valid token); its result
         is a Hugging Face folder, models/reward. Held-out pair accuracy is logged."""
         cfg, r = self.cfg, self.cfg.reward
-        optim = OptimSpec(
-            r.lr,
-            r.warmup_steps,
-            0.0,
-            cfg.train.grad_clip,
-            cfg.train.zero_stage,
-            r.batch_pairs,
-            r.micro_batch_pairs_per_device,
-        )
+        optim = self.optim(r.lr, r.warmup_steps, r.batch_pairs, r.micro_batch_pairs_per_device)
         spec = self.role("reward", "value", self.policy_init, optim)
 
         def batch(step: int) -> dict[str, torch.Tensor]:
@@ -541,10 +532,8 @@ class Controller:
         init = self.policy_init
 
         def optim(lr: float) -> OptimSpec:
-            return OptimSpec(
-                lr, t.warmup_steps, t.weight_decay, t.grad_clip, t.zero_stage,
-                t.mini_batch_samples, t.micro_batch_samples_per_device,
-            )  # fmt: skip
+            return self.optim(lr, t.warmup_steps, t.mini_batch_samples,
+                              t.micro_batch_samples_per_device, t.weight_decay)  # fmt: skip
 
         actor_optim, critic_optim = optim(t.actor_lr), optim(t.critic_lr)
         experts = cfg.policy.num_experts if cfg.policy.kind == "pmoe" else None
@@ -623,7 +612,6 @@ class Controller:
                         "kl_coef": kl_ctl.value,
                         "temperature": cfg.generate.temperature,
                         "samples_per_prompt": t.samples_per_prompt,
-                        "output": call.outputs[0] if call.outputs else None,
                         **call.options,
                     }
                 per_call = run_graph(graph, workers, dataset, options)

@@ -135,7 +135,7 @@ def logprobs(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tu
     module.eval()
     with torch.no_grad():
         lp = response_logprobs(module, batch, options.get("temperature", 1.0))
-    return {options["output"]: lp}, {}
+    return outputs_as(options, [lp]), {}
 
 
 @interface("values")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import Problem, RelayConfig, _positive
+from orchestrator.config import Problem, RelayConfig, _positive, check_choice
 
 POLICY_LOSSES = ("ppo", "reinforce")
 POLICY_KINDS = ("plain", "pmoe")
@@ -23,8 +23,7 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
     a, r, pol, rw, g = cfg.algo, cfg.reward, cfg.policy, cfg.reweight, cfg.generate
 
     def choice(path: str, value: Any, options: Any, what: str) -> None:
-        if value not in options:
-            p.append(Problem(path, value, f"unknown {what}", f"use one of {list(options)}"))
+        check_choice(p, path, value, options, what)
 
     choice("reward.source", r.source, REWARD_SOURCES, "reward source")
     choice("policy.kind", pol.kind, POLICY_KINDS, "policy kind")

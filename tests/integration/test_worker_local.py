@@ -48,9 +48,7 @@ def rollout(workers: dict[str, ModelWorker], dataset: dict, opts: dict) -> dict[
     for call in graph.order:
         if call.kind.value != "train":
             inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
-            outputs[call.name], _ = workers[call.role].run(
-                call, {**opts, "output": call.outputs[0]}, *inputs
-            )
+            outputs[call.name], _ = workers[call.role].run(call, opts, *inputs)
     outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
     return outputs
 
@@ -94,7 +92,6 @@ def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> N
                 "seed": step,
                 "sampling": SamplingParams(6, seed=step),
                 "kl_coef": 0.02,
-                "output": call.outputs[0] if call.outputs else None,
                 "algo": AlgoConfig(kl_in_loss=zero_stage == 1),
             }
             inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
