@@ -67,12 +67,15 @@ def run_algo(algo: str, steps: int, out: str, overrides: list[str]) -> dict:
     measured = [r for r in rows[1:] if "eval/greedy_accuracy" not in r]  # step 1: warm-up
     last = rows[-1]
     calls = sorted(
-        k[len("time/") : -2] for k in last if k.startswith("time/") and k != "time/step_s"
+        k[len("time/") : -2]
+        for k in last
+        if k.startswith("time/") and k.endswith("_s") and k != "time/step_s"
     )
     return {
         "steps_measured": len(measured),
         "step_s": statistics.mean(r["time/step_s"] for r in measured),
         "per_call_s": {c: statistics.mean(r[f"time/{c}_s"] for r in measured) for c in calls},
+        "weight_sync_s": statistics.mean(r.get("time/weight_sync", 0.0) for r in measured),
         "model_memory_bytes": {
             k.rsplit("_", 1)[-1]: v for k, v in last.items() if k.startswith("perf/model_rss")
         },

@@ -125,7 +125,9 @@ class TrainConfig:
     micro_batch_samples_per_device: int = 32
     actor_lr: float = 2e-4
     critic_lr: float = 1e-3
-    warmup_steps: int = 2
+    warmup_steps: int = 2  # optimizer steps of linear warm-up (actor and critic)
+    lr_schedule: str = "constant"  # constant | cosine (to min_lr_ratio at the last step)
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     zero_stage: int = 0
@@ -134,11 +136,30 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
-    backend: str = "hf"  # hf (transformers' generate)
+    backend: str = "auto"  # auto (vllm where installed, else hf) | vllm | hf
     max_new_tokens: int = 12
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    stop_tokens: list[str] = field(default_factory=list)  # tokens that end a response, like eos
+    vllm_tensor_parallel_size: int = 1  # shards of the engine (its own processes when > 1)
+    vllm_gpu_memory_utilization: float = 0.5  # GPU: share of the device the engine may take
+    vllm_sleep: bool = True  # GPU: free the engine's KV cache and weights while training
+
+
+GENERATION_BACKENDS = ("auto", "vllm", "hf")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def generation_backend(cfg: RelayConfig) -> str:
+    """The backend `generate.backend` selects: auto is vllm where it is installed, except
+    for PMOE policies (a mixture head vLLM cannot run), which use transformers."""
+    backend = cfg.generate.backend
+    if backend != "auto":
+        return backend
+    from orchestrator.vllm_engine import vllm_available
+
+    return "vllm" if vllm_available() and cfg.policy.kind == "plain" else "hf"
 
 
 @dataclass
@@ -383,12 +404,15 @@ def validate(cfg: RelayConfig) -> list[Problem]:
     choice("algo.kl_controller", a.kl_controller, KL_CONTROLLERS, "KL controller")
     choice("algo.loss_agg", a.loss_agg, LOSS_AGG_MODES, "loss aggregation")
     choice("task.name", cfg.task.name, TASKS, "task")
-    choice("generate.backend", g.backend, ("hf",), "generation backend")
+    choice("generate.backend", g.backend, GENERATION_BACKENDS, "generation backend")
     choice("cluster.device", c.device, ("cpu", "cuda"), "device kind")
     choice(
         "logger.wandb_mode", cfg.logger.wandb_mode, ("offline", "online", "disabled"), "wandb mode"
     )
     choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3), "ZeRO stage")
+    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
+    if not 0 <= t.min_lr_ratio <= 1:
+        p.append(Problem("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]", "use 0.1"))
     if cfg.model.path is None:
         choice("model.preset", cfg.model.preset, MODEL_PRESETS, "model preset")
     else:
@@ -671,6 +695,34 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
         p.append(Problem("generate.top_p", g.top_p, "must be in (0, 1]", "use 1.0"))
     if g.top_k < 0:
         p.append(Problem("generate.top_k", g.top_k, "must be >= 0 (0 = off)", "use 0"))
+    if g.vllm_tensor_parallel_size < 1:
+        p.append(
+            Problem(
+                "generate.vllm_tensor_parallel_size",
+                g.vllm_tensor_parallel_size,
+                "must be >= 1",
+                "use 1",
+            )  # fmt: skip
+        )
+    if not 0 < g.vllm_gpu_memory_utilization <= 1:
+        p.append(
+            Problem(
+                "generate.vllm_gpu_memory_utilization",
+                g.vllm_gpu_memory_utilization,
+                "must be in (0, 1]",
+                "use 0.5 when the trainer shares the device",
+            )  # fmt: skip
+        )
+    bad = [t for t in g.stop_tokens if not isinstance(t, str) or not t]
+    if bad:
+        p.append(
+            Problem(
+                "generate.stop_tokens",
+                list(g.stop_tokens),
+                "each stop token is a non-empty string, one token of the tokenizer",
+                "e.g. generate.stop_tokens='[\";\"]'",
+            )  # fmt: skip
+        )
 
 
 def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:

@@ -17,7 +17,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,17 @@ from algos.graph import MFC, CallKind, DataflowGraph
 from algos.ppo import ALGORITHM_GRAPHS, PAIR, PROMPT, reward_model_graph, sft_graph
 from algos.rewards import make_kl_controller
 from orchestrator.checkpoint import CheckpointManager, write_atomic
-from orchestrator.config import RelayConfig, to_dict, to_yaml
+from orchestrator.config import (
+    ConfigError,
+    Problem,
+    RelayConfig,
+    generation_backend,
+    to_dict,
+    to_yaml,
+)
 from orchestrator.engines import OptimSpec, SamplingParams
 from orchestrator.tracking import Tracker, plot_learning_curves
+from orchestrator.vllm_engine import VLLMSpec, kv_cache_bytes_for
 from orchestrator.worker import ModelWorker, RoleSpec
 
 RUN_MARKER = "relay_run.json"
@@ -46,6 +54,30 @@ def install_stop_handler() -> None:
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> tuple[int, ...]:
+    """The ids of `generate.stop_tokens`; each must be exactly one token of the tokenizer."""
+    ids, bad = [], []
+    for text in stop_tokens:
+        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1 or enc[0] == tokenizer.unk_token_id:
+            bad.append(text)
+        else:
+            ids.append(enc[0])
+    if bad:
+        raise ConfigError(
+            [
+                Problem(
+                    "generate.stop_tokens",
+                    list(stop_tokens),
+                    f"{bad} are not single tokens of the model's tokenizer",
+                    "use tokens of the task's alphabet (one character each for the built-in "
+                    "tasks), or drop them",
+                )
+            ]
+        )
+    return tuple(ids)
 
 
 def call_seed(seed: int, step: int, name: str) -> int:
@@ -311,6 +343,7 @@ class Controller:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, cfg.generate.stop_tokens)
         self.num_params = count_parameters(load_causal_lm(self.base))
 
     def role(
@@ -319,10 +352,11 @@ class Controller:
         kind: str,
         init: Path | None,
         optim: OptimSpec | None = None,
-        generation: str | None = None,
+        generates: bool = False,
         policy_experts: int | None = None,
     ) -> RoleSpec:
         c = self.cfg
+        generation = generation_backend(c) if generates else None
         return RoleSpec(
             name=name,
             model_kind=kind,
@@ -332,11 +366,31 @@ class Controller:
             task_digits=c.task.num_digits,
             optim=optim,
             generation_backend=generation,
+            vllm=self.vllm_spec(init) if generation == "vllm" else None,
             threads=c.cluster.threads_per_device,
             device=c.cluster.device,
             seed=c.run.seed,
             policy_experts=policy_experts,
             expert_rank=c.policy.expert_rank,
+        )
+
+    def vllm_spec(self, init: Path | None) -> VLLMSpec:
+        """The engine of a generating role: context from its model folder, a KV cache for
+        the run's largest generate call (rollout or evaluation)."""
+        from transformers import AutoConfig
+
+        c, t = self.cfg, self.cfg.train
+        config = AutoConfig.from_pretrained(str(init))
+        sequences = max(t.rollout_batch_prompts * t.samples_per_prompt, c.task.num_eval_prompts)
+        context = config.max_position_embeddings
+        g = c.generate
+        return VLLMSpec(
+            max_model_len=context,
+            kv_cache_bytes=kv_cache_bytes_for(config, sequences, context),
+            gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+            tensor_parallel_size=g.vllm_tensor_parallel_size,
+            sleep_between_calls=g.vllm_sleep,
+            max_num_seqs=max(sequences, 1),
         )
 
     def optim(
@@ -348,7 +402,9 @@ class Controller:
 
     def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
         g = self.cfg.generate
-        return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, greedy, seed)
+        return SamplingParams(
+            g.max_new_tokens, g.temperature, g.top_p, g.top_k, greedy, seed, self.stop_token_ids
+        )
 
     def evaluate(self, actor: Any, step: int) -> dict[str, float]:
         import ray
@@ -406,7 +462,7 @@ class Controller:
         """SFT as a one-call graph; its result is a Hugging Face folder, models/sft."""
         cfg, s = self.cfg, self.cfg.sft
         optim = self.optim(s.lr, s.warmup_steps, s.batch_samples, s.micro_batch_samples_per_device)
-        spec = self.role("actor", "causal", self.base, optim, cfg.generate.backend)
+        spec = self.role("actor", "causal", self.base, optim, generates=True)
         width = self.task.answer_tokens
         from orchestrator.modeling import encode_prompts
 
@@ -531,9 +587,18 @@ class Controller:
         cfg, t = self.cfg, self.cfg.train
         init = self.policy_init
 
+        # optimizer steps of the whole run: epochs x mini-batches per rollout x steps
+        updates = (
+            t.steps
+            * cfg.algo.ppo_epochs
+            * (t.rollout_batch_prompts * t.samples_per_prompt // t.mini_batch_samples)
+        )
+        decay = max(updates - t.warmup_steps, 1) if t.lr_schedule == "cosine" else 0
+
         def optim(lr: float) -> OptimSpec:
-            return self.optim(lr, t.warmup_steps, t.mini_batch_samples,
+            spec = self.optim(lr, t.warmup_steps, t.mini_batch_samples,
                               t.micro_batch_samples_per_device, t.weight_decay)  # fmt: skip
+            return replace(spec, decay_steps=decay, min_lr_ratio=t.min_lr_ratio)
 
         actor_optim, critic_optim = optim(t.actor_lr), optim(t.critic_lr)
         experts = cfg.policy.num_experts if cfg.policy.kind == "pmoe" else None
@@ -543,7 +608,7 @@ class Controller:
         else:
             reward = self.role("reward", "verifier", None)
         return [
-            self.role("actor", "causal", init, actor_optim, cfg.generate.backend, experts),
+            self.role("actor", "causal", init, actor_optim, generates=True, policy_experts=experts),
             self.role("ref", "causal", init),
             self.role("critic", "value", init, critic_optim),
             reward,
@@ -585,6 +650,7 @@ class Controller:
         tracker = self.tracker("rl", t.steps, start_step)
         last: dict[str, float] = {}
         n_samples = t.rollout_batch_prompts * t.samples_per_prompt
+        generating_roles = {c.role for c in graph.calls if c.kind is CallKind.GENERATE}
         from orchestrator.modeling import encode_prompts
 
         try:
@@ -612,6 +678,9 @@ class Controller:
                         "kl_coef": kl_ctl.value,
                         "temperature": cfg.generate.temperature,
                         "samples_per_prompt": t.samples_per_prompt,
+                        # the next step samples from these weights: push them at once
+                        "push_weights": call.kind is CallKind.TRAIN
+                        and call.role in generating_roles,
                         **call.options,
                     }
                 per_call = run_graph(graph, workers, dataset, options)

@@ -3,18 +3,21 @@
 - `TrainEngine`: DeepSpeed (ZeRO stage from the config) over the call's data-parallel
   group; here one process per role, gloo on CPU.
 - `GenerationEngine`: the protocol every generation backend implements;
-  `HFGenerateEngine` is transformers' generate. vLLM plugs in behind the same protocol.
+  `HFGenerateEngine` is transformers' generate on the trainer's own module;
+  `orchestrator.vllm_engine.VLLMEngine` is vLLM behind the same protocol.
 
 Shape legend: B = sequences, P = prompt tokens, T = response tokens.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -27,14 +30,22 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # end a response, like eos (kept, masked in)
+    min_new_tokens: int = 0  # no stop before this many tokens (benchmarks: fixed lengths)
+
+
+class Generation(NamedTuple):
+    response_ids: torch.Tensor  # [B, T], pad after the first stop token
+    response_mask: torch.Tensor  # [B, T], 1 up to and including the first stop token
+    logprobs: torch.Tensor | None  # [B, T] the sampler's log-probs (None: not reported)
 
 
 class GenerationEngine(Protocol):
     def generate(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (response_ids [B, T], response_mask [B, T]); mask is 1 up to and
-        including the first eos, response_ids are pad after it."""
+    ) -> Generation:
+        """Responses of T = params.max_new_tokens tokens; eos and params.stop_token_ids
+        end a response."""
         ...
 
 
@@ -49,16 +60,20 @@ class HFGenerateEngine:
     @torch.no_grad()
     def generate(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Generation:
+        """The sampler is the trainer's module itself, so no separate log-probs."""
         torch.manual_seed(params.seed)
         was_training = self.module.training
         self.module.eval()
+        stops = (self.eos_id, *params.stop_token_ids)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_id,
+            eos_token_id=stops[0] if len(stops) == 1 else list(stops),
             pad_token_id=self.pad_id,
             use_cache=True,
         )
+        if params.min_new_tokens:
+            kwargs.update(min_new_tokens=params.min_new_tokens)
         if params.greedy or params.temperature == 0:
             kwargs.update(do_sample=False)
         else:
@@ -72,17 +87,20 @@ class HFGenerateEngine:
         if was_training:
             self.module.train()
         response = out[:, prompt_ids.shape[1] :]
-        return finish_responses(response, self.eos_id, self.pad_id, params.max_new_tokens)
+        ids, mask = finish_responses(response, stops, self.pad_id, params.max_new_tokens)
+        return Generation(ids, mask, None)
 
 
 def finish_responses(
-    response: torch.Tensor, eos_id: int, pad_id: int, width: int
+    response: torch.Tensor, stop_ids: int | tuple[int, ...], pad_id: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad responses to `width`, mask up to and including the first eos, pad after it."""
+    """Pad responses to `width`, mask up to and including the first stop token (eos or
+    another), pad after it."""
     b, t = response.shape
     if t < width:
         response = torch.cat([response, response.new_full((b, width - t), pad_id)], dim=1)
-    is_eos = response == eos_id
+    stops = torch.tensor(stop_ids if isinstance(stop_ids, tuple) else (stop_ids,))
+    is_eos = torch.isin(response, stops.to(response.device))
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     mask = (~after_eos).long()
     response = torch.where(after_eos, torch.full_like(response, pad_id), response)
@@ -121,6 +139,22 @@ class OptimSpec:
     zero_stage: int
     mini_batch_samples: int
     micro_batch_samples_per_device: int
+    decay_steps: int = 0  # optimizer steps of cosine decay after warm-up (0: constant lr)
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+
+
+def lr_factor(step: int, spec: OptimSpec) -> float:
+    """The learning rate's multiplier before optimizer step `step` (0-based): a linear
+    warm-up whose first step already has lr / warmup_steps (DeepSpeed's WarmupLR spends
+    its first steps at lr 0), then constant, or a cosine from 1 to min_lr_ratio over
+    decay_steps steps (and min_lr_ratio after them)."""
+    warmup = max(spec.warmup_steps, 1)
+    if step < warmup:
+        return (step + 1) / warmup
+    if spec.decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, (step + 1 - warmup) / spec.decay_steps)
+    return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class TrainEngine:
@@ -144,16 +178,14 @@ class TrainEngine:
         optimizer = torch.optim.AdamW(
             module.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999)
         )
-        # Linear warm-up whose first optimizer step already has lr / warmup_steps
-        # (DeepSpeed's WarmupLR spends its first steps at lr 0).
-        warmup = max(spec.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+            optimizer, functools.partial(lr_factor, spec=spec)
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
         self.gas = gas
+        self.version = 0  # optimizer steps taken or checkpoints loaded: the weights changed
 
     @property
     def module(self) -> torch.nn.Module:
@@ -178,6 +210,7 @@ class TrainEngine:
                 if gn is not None:
                     metrics["grad_norm"] = float(gn)
             metrics["lr"] = float(self.engine.get_lr()[0])
+            self.version += 1
         else:
             self.engine.step()
         return metrics
@@ -192,6 +225,13 @@ class TrainEngine:
                 return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The module's weights by state-dict name, without a copy where they are whole
+        (ZeRO 0-2); gathered copies under ZeRO-3."""
+        if self.spec.zero_stage == 3:
+            return list(self.full_state_dict().items())
+        return [(k, v.detach()) for k, v in self.module.state_dict().items()]
+
     def save(self, folder: Path) -> None:
         """Optimizer, scheduler and module states (DeepSpeed format) into folder."""
         self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
@@ -202,3 +242,4 @@ class TrainEngine:
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {folder}")
+        self.version += 1

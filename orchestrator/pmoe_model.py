@@ -152,7 +152,7 @@ class PMOECausalLM(torch.nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         max_new_tokens: int,
-        eos_token_id: int,
+        eos_token_id: int | list[int],
         pad_token_id: int,
         do_sample: bool = True,
         temperature: float = 1.0,
@@ -167,7 +167,8 @@ class PMOECausalLM(torch.nn.Module):
         K = 1: the LM's own `generate` with the same arguments. K > 1: two-stage sampling
         (expert ~ psi, then token ~ that expert; global torch RNG) or, without do_sample,
         the mixture's argmax, decoded with the LM's KV cache (use_cache=False recomputes
-        the whole sequence each step instead). After a row's eos it gets pad_token_id;
+        the whole sequence each step instead). eos_token_id may be a list of stop ids.
+        After a row's stop token it gets pad_token_id;
         decoding stops when every row has finished. Sampling takes temperature 1 without
         top-p/top-k only (else ValueError): only then is it the mixture."""
         if self.num_experts == 1:
@@ -185,6 +186,9 @@ class PMOECausalLM(torch.nn.Module):
             )
         ids, mask = input_ids, attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: first token at 0
+        stops = torch.tensor(
+            eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=ids.device
+        )
         step_ids, step_pos, past = ids, positions, None
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
@@ -206,7 +210,7 @@ class PMOECausalLM(torch.nn.Module):
             step_pos = positions[:, -1:] + 1
             positions = torch.cat([positions, step_pos], dim=1)
             step_ids = tok[:, None]
-            finished |= tok == eos_token_id
+            finished |= torch.isin(tok, stops)
             if bool(finished.all()):
                 break
         return ids

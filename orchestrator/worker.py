@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from algos.graph import MFC, check_outputs
+from algos.graph import MFC, CallKind, check_outputs
 from orchestrator.engines import HFGenerateEngine, OptimSpec, SamplingParams, TrainEngine
 from orchestrator.interfaces import Batch, Metrics, WorkerContext, get_interface
+from orchestrator.vllm_engine import VLLMSpec
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class RoleSpec:
     task_name: str
     task_digits: int
     optim: OptimSpec | None = None  # set for trainable roles
-    generation_backend: str | None = None  # set for roles that generate
+    generation_backend: str | None = None  # hf | vllm, set for roles that generate
+    vllm: VLLMSpec | None = None  # set with generation_backend vllm
     threads: int = 1
     seed: int = 0
     device: str = "cpu"  # cpu | cuda
@@ -89,9 +91,38 @@ class ModelWorker:
         generator = None
         if spec.generation_backend == "hf":
             generator = HFGenerateEngine(module, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        elif spec.generation_backend == "vllm":
+            generator = self._vllm_engine(spec, tokenizer)
         elif spec.generation_backend is not None:
             raise ValueError(f"unknown generation backend '{spec.generation_backend}'")
         self.ctx = WorkerContext(spec.name, module, tokenizer, task, train, generator)
+        # the trainer's optimizer-step count the generation engine's weights are from
+        self.synced_version = 0
+
+    @staticmethod
+    def _vllm_engine(spec: RoleSpec, tokenizer: Any) -> Any:
+        from orchestrator.vllm_engine import VLLMEngine
+
+        if spec.policy_experts is not None or spec.vllm is None or spec.init_path is None:
+            raise ValueError(
+                f"role '{spec.name}': the vLLM backend needs a plain causal LM folder and "
+                f"engine settings (PMOE experts {spec.policy_experts}, vllm {spec.vllm}, "
+                f"model {spec.init_path}); use generation_backend 'hf'"
+            )
+        return VLLMEngine(
+            spec.init_path, tokenizer.eos_token_id, tokenizer.pad_token_id, spec.vllm, spec.threads
+        )
+
+    def _sync_generator(self) -> float | None:
+        """Push the trainer's weights into a separate generation engine if they changed
+        since the last push; returns the seconds it took (None: nothing to push)."""
+        sync = getattr(self.ctx.generator, "sync_weights", None)
+        train = self.ctx.train
+        if sync is None or train is None or train.version == self.synced_version:
+            return None
+        seconds = sync(train.weights())
+        self.synced_version = train.version
+        return seconds
 
     def ping(self) -> str:
         return self.spec.name
@@ -105,18 +136,37 @@ class ModelWorker:
         if missing:
             raise KeyError(f"call '{call.name}' is missing inputs {missing}")
         batch = {k: merged[k].to(self.device) for k in call.inputs}
+        # weights changed since the last push (a train call without push_weights, a
+        # checkpoint loaded) reach the engine first
+        synced = self._sync_generator() if call.kind is CallKind.GENERATE else None
         start = time.perf_counter()
         options = {**options, "inputs": call.inputs, "outputs": call.outputs}
         outputs, metrics = get_interface(call.interface)(self.ctx, batch, options)
+        elapsed = time.perf_counter() - start
+        if options.get("push_weights"):  # the next call samples: push now, timed on its own
+            synced = self._sync_generator()
+        if synced is not None:
+            metrics["time/weight_sync"] = synced
         outputs = {k: v.cpu() for k, v in outputs.items()}  # the object store holds CPU tensors
         check_outputs(call, outputs)
-        metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+        metrics[f"time/{call.name}_s"] = elapsed
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         metrics[f"perf/peak_rss_bytes_{self.spec.name}"] = float(peak_kib * 1024)
         metrics[f"perf/model_rss_bytes_{self.spec.name}"] = (
             peak_kib * 1024 - self.baseline_rss_bytes
         )
         return outputs, metrics
+
+    def engine_logprobs(self, batch: Batch) -> torch.Tensor:
+        """The generation engine's log-probs (temperature 1) of the batch's fixed responses
+        [B, T], after any pending weight push: compare with the trainer's to check that the
+        engine samples from the trainer's weights."""
+        fn = getattr(self.ctx.generator, "sequence_logprobs", None)
+        if fn is None:
+            raise RuntimeError(f"role '{self.spec.name}' has no separate generation engine")
+        self._sync_generator()
+        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+        return fn(*(batch[k] for k in keys)).cpu()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.ctx.train is not None:
@@ -140,6 +190,7 @@ class ModelWorker:
         if self.ctx.train is None:
             raise RuntimeError(f"role '{self.spec.name}' is not trainable; nothing to restore")
         self.ctx.train.load(Path(folder) / self.spec.name / "deepspeed")
+        # (the load bumps the trainer's version: the next generate call pushes these weights)
 
     def evaluate(self, prompts: list[str], params: SamplingParams) -> dict[str, float]:
         """Task accuracy and mean reward of responses to `prompts` under `params`."""
@@ -147,9 +198,10 @@ class ModelWorker:
 
         if self.ctx.generator is None:
             raise RuntimeError(f"role '{self.spec.name}' cannot generate")
+        self._sync_generator()
         ids, mask = encode_prompts(self.ctx.tokenizer, prompts)
-        rids, _ = self.ctx.generator.generate(ids.to(self.device), mask.to(self.device), params)
-        rids = rids.cpu()
+        gen = self.ctx.generator.generate(ids.to(self.device), mask.to(self.device), params)
+        rids = gen.response_ids.cpu()
         responses = decode_responses(self.ctx.tokenizer, rids)  # prompts: already strings
         task = self.ctx.task
         correct = [float(task.correct(p, r)) for p, r in zip(prompts, responses)]

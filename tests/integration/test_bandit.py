@@ -53,6 +53,9 @@ def test_bandit_settles_at_the_kl_regularised_optimum(
         "train.eval_every_steps=1000",
         "train.actor_lr=3e-4",
         "train.warmup_steps=0",
+        # with a constant lr the final iterate, which the test reads, keeps moving around
+        # the optimum (by up to 0.06 in p(a*) at lr 3e-4); the cosine decay lets it settle
+        "train.lr_schedule=cosine",
         "logger.wandb_mode=disabled",
         "logger.progress=false",
     ]

@@ -53,6 +53,14 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
         assert key in rows[2], key
     logged = read_metrics(run_dir / "metrics.jsonl")
     assert "time/actor_gen_s" in logged[-1]
+    # the default job samples with vLLM (where it is installed) from the trainer's weights
+    from orchestrator.vllm_engine import vllm_available
+
+    if vllm_available():
+        assert rows[2]["rollout/logprob_diff"] < 1e-4
+        assert rows[2]["rollout/logprob_diff_max"] < 1e-3
+        step2 = [r for r in logged if r["stage"] == "rl" and r["step"] == 2]
+        assert step2[0]["time/weight_sync"] > 0
     keys = {k for row in logged for k in row} - {"stage", "step"}
     assert undocumented(keys) == [], "metrics missing from docs/metrics.md"
     assert (run_dir / "learning_curves.png").stat().st_size > 1000
