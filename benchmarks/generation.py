@@ -5,9 +5,12 @@ Throughput: the same model (the `large` preset, about 60M parameters, float32), 
 64 prompts and 128 new tokens per prompt (no early stop, so both write the same number of
 tokens), sampled at temperature 1 through Relay's two engines (`HFGenerateEngine` and
 `VLLMEngine`), each in a process of its own with the same number of threads. The
-processes alternate (hf, vllm, hf, vllm, ...) so that drift on a shared machine hits both;
-each times `--repeats` generations after one warm-up, and the ratio of medians is
-reported. The vLLM process also times `sync_weights` (the whole model pushed in place).
+processes alternate (hf, vllm, vllm-bf16, hf, ...) so that drift on a shared machine hits
+all; each times `--repeats` generations after one warm-up generation of the same size,
+and the ratio of medians is reported. The key figure compares float32 with float32 (the
+trainer's precision); vLLM with bfloat16 weights (`generate.vllm_dtype=bfloat16`) is
+reported beside it. The vLLM processes also time `sync_weights` (the whole model pushed
+in place).
 
 Sync share: a short PPO run of the default job on the same model (`relay train
 model.preset=large sft.enabled=false reward=verifier`, vLLM backend) reads
@@ -33,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "large"
+BACKENDS = {"hf": ("hf", "float32"), "vllm": ("vllm", "float32"), "vllm_bf16": ("vllm", "bfloat16")}
 
 
 def build_model(folder: Path, context: int) -> None:
@@ -73,11 +77,12 @@ def worker(args: argparse.Namespace) -> None:
             max_model_len=context,
             kv_cache_bytes=kv_cache_bytes_for(module.config, args.prompts, context),
             max_num_seqs=args.prompts,
+            dtype=args.dtype,
         )
         engine = VLLMEngine(folder, tok.eos_token_id, tok.pad_token_id, spec, args.threads)
     start_s = time.perf_counter() - t0
     n = args.new_tokens
-    engine.generate(ids[:8], mask[:8], SamplingParams(max_new_tokens=8, min_new_tokens=8))
+    engine.generate(ids, mask, SamplingParams(max_new_tokens=n, min_new_tokens=n, seed=99))
     times = []
     for r in range(args.repeats):
         params = SamplingParams(max_new_tokens=n, min_new_tokens=n, seed=r)
@@ -87,6 +92,7 @@ def worker(args: argparse.Namespace) -> None:
         assert int(out.response_mask.sum()) == args.prompts * n, "a response stopped early"
     result = {
         "backend": args.worker,
+        "dtype": "float32" if args.worker == "hf" else args.dtype,
         "threads": torch.get_num_threads(),
         "engine_start_s": start_s,
         "generate_s": times,
@@ -99,19 +105,19 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_worker(backend: str, folder: Path, args: argparse.Namespace) -> dict:
+def run_worker(name: str, folder: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    backend, dtype = BACKENDS[name]
     cmd = [sys.executable, __file__, "--worker", backend, "--folder", str(folder)]
+    cmd += ["--dtype", dtype]
     cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
     cmd += ["--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{backend} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        )
+        raise RuntimeError(f"{name} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(lines[-1][len("RESULT ") :])
-    print(backend, json.dumps(result), flush=True)
+    print(name, json.dumps(result), flush=True)
     return result
 
 
@@ -158,6 +164,7 @@ def main() -> None:
     parser.add_argument("--sync-steps", type=int, default=4)
     parser.add_argument("--worker", choices=("hf", "vllm"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -169,10 +176,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_model(folder, context=32 + args.new_tokens)
-        runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
+        runs: dict[str, list[dict]] = {name: [] for name in BACKENDS}
         for _ in range(args.rounds):
-            for backend in ("hf", "vllm"):
-                runs[backend].append(run_worker(backend, folder, args))
+            for name in BACKENDS:
+                runs[name].append(run_worker(name, folder, args))
         sync = sync_share(folder / "runs", args.sync_steps)
     tokens = args.prompts * args.new_tokens
     median = {
@@ -196,6 +203,7 @@ def main() -> None:
             "temperature": 1.0,
         },  # fmt: skip
         "vllm_over_hf_tokens_per_s": tps["vllm"] / tps["hf"],
+        "vllm_bf16_over_hf_tokens_per_s": tps["vllm_bf16"] / tps["hf"],
         "sync_share_of_step": sync["share"],
         "tokens_per_s": tps,
         "median_generate_s": median,
@@ -209,7 +217,8 @@ def main() -> None:
     }
     out_path = REPO / "benchmarks" / "results" / "generation.json"
     out_path.write_text(json.dumps(result, indent=1) + "\n")
-    keys = ("vllm_over_hf_tokens_per_s", "sync_share_of_step", "tokens_per_s")
+    keys = ("vllm_over_hf_tokens_per_s", "vllm_bf16_over_hf_tokens_per_s", "sync_share_of_step",
+            "tokens_per_s")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}))
 
 

@@ -145,10 +145,12 @@ class GenerateConfig:
     vllm_tensor_parallel_size: int = 1  # shards of the engine (its own processes when > 1)
     vllm_gpu_memory_utilization: float = 0.5  # GPU: share of the device the engine may take
     vllm_sleep: bool = True  # GPU: free the engine's KV cache and weights while training
+    vllm_dtype: str = "float32"  # the engine's weights: float32 (the trainer's) | bfloat16
 
 
 GENERATION_BACKENDS = ("auto", "vllm", "hf")
 LR_SCHEDULES = ("constant", "cosine")
+VLLM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def generation_backend(cfg: RelayConfig) -> str:
@@ -410,6 +412,7 @@ def validate(cfg: RelayConfig) -> list[Problem]:
         "logger.wandb_mode", cfg.logger.wandb_mode, ("offline", "online", "disabled"), "wandb mode"
     )
     choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3), "ZeRO stage")
+    choice("generate.vllm_dtype", g.vllm_dtype, VLLM_DTYPES, "vLLM weight precision")
     choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(Problem("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]", "use 0.1"))

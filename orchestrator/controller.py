@@ -390,6 +390,7 @@ class Controller:
             gpu_memory_utilization=g.vllm_gpu_memory_utilization,
             tensor_parallel_size=g.vllm_tensor_parallel_size,
             sleep_between_calls=g.vllm_sleep,
+            dtype=g.vllm_dtype,
             max_num_seqs=max(sequences, 1),
         )
 

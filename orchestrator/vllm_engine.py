@@ -5,8 +5,8 @@ trainer's tensors reach it without a copy through another process: after a train
 the worker pushes the new weights with `sync_weights`, which reloads them in place
 (`reload_weights` through `collective_rpc`); the engine is never restarted. With
 `tensor_parallel_size > 1` the engine runs its shards in worker processes of its own
-(vLLM's `mp` executor) and the same call sends them the full weights, each loading its
-slice.
+(vLLM's `mp` executor; the engine core stays in this process) and a pickled call sends
+each shard the full weights, of which it loads its slice.
 
 On GPU the engine sleeps between generate calls (its KV cache freed and its weights
 offloaded, so the trainer has the memory) and wakes in the order OpenRLHF, verl and TRL
@@ -19,6 +19,7 @@ Shape legend: B = sequences, P = prompt tokens, T = response tokens.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterable
@@ -29,6 +30,11 @@ from typing import Any
 import torch
 
 from orchestrator.engines import Generation, SamplingParams, finish_responses
+
+
+def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs in each engine shard: load the full weights; each shard keeps its slice."""
+    worker.reload_weights(weights_iterator=weights)
 
 
 def vllm_available() -> bool:
@@ -66,7 +72,7 @@ def _configure_environment(spec: VLLMSpec, threads: int) -> None:
     """vLLM reads these when it starts: no engine-core process for a single shard (the
     engine lives in this worker), no thread pinning (the worker's Ray slot decides its
     cores), and no usage reporting."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if spec.tensor_parallel_size == 1 else "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not torch.cuda.is_available():
@@ -148,7 +154,10 @@ class VLLMEngine:
         start = time.perf_counter()
         self._wake(["weights"])
         weights = [(name, t.detach()) for name, t in named_tensors]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.spec.tensor_parallel_size == 1:  # the engine's worker is in this process
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:  # shard processes: a pickled call carries the tensors (arguments would not)
+            self.llm.collective_rpc(functools.partial(_reload_weights, weights=weights))
         return time.perf_counter() - start
 
     # ------------------------------------------------------------ generation

@@ -8,6 +8,7 @@ Shape legend: B = sequences, P = prompt tokens, T = response tokens.
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,11 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     return folder, AutoTokenizer.from_pretrained(str(folder))
 
 
-def start(folder: Path, backend: str, lr: float = 0.0) -> Any:
+def start(folder: Path, backend: str, lr: float = 0.0, tp: int = 1) -> Any:
     from orchestrator.controller import start_workers
 
     optim = OptimSpec(lr, 1, 0.0, 1.0, 0, 8, 8) if lr else None
-    vllm = VLLMSpec(max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20)
+    vllm = VLLMSpec(max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20, tensor_parallel_size=tp)
     spec = RoleSpec(
         "actor", "causal", str(folder), tokenizer_path=str(folder), task_name="sort",
         task_digits=4, optim=optim, generation_backend=backend,
@@ -275,6 +276,33 @@ def test_stop_tokens_lengths_and_seeds(samplers, model) -> None:
     same_prompt = {k: v[:1].repeat(32, 1) for k, v in batch.items()}
     rep, _ = generate(vllm, SAMPLE, same_prompt, plain)
     assert len({tuple(r) for r in rep["response_ids"].tolist()}) > 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two shards need two cores")
+def test_tensor_parallel_engine_generates_and_takes_pushed_weights(samplers, model) -> None:
+    """Two engine shards (processes of their own, one core each): transformers' greedy
+    tokens, and after a train call the pushed weights in both shards."""
+    import ray
+
+    folder, tok = model
+    worker = start(folder, "vllm", lr=3e-3, tp=2)
+    batch = prompts(tok, 32, seed=7)
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    got, _ = generate(worker, SAMPLE, batch, greedy)
+    want, _ = generate(samplers["hf"], SAMPLE, batch, greedy)
+    assert torch.equal(got["response_ids"], want["response_ids"])
+    gen, _ = generate(worker, GEN, batch, SamplingParams(max_new_tokens=10, seed=2))
+    fixed = sft_batch(tok, gen, batch)
+    before = ray.get(worker.engine_logprobs.remote(fixed))
+    _, m = ray.get(worker.run.remote(SFT, {"seed": 0, "step": 0, "push_weights": True}, fixed))
+    after = ray.get(worker.engine_logprobs.remote(fixed))
+    trainer, _ = ray.get(worker.run.remote(*logprob_call(), fixed))
+    mask = fixed["response_mask"].bool()
+    assert m["time/weight_sync"] > 0
+    assert (after - trainer["logprobs"])[mask].abs().max() < 1e-3
+    assert (after - before)[mask].abs().max() > 0.05
+    ray.kill(worker)
 
 
 @pytest.mark.gpu
