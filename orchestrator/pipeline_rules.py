@@ -131,6 +131,16 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
 def _backend_rules(p: list[Problem], cfg: RelayConfig) -> None:
     """vLLM must be installed when asked for, and cannot run a PMOE mixture head."""
     g = cfg.generate
+    if cfg.cluster.device == "cuda" and g.vllm_tensor_parallel_size > 1:
+        p.append(
+            Problem(
+                "generate.vllm_tensor_parallel_size",
+                g.vllm_tensor_parallel_size,
+                "on GPUs a worker holds one device, so its engine has one shard (CPU "
+                "engines may shard over cores)",
+                "use 1 on GPUs",
+            )
+        )
     if g.backend != "vllm":
         return
     from orchestrator.vllm_engine import vllm_available

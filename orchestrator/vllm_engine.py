@@ -69,9 +69,9 @@ def kv_cache_bytes_for(config: Any, sequences: int, tokens_per_sequence: int) ->
 
 
 def _configure_environment(spec: VLLMSpec, threads: int) -> None:
-    """vLLM reads these when it starts: no engine-core process for a single shard (the
-    engine lives in this worker), no thread pinning (the worker's Ray slot decides its
-    cores), and no usage reporting."""
+    """vLLM reads these when it starts: no engine-core process (the engine core lives in
+    this worker), thread pinning only for tensor-parallel shards on CPU (a single shard
+    shares the worker's threads), and no usage reporting."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -111,7 +111,7 @@ class VLLMEngine:
             max_num_seqs=spec.max_num_seqs,
             tensor_parallel_size=spec.tensor_parallel_size,
             distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "mp",
-            enforce_eager=True,
+            enforce_eager=not self.on_gpu,  # CUDA graphs on GPU; none to capture on CPU
             # log-probs after temperature (and top-k/top-p), as the trainer computes them
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=False,

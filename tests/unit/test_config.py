@@ -190,6 +190,18 @@ def test_floats_in_exponent_notation_are_floats() -> None:
         (["algo.policy_loss=a2c"], "algo.policy_loss"),
         (["reward.path=/no/such/folder"], "reward.path"),
         (["reward=verifier", "reward.path=/tmp"], "reward.path"),
+        (["generate.backend=sglang"], "generate.backend"),
+        (["policy=pmoe", "generate.backend=vllm"], "generate.backend"),
+        (["generate.vllm_tensor_parallel_size=0"], "generate.vllm_tensor_parallel_size"),
+        (
+            ["cluster.device=cuda", "generate.vllm_tensor_parallel_size=2"],
+            "generate.vllm_tensor_parallel_size",
+        ),
+        (["generate.vllm_gpu_memory_utilization=1.5"], "generate.vllm_gpu_memory_utilization"),
+        (["generate.vllm_dtype=int8"], "generate.vllm_dtype"),
+        (["generate.stop_tokens=['']"], "generate.stop_tokens"),
+        (["train.lr_schedule=linear"], "train.lr_schedule"),
+        (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
     ],
 )
 def test_pipeline_rules(overrides: list[str], field: str) -> None:
@@ -206,3 +218,24 @@ def test_algorithms_and_pipeline_options_compose() -> None:
     bandit = load_config(["task=bandit", "algo=grpo"])
     assert bandit.algo.kl_in_loss is False and bandit.algo.kl_coef == 0.5
     assert bandit.reward.source == "verifier" and not bandit.sft.enabled
+
+
+def test_auto_backend_is_vllm_where_installed_and_hf_for_pmoe() -> None:
+    from orchestrator.config import generation_backend
+    from orchestrator.vllm_engine import vllm_available
+
+    assert generation_backend(load_config([])) == ("vllm" if vllm_available() else "hf")
+    assert generation_backend(load_config(["policy=pmoe"])) == "hf"
+    assert generation_backend(load_config(["generate.backend=hf"])) == "hf"
+
+
+def test_stop_tokens_must_be_single_tokens(tmp_path: Path) -> None:
+    from orchestrator.config import ConfigError
+    from orchestrator.controller import stop_token_ids
+    from orchestrator.modeling import train_tokenizer
+
+    tok = train_tokenizer("0123456789S=", tmp_path)
+    assert stop_token_ids(tok, ["=", "S"]) == (tok.convert_tokens_to_ids("="),
+                                               tok.convert_tokens_to_ids("S"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"generate.stop_tokens.*\['12', 'x'\]"):
+        stop_token_ids(tok, ["=", "12", "x"])
