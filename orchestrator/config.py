@@ -705,7 +705,7 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
                 g.vllm_tensor_parallel_size,
                 "must be >= 1",
                 "use 1",
-            )  # fmt: skip
+            )
         )
     if not 0 < g.vllm_gpu_memory_utilization <= 1:
         p.append(
@@ -714,7 +714,7 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
                 g.vllm_gpu_memory_utilization,
                 "must be in (0, 1]",
                 "use 0.5 when the trainer shares the device",
-            )  # fmt: skip
+            )
         )
     bad = [t for t in g.stop_tokens if not isinstance(t, str) or not t]
     if bad:
@@ -724,7 +724,7 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
                 list(g.stop_tokens),
                 "each stop token is a non-empty string, one token of the tokenizer",
                 "e.g. generate.stop_tokens='[\";\"]'",
-            )  # fmt: skip
+            )
         )
 
 

@@ -91,6 +91,12 @@ class HFGenerateEngine:
         return Generation(ids, mask, None)
 
 
+def is_stop(tokens: torch.Tensor, stop_ids: int | tuple[int, ...]) -> torch.Tensor:
+    """Where tokens (any shape) are eos or another stop token (bool, same shape)."""
+    stops = torch.tensor(stop_ids if isinstance(stop_ids, tuple) else (stop_ids,))
+    return torch.isin(tokens, stops.to(tokens.device))
+
+
 def finish_responses(
     response: torch.Tensor, stop_ids: int | tuple[int, ...], pad_id: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +105,7 @@ def finish_responses(
     b, t = response.shape
     if t < width:
         response = torch.cat([response, response.new_full((b, width - t), pad_id)], dim=1)
-    stops = torch.tensor(stop_ids if isinstance(stop_ids, tuple) else (stop_ids,))
-    is_eos = torch.isin(response, stops.to(response.device))
+    is_eos = is_stop(response, stop_ids)
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     mask = (~after_eos).long()
     response = torch.where(after_eos, torch.full_like(response, pad_id), response)

@@ -42,7 +42,7 @@ from orchestrator.batch import (
     response_logprobs,
     response_values,
 )
-from orchestrator.engines import GenerationEngine, SamplingParams, TrainEngine
+from orchestrator.engines import GenerationEngine, SamplingParams, TrainEngine, is_stop
 
 Metrics = dict[str, float]
 
@@ -129,8 +129,7 @@ def generate(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tu
     lengths = response_mask.sum(-1).float()
     # a response stopped if its last token is eos or a stop token (else it was cut)
     last = response_ids.gather(1, (response_mask.sum(-1, keepdim=True) - 1).clamp(min=0))
-    stops = torch.tensor((ctx.tokenizer.eos_token_id, *params.stop_token_ids))
-    stopped = torch.isin(last.squeeze(1), stops.to(last.device))
+    stopped = is_stop(last.squeeze(1), (ctx.tokenizer.eos_token_id, *params.stop_token_ids))
     metrics[f"{prefix}response_length_mean"] = float(lengths.mean())
     metrics[f"{prefix}truncated_frac"] = float(1 - stopped.float().mean())
     return outputs_as(options, out), metrics

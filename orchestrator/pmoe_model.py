@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from algos.pmoe import mixture_log_probs, two_stage_sample
+from orchestrator.engines import is_stop
 
 PMOE_WEIGHTS, PMOE_CONFIG = "pmoe.safetensors", "pmoe.json"
 
@@ -186,9 +187,7 @@ class PMOECausalLM(torch.nn.Module):
             )
         ids, mask = input_ids, attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: first token at 0
-        stops = torch.tensor(
-            eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=ids.device
-        )
+        stops = tuple(eos_token_id) if isinstance(eos_token_id, list) else eos_token_id
         step_ids, step_pos, past = ids, positions, None
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
@@ -210,7 +209,7 @@ class PMOECausalLM(torch.nn.Module):
             step_pos = positions[:, -1:] + 1
             positions = torch.cat([positions, step_pos], dim=1)
             step_ids = tok[:, None]
-            finished |= torch.isin(tok, stops)
+            finished |= is_stop(tok, stops)
             if bool(finished.all()):
                 break
         return ids

