@@ -3,18 +3,23 @@
 relay train [key=value ...]     run the configured job (SFT -> RL) on Ray
 relay train --help              the config groups, their options and every key
 relay config [key=value ...]    print the composed, validated config
+relay plan [key=value ...]      the execution plan and its estimated cost, without running
+relay profile [--out F]         measure this machine's per-layer costs for the planner
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 USAGE = """usage: relay <command> [key=value ...]
 
 commands:
   train     run a Hydra-configured job on a local Ray cluster (or RAY_ADDRESS)
   config    print the composed and validated configuration, then exit
+  plan      the execution plan of the same overrides: table, estimate per mode, Gantt chart
+  profile   measure this machine's per-layer costs (profiles/cpu.json) for the planner
 
 `relay <command> --help` shows the configuration and its groups.
 Examples:
@@ -104,6 +109,23 @@ def init_ray(cfg: object) -> None:
     )
 
 
+def plan_for_run(cfg: Any) -> Any:
+    """The RL graph's plan under plan.mode (what `relay plan` prints for the same
+    overrides), refused with a ConfigError if this runtime cannot execute it."""
+    from dataclasses import replace
+
+    from orchestrator.config import ConfigError
+    from orchestrator.planning import make_plan, runtime_problems
+
+    result = make_plan(replace(cfg, plan=replace(cfg.plan, graph=None)))
+    problems = runtime_problems(result)
+    if problems:
+        raise ConfigError(problems)
+    print(f"relay: plan={result.mode}, estimated {result.estimate.time_per_iteration_s:.3g} s "
+          "per RL step (`relay plan` shows it)")  # fmt: skip
+    return result
+
+
 def train(argv: list[str]) -> int:
     from orchestrator.config import ConfigError, load_config
     from orchestrator.controller import Controller, RunError
@@ -122,8 +144,9 @@ def train(argv: list[str]) -> int:
 
     install_stop_handler()  # before Ray starts, so an early SIGTERM is a graceful stop too
     try:
+        plan = plan_for_run(cfg)
         init_ray(cfg)
-        summary = Controller(cfg).run()
+        summary = Controller(cfg, plan).run()
     except (ConfigError, RunError) as e:
         print(f"relay train: {e}", file=sys.stderr)
         return 2
@@ -157,7 +180,19 @@ def show_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "config": show_config}
+def plan(argv: list[str]) -> int:
+    from launch.plan import plan as run
+
+    return run(argv)
+
+
+def profile(argv: list[str]) -> int:
+    from launch.profile import profile as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": train, "config": show_config, "plan": plan, "profile": profile}
 
 
 def main(argv: list[str] | None = None) -> int:

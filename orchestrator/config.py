@@ -171,6 +171,24 @@ class ClusterConfig:
     devices_per_node: int = 4  # on CPU: slots of the custom Ray resource `relay_device`
     device: str = "cpu"  # cpu | cuda
     threads_per_device: int = 1
+    device_kind: str | None = None  # planner catalogue: cpu | h100-sxm | h200-sxm | a100-sxm-80g
+    profile: str | None = None  # a `relay profile` file (default: profiles/<kind>.json if present)
+
+
+@dataclass
+class PlanConfig:
+    mode: str = "per_role"  # per_role | search | symmetric | heuristic | file
+    path: str | None = None  # the plan file plan=file reads (JSON or YAML, as `relay plan` writes)
+    graph: str | None = None  # graph to plan: null (the algorithm's RL graph) | sft | reward_model
+    seed: int = 0  # the search's random seed
+    search_time_s: float = 10.0  # the search's time budget
+    iterations: int = 3  # iterations the simulator unrolls
+    actor_shape: str | None = (
+        None  # planning only: a catalogue shape (llama2-7b, ...) for actor/ref
+    )
+    critic_shape: str | None = None  # planning only: a catalogue shape for critic/reward
+    prompt_tokens: int | None = None  # planning only: prompt length (null: the task's)
+    out: str | None = None  # where `relay plan` writes (null: <output_dir>/<name>.plan.json)
 
 
 @dataclass
@@ -194,6 +212,7 @@ class RelayConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -204,6 +223,7 @@ GROUP_SCHEMAS = {
     "reward": RewardConfig,
     "policy": PolicyConfig,
     "cluster": ClusterConfig,
+    "plan": PlanConfig,
     "logger": LoggerConfig,
 }
 
@@ -338,8 +358,9 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def load_config(overrides: list[str]) -> RelayConfig:
-    """Compose, type-check and validate; raise ConfigError listing every problem."""
+def load_config(overrides: list[str], for_run: bool = True) -> RelayConfig:
+    """Compose, type-check and validate; raise ConfigError listing every problem.
+    for_run=False (`relay plan`) skips the rules of running on this machine."""
     problems = check_overrides(overrides)
     good = [
         o
@@ -363,7 +384,7 @@ def load_config(overrides: list[str]) -> RelayConfig:
 
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RelayConfig)
-    problems += validate(obj)
+    problems += validate(obj, for_run)
     if problems:
         raise ConfigError(problems)
     return obj
@@ -382,8 +403,9 @@ def _positive(problems: list[Problem], cfg: Any, prefix: str, names: list[str]) 
             problems.append(Problem(f"{prefix}.{n}", v, "must be > 0", "set a positive value"))
 
 
-def validate(cfg: RelayConfig) -> list[Problem]:
-    """Every rule a composed config must satisfy; returns the problems found."""
+def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
+    """Every rule a composed config must satisfy; returns the problems found. Planning
+    (for_run=False) skips the rules of running here (devices, nodes, model context)."""
     from algos.losses import LOSS_AGG_MODES
     from algos.ppo import ALGORITHM_GRAPHS
     from algos.rewards import KL_CONTROLLERS, KL_ESTIMATORS
@@ -408,6 +430,7 @@ def validate(cfg: RelayConfig) -> list[Problem]:
     choice("task.name", cfg.task.name, TASKS, "task")
     choice("generate.backend", g.backend, GENERATION_BACKENDS, "generation backend")
     choice("cluster.device", c.device, ("cpu", "cuda"), "device kind")
+    _plan_rules(p, cfg)
     choice(
         "logger.wandb_mode", cfg.logger.wandb_mode, ("offline", "online", "disabled"), "wandb mode"
     )
@@ -556,6 +579,45 @@ def validate(cfg: RelayConfig) -> list[Problem]:
     from orchestrator.pipeline_rules import pipeline_rules
 
     pipeline_rules(p, cfg)
+    if for_run:
+        _local_run_rules(p, cfg)
+    resume = cfg.run.resume
+    if resume not in ("never", "auto") and not Path(resume).is_dir():
+        p.append(
+            Problem(
+                "run.resume",
+                resume,
+                "must be never, auto or an existing checkpoint folder",
+                "use resume=auto to continue from the newest complete checkpoint",
+            )
+        )
+    return p
+
+
+def _local_run_rules(p: list[Problem], cfg: RelayConfig) -> None:
+    """Rules of running here with one worker per role (not of planning): enough devices,
+    one node unless joining a cluster, the GPUs this machine has, the model's context."""
+    from algos.ppo import ALGORITHM_GRAPHS
+
+    a, c = cfg.algo, cfg.cluster
+    if cfg.model.path is None:
+        from orchestrator.tasks import make_task
+
+        try:
+            task = make_task(cfg.task.name, cfg.task.num_digits)
+        except ValueError:  # an unknown task or digit count: its own rule reports it
+            task = None
+        if task is not None:
+            context = task.max_prompt_chars + 1 + cfg.generate.max_new_tokens
+            if context > cfg.model.max_position_embeddings:
+                p.append(
+                    Problem(
+                        "model.max_position_embeddings",
+                        cfg.model.max_position_embeddings,
+                        f"bos + prompt + response take up to {context} positions",
+                        f"use at least {context}",
+                    )
+                )
     if a.name in ALGORITHM_GRAPHS:
         needed = devices_needed(a.name, c.device, cfg.reward.source)
         have = c.num_nodes * c.devices_per_node
@@ -596,17 +658,33 @@ def validate(cfg: RelayConfig) -> list[Problem]:
                     "use cluster.device=cpu, or join a larger cluster (cluster.address)",
                 )
             )
-    resume = cfg.run.resume
-    if resume not in ("never", "auto") and not Path(resume).is_dir():
-        p.append(
-            Problem(
-                "run.resume",
-                resume,
-                "must be never, auto or an existing checkpoint folder",
-                "use resume=auto to continue from the newest complete checkpoint",
-            )
-        )
-    return p
+
+
+PLAN_MODES = ("per_role", "search", "symmetric", "heuristic", "file")
+PLAN_GRAPHS = ("sft", "reward_model")
+
+
+def _plan_rules(p: list[Problem], cfg: RelayConfig) -> None:
+    from planner.catalogue import DEVICE_KINDS, MODEL_SHAPES
+
+    pl, c = cfg.plan, cfg.cluster
+    check_choice(p, "plan.mode", pl.mode, PLAN_MODES, "plan mode")
+    if pl.graph is not None:
+        check_choice(p, "plan.graph", pl.graph, PLAN_GRAPHS, "graph to plan (null: the RL graph)")
+    if c.device_kind is not None:
+        check_choice(p, "cluster.device_kind", c.device_kind, DEVICE_KINDS, "device kind")
+    for key in ("actor_shape", "critic_shape"):
+        if getattr(pl, key) is not None:
+            check_choice(p, f"plan.{key}", getattr(pl, key), MODEL_SHAPES, "model shape")
+    if pl.mode == "file" and (pl.path is None or not Path(pl.path).is_file()):
+        p.append(Problem("plan.path", pl.path, "plan=file reads an existing plan file",
+                         "write one with `relay plan ...` and pass plan.path=<file>"))  # fmt: skip
+    if c.profile is not None and not Path(c.profile).is_file():
+        p.append(Problem("cluster.profile", c.profile, "the profile file does not exist",
+                         "measure one with `relay profile --out <file>`"))  # fmt: skip
+    _positive(p, pl, "plan", ["search_time_s", "iterations"])
+    if pl.prompt_tokens is not None and pl.prompt_tokens <= 0:
+        p.append(Problem("plan.prompt_tokens", pl.prompt_tokens, "must be > 0", "use 128"))
 
 
 def devices_needed(algo: str, device: str, reward_source: str = "model") -> int:
@@ -764,17 +842,6 @@ def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
                 f"use at least {need}",
             )
         )
-    if cfg.model.path is None:
-        context = task.max_prompt_chars + 1 + cfg.generate.max_new_tokens
-        if context > cfg.model.max_position_embeddings:
-            p.append(
-                Problem(
-                    "model.max_position_embeddings",
-                    cfg.model.max_position_embeddings,
-                    f"bos + prompt + response take up to {context} positions",
-                    f"use at least {context}",
-                )
-            )
 
 
 def _divisor_near(n: int, want: int) -> int:

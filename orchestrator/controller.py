@@ -37,9 +37,11 @@ from orchestrator.config import (
     to_yaml,
 )
 from orchestrator.engines import OptimSpec, SamplingParams
+from orchestrator.planning import PlanResult
 from orchestrator.tracking import Tracker, plot_learning_curves
 from orchestrator.vllm_engine import VLLMSpec, kv_cache_bytes_for
 from orchestrator.worker import ModelWorker, RoleSpec
+from planner.plan import to_dict as plan_to_dict
 
 RUN_MARKER = "relay_run.json"
 STOP = threading.Event()
@@ -244,8 +246,9 @@ def run_graph(
 
 
 class Controller:
-    def __init__(self, cfg: RelayConfig) -> None:
+    def __init__(self, cfg: RelayConfig, plan: PlanResult | None = None) -> None:
         self.cfg = cfg
+        self.plan = plan  # the RL graph's execution plan (orchestrator.planning.make_plan)
         self.paths = RunPaths(Path(cfg.run.output_dir) / cfg.run.name)
         self.ckpt = CheckpointManager(self.paths.root, cfg.run.keep_checkpoints)
 
@@ -434,6 +437,10 @@ class Controller:
         self.stopped_early = False
         marker = self.prepare()
         self.wandb_id = marker["wandb_id"]
+        if self.plan is not None:
+            p = self.plan
+            write_atomic(self.paths.root / "plan.json",
+                         json.dumps(plan_to_dict(p.ctx, p.plan, p.mode, p.estimate), indent=1))  # fmt: skip
         self.build_assets()
         summary: dict[str, Any] = {"run_dir": str(self.paths.root), "parameters": self.num_params}
         if self.cfg.sft.enabled:
@@ -691,6 +698,8 @@ class Controller:
                 kl_ctl.update(m.get("rollout/kl_to_ref_token_mean", 0.0), n_samples)
                 m["time/step_s"] = time.perf_counter() - t0
                 m["perf/samples_per_s"] = n_samples / m["time/step_s"]
+                if self.plan is not None:
+                    m["plan/est_step_s"] = self.plan.estimate.time_per_iteration_s
                 tokens = m.get("rollout/response_length_mean", 0.0) * n_samples
                 m["perf/response_tokens_per_s"] = tokens / m["time/step_s"]
                 if step % t.eval_every_steps == 0 or step == t.steps:
@@ -749,6 +758,9 @@ class Controller:
             "wandb_id": self.wandb_id,
             "config": to_dict(self.cfg),
         }
+        if self.plan is not None:
+            p = self.plan
+            state["plan"] = plan_to_dict(p.ctx, p.plan, p.mode, None)["calls"]
         write_atomic(tmp / "controller.json", json.dumps(state, indent=1))
         torch.save(
             {

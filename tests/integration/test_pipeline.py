@@ -20,7 +20,11 @@ pytestmark = pytest.mark.integration
 
 
 def run(overrides: list[str]) -> dict:
-    return Controller(load_config(overrides)).run()
+    """As `relay train` runs: under the plan of plan.mode (the default per_role)."""
+    from launch.cli import plan_for_run
+
+    cfg = load_config(overrides)
+    return Controller(cfg, plan_for_run(cfg)).run()
 
 
 def weights(ckpt: Path, role: str) -> dict[str, torch.Tensor]:
@@ -73,6 +77,15 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
     assert actor.config.num_hidden_layers == 2 and critic.config.num_labels == 1
     state = json.loads((ckpt / "controller.json").read_text())
     assert state["step"] == 2 and state["data_position_prompts"] == 32
+    # the run's execution plan: in the run folder, the checkpoint, and next to step time
+    plan = json.loads((run_dir / "plan.json").read_text())
+    layouts = {
+        c: {k: v for k, v in d.items() if k != "estimated_s"} for c, d in plan["calls"].items()
+    }
+    assert plan["mode"] == "per_role" and state["plan"] == layouts
+    assert rows[2]["plan/est_step_s"] == pytest.approx(
+        plan["estimate"]["time_per_iteration_s"], abs=1e-6
+    )
     marker = json.loads((run_dir / "relay_run.json").read_text())
     assert state["wandb_id"] == marker["wandb_id"]
     assert any(p.name.endswith(marker["wandb_id"]) for p in (run_dir / "wandb").iterdir())

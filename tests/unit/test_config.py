@@ -26,9 +26,22 @@ def test_default_config_validates() -> None:
 
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_every_config_file_loads(path: Path) -> None:
-    cfg = load_config([f"{path.parent.name}={path.stem}"])
+def test_every_config_file_loads(path: Path, tmp_path: Path) -> None:
+    extra = []
+    if (path.parent.name, path.stem) == ("plan", "file"):  # it needs a plan file to read
+        (tmp_path / "plan.json").write_text("{}")
+        extra = [f"plan.path={tmp_path / 'plan.json'}"]
+    cfg = load_config([f"{path.parent.name}={path.stem}", *extra])
     assert isinstance(cfg, RelayConfig)
+
+
+def test_plan_file_mode_needs_an_existing_file() -> None:
+    (msg,) = problems_of(["plan=file"])
+    assert "plan.path = None" in msg and "relay plan" in msg
+    (msg,) = problems_of(["plan=file", "plan.path=/nonexistent/plan.json"])
+    assert "plan.path" in msg
+    (msg,) = problems_of(["plan.actor_shape=llama3-8b"])
+    assert "plan.actor_shape = 'llama3-8b'" in msg and "llama2-7b" in msg
 
 
 def problems_of(overrides: list[str]) -> list[str]:

@@ -1,0 +1,177 @@
+"""The planner applied to a Relay config: the workload and cluster a config describes, the
+plan each `plan.mode` makes for it, and whether this runtime can execute that plan.
+
+`relay plan` and `relay train` both call `make_plan`, so a run uses exactly the plan
+that `relay plan` prints for the same overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from algos.graph import DataflowGraph
+from algos.ppo import ALGORITHM_GRAPHS, reward_model_graph, sft_graph
+from orchestrator.config import ConfigError, Problem, RelayConfig
+from planner.catalogue import (
+    MODEL_SHAPES,
+    Cluster,
+    ModelShape,
+    device_kind,
+    shape_from_hf_config,
+)
+from planner.plan import Assignment, Context, Estimate, evaluate, load_plan_file, validate
+from planner.search import SearchResult, heuristic, mcmc, per_role, symmetric
+from planner.workload import Workload, rl_shapes, workload_from_graph
+
+
+def planned_graph(cfg: RelayConfig) -> DataflowGraph:
+    if cfg.plan.graph == "sft":
+        return sft_graph()
+    if cfg.plan.graph == "reward_model":
+        return reward_model_graph()
+    return ALGORITHM_GRAPHS[cfg.algo.name]()
+
+
+def model_shape(cfg: RelayConfig) -> ModelShape:
+    """The run's own model: its Hugging Face folder's config, or the size preset with the
+    task's character vocabulary (4 special tokens + the task's alphabet)."""
+    if cfg.model.path is not None:
+        hf = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        return shape_from_hf_config(Path(cfg.model.path).name, hf)
+    from orchestrator.modeling import MODEL_PRESETS
+    from orchestrator.tasks import make_task
+
+    task = make_task(cfg.task.name, cfg.task.num_digits)
+    vocab = 4 + len(set(task.alphabet()))
+    return shape_from_hf_config(cfg.model.preset, {**MODEL_PRESETS[cfg.model.preset],
+                                                   "vocab_size": vocab})  # fmt: skip
+
+
+def workload(cfg: RelayConfig) -> Workload:
+    graph = planned_graph(cfg)
+    own = model_shape(cfg)
+    actor = MODEL_SHAPES[cfg.plan.actor_shape] if cfg.plan.actor_shape else own
+    critic = MODEL_SHAPES[cfg.plan.critic_shape] if cfg.plan.critic_shape else own
+    if cfg.plan.prompt_tokens is not None:
+        prompt = cfg.plan.prompt_tokens
+    else:
+        from orchestrator.tasks import make_task
+
+        prompt = make_task(cfg.task.name, cfg.task.num_digits).max_prompt_chars + 1  # + bos
+    gen = cfg.generate.max_new_tokens
+    t = cfg.train
+    common = dict(prompt_tokens=prompt, gen_tokens=gen, zero_stage=t.zero_stage)
+    if cfg.plan.graph == "sft":
+        return workload_from_graph(graph, {"actor": actor}, prompts=cfg.sft.batch_samples,
+                                   samples_per_prompt=1, mini_batches=1, **common)  # fmt: skip
+    if cfg.plan.graph == "reward_model":
+        return workload_from_graph(graph, {"reward": critic.as_critic()},
+                                   prompts=cfg.reward.batch_pairs, samples_per_prompt=2,
+                                   mini_batches=1, **common)  # fmt: skip
+    samples = t.rollout_batch_prompts * t.samples_per_prompt
+    return workload_from_graph(
+        graph,
+        rl_shapes(graph, actor, critic),
+        prompts=t.rollout_batch_prompts,
+        samples_per_prompt=t.samples_per_prompt,
+        mini_batches=max(samples // t.mini_batch_samples, 1),
+        ppo_epochs=cfg.algo.ppo_epochs,
+        **common,
+    )
+
+
+def cluster(cfg: RelayConfig) -> Cluster:
+    c = cfg.cluster
+    kind = c.device_kind or ("cpu" if c.device == "cpu" else "h100-sxm")
+    return Cluster(c.num_nodes, c.devices_per_node, device_kind(kind, c.profile))
+
+
+def context(cfg: RelayConfig) -> Context:
+    return Context(workload(cfg), cluster(cfg), iterations=cfg.plan.iterations)
+
+
+@dataclass
+class PlanResult:
+    mode: str
+    ctx: Context
+    plan: dict[str, Assignment]
+    estimate: Estimate
+    search: SearchResult | None = None
+
+
+def make_plan(
+    cfg: RelayConfig,
+    mode: str | None = None,
+    ctx: Context | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> PlanResult:
+    """The plan of `mode` (default cfg.plan.mode), validated; raises ConfigError naming
+    plan.* fields when the mode finds no plan or the plan cannot run."""
+    mode = mode or cfg.plan.mode
+    ctx = ctx or context(cfg)
+    search = None
+    if mode == "file":
+        from planner.plan import PlanError
+
+        try:
+            plan: dict[str, Assignment] | None = load_plan_file(str(cfg.plan.path))
+        except PlanError as e:
+            raise ConfigError([Problem(f"plan.path ({p.field})", p.value, p.rule, p.fix)
+                               for p in e.problems]) from None  # fmt: skip
+    elif mode == "symmetric":
+        plan = symmetric(ctx)
+    elif mode == "heuristic":
+        plan = heuristic(ctx)
+    elif mode == "per_role":
+        plan = per_role(ctx)
+    else:
+        search = mcmc(ctx, seed=cfg.plan.seed, time_budget_s=cfg.plan.search_time_s,
+                      progress=progress)  # fmt: skip
+        plan = search.plan
+    if plan is None:
+        raise ConfigError([Problem("plan.mode", mode, f"no {mode} plan of {ctx.workload.graph} "
+                                   f"fits {ctx.cluster.describe()}",
+                                   "use more devices, a larger ZeRO stage or smaller batches, "
+                                   "or plan=search")])  # fmt: skip
+    problems = validate(ctx, plan)
+    if problems:
+        field = "plan.path" if mode == "file" else "plan.mode"
+        raise ConfigError([Problem(f"{field} -> {p.field}", p.value, p.rule, p.fix)
+                           for p in problems])  # fmt: skip
+    return PlanResult(mode, ctx, plan, evaluate(ctx, plan), search)
+
+
+def runtime_problems(result: PlanResult) -> list[Problem]:
+    """Why this runtime cannot execute the plan: it runs each role in one worker on one
+    device of its own (sharded layouts and per-call meshes are the runtime issue's work)."""
+    ctx, plan = result.ctx, result.plan
+    out: list[Problem] = []
+    device_of: dict[str, int] = {}
+    for c in ctx.topo:
+        a = plan[c.name]
+        lay = a.layout
+        if a.mesh.size != 1 or (lay.dp, lay.tp, lay.pp) != (1, 1, 1):
+            out.append(Problem(f"plan ({result.mode}): {c.name}", f"{a.mesh} {lay}",
+                               "this runtime runs every call on one device (dp=tp=pp=1); "
+                               "sharded layouts are planned, not yet executed",
+                               "use plan=per_role (the default), or plan=file with one device "
+                               "per role; "
+                               "`relay plan` shows any plan's estimate"))  # fmt: skip
+            continue
+        if device_of.setdefault(c.role, a.mesh.start) != a.mesh.start:
+            out.append(Problem(f"plan ({result.mode}): {c.name}", str(a.mesh),
+                               f"this runtime keeps each role on one device; {c.role} is "
+                               f"on d{device_of[c.role]}", "put all of a role's calls on "
+                               "one device"))  # fmt: skip
+    roles_on: dict[int, list[str]] = {}
+    for role, d in device_of.items():
+        roles_on.setdefault(d, []).append(role)
+    for d, roles in roles_on.items():
+        if len(roles) > 1:
+            out.append(Problem(f"plan ({result.mode})", f"d{d}: {roles}",
+                               "this runtime gives each role a device of its own",
+                               "put the roles on different devices"))  # fmt: skip
+    return out

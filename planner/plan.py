@@ -1,0 +1,429 @@
+"""Execution plans: a mesh and a layout for every MFC, what follows from them, their
+validation, their estimated cost and their file format.
+
+From a plan follow:
+- each role's home replica: the layout of its train call (trainable roles) or of its
+  first call (frozen roles); its weights live there between calls;
+- reallocation hooks: before a call whose mesh or parallel degrees differ from the home
+  replica's, the weights move from the home layout to the call's layout (the comm plan of
+  planner.realloc); after the call that replica is dropped;
+- offload hooks: a frozen role whose home mesh overlaps a mesh another role computes on
+  keeps its weights in host memory between calls: reloaded before each call, offloaded
+  after it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from algos.graph import CallKind
+from planner.catalogue import Cluster
+from planner.cost import (
+    Placement,
+    activation_bytes,
+    call_time_s,
+    train_state_bytes,
+    weight_bytes,
+)
+from planner.layout import Layout, Mesh, is_valid_mesh
+from planner.realloc import comm_plan, realloc_s, traffic
+from planner.simulate import Slot, Task, list_schedule, makespan
+from planner.workload import CallWork, Workload
+
+MEMORY_HEADROOM = 0.9  # share of a device's memory a plan may use (allocator, buffers)
+
+
+@dataclass(frozen=True, order=True)
+class Assignment:
+    mesh: Mesh
+    layout: Layout
+
+    @property
+    def replica(self) -> tuple[Mesh, int, int, int]:
+        """What identifies a replica: micro-batches do not change where weights live."""
+        return self.mesh, self.layout.dp, self.layout.tp, self.layout.pp
+
+    @property
+    def sharding(self) -> tuple[Mesh, Layout]:
+        lay = self.layout
+        return self.mesh, Layout(lay.dp, lay.tp, lay.pp, 1)
+
+
+@dataclass(frozen=True)
+class ReallocHook:
+    role: str
+    before: str  # the call that needs the weights
+    src: Assignment
+    dst: Assignment
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    field: str
+    value: Any
+    rule: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.field}={self.value!r}: {self.rule}; fix: {self.fix}"
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; lists every problem."""
+
+    def __init__(self, problems: list[PlanProblem]) -> None:
+        self.problems = problems
+        super().__init__(
+            f"{len(problems)} problem(s) in the execution plan:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+@dataclass
+class Context:
+    """What a plan is made for: the workload and the cluster, with cost caches."""
+
+    workload: Workload
+    cluster: Cluster
+    iterations: int = 3
+    _call_s: dict[tuple, float] = field(default_factory=dict, repr=False)
+    _act: dict[tuple, float] = field(default_factory=dict, repr=False)
+
+    def placement(self, a: Assignment) -> Placement:
+        return Placement(a.mesh, a.layout, self.cluster)
+
+    def spans(self, a: Assignment) -> bool:
+        return a.mesh.size > self.cluster.devices_per_node
+
+    def call_s(self, call: str, a: Assignment) -> float:
+        key = (call, a.mesh.size, a.layout)
+        if key not in self._call_s:
+            w = self.workload.call(call)
+            shape = self.workload.roles[w.role].shape
+            self._call_s[key] = call_time_s(w, shape, self.placement(a), self.workload.zero_stage)
+        return self._call_s[key]
+
+    def transient_bytes(self, call: str, a: Assignment) -> float:
+        key = (call, a.mesh.size, a.layout)
+        if key not in self._act:
+            w = self.workload.call(call)
+            shape = self.workload.roles[w.role].shape
+            self._act[key] = activation_bytes(w, shape, self.placement(a))
+        return self._act[key]
+
+    def realloc_s(self, role: str, src: Assignment, dst: Assignment) -> float:
+        shape = self.workload.roles[role].shape
+        return realloc_s(traffic(shape, src.sharding, dst.sharding, self.cluster), self.cluster)
+
+    @cached_property
+    def topo(self) -> tuple[CallWork, ...]:
+        done: set[str] = set()
+        order: list[CallWork] = []
+        calls = list(self.workload.calls)
+        while len(order) < len(calls):
+            for c in calls:
+                if c.name not in done and all(p in done for p in c.parents):
+                    order.append(c)
+                    done.add(c.name)
+        return tuple(order)
+
+
+def homes(ctx: Context, assign: dict[str, Assignment]) -> dict[str, Assignment]:
+    out: dict[str, Assignment] = {}
+    for c in ctx.topo:
+        if c.kind is CallKind.TRAIN:
+            out[c.role] = assign[c.name]
+    for c in ctx.topo:
+        out.setdefault(c.role, assign[c.name])
+    return out
+
+
+def realloc_hooks(ctx: Context, assign: dict[str, Assignment]) -> list[ReallocHook]:
+    home = homes(ctx, assign)
+    return [
+        ReallocHook(c.role, c.name, home[c.role], assign[c.name])
+        for c in ctx.topo
+        if assign[c.name].replica != home[c.role].replica
+    ]
+
+
+def offloaded_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
+    home = homes(ctx, assign)
+    out = []
+    for role, r in ctx.workload.roles.items():
+        if r.trainable:
+            continue
+        mesh = home[role].mesh
+        if any(c.role != role and assign[c.name].mesh.overlaps(mesh) for c in ctx.topo):
+            out.append(role)
+    return out
+
+
+@dataclass
+class Estimate:
+    """A plan's simulated cost."""
+
+    time_per_iteration_s: float
+    call_s: dict[str, float]
+    realloc_s: dict[str, float]  # keyed by the call the reallocation precedes
+    memory_bytes: np.ndarray  # peak per device
+    slots: list[Slot]
+
+    def fits(self, cluster: Cluster) -> bool:
+        return bool(self.memory_bytes.max() <= cluster.kind.memory_bytes * MEMORY_HEADROOM)
+
+
+def memory_per_device(ctx: Context, assign: dict[str, Assignment]) -> np.ndarray:
+    """Peak bytes per device: resident states plus the largest call's transient needs."""
+    wl, b = ctx.workload, ctx.cluster.kind.param_bytes
+    home = homes(ctx, assign)
+    off = set(offloaded_roles(ctx, assign))
+    resident = np.zeros(ctx.cluster.num_devices)
+    transient = np.zeros(ctx.cluster.num_devices)
+    for role, r in wl.roles.items():
+        h = home[role]
+        sl = slice(h.mesh.start, h.mesh.start + h.mesh.size)
+        if r.trainable:
+            resident[sl] += train_state_bytes(r.shape, h.layout, b, wl.zero_stage)
+        elif role not in off:
+            resident[sl] += weight_bytes(r.shape, h.layout, b)
+    for c in ctx.topo:
+        a = assign[c.name]
+        shape = wl.roles[c.role].shape
+        need = ctx.transient_bytes(c.name, a)
+        if a.replica != home[c.role].replica or c.role in off:
+            need += weight_bytes(shape, a.layout, b)
+        sl = slice(a.mesh.start, a.mesh.start + a.mesh.size)
+        np.maximum(transient[sl], need, out=transient[sl])
+    return resident + transient
+
+
+def tasks(ctx: Context, assign: dict[str, Assignment]) -> list[Task]:
+    """The unrolled iterations as tasks: each call, preceded by its reallocation where the
+    plan has one; a role's calls of iteration i+1 wait for its train call of iteration i."""
+    wl, k = ctx.workload, ctx.cluster.kind
+    home = homes(ctx, assign)
+    off = set(offloaded_roles(ctx, assign))
+    hooks = {h.before: h for h in realloc_hooks(ctx, assign)}
+    out: list[Task] = []
+    index: dict[tuple[int, str], int] = {}
+    for it in range(ctx.iterations):
+        for c in ctx.topo:
+            a = assign[c.name]
+            after_train: tuple[int, ...] = ()
+            train = wl.train_call(c.role)
+            if it > 0 and train is not None:
+                after_train = (index[(it - 1, train.name)],)
+            deps = tuple(index[(it, p)] for p in c.parents) + after_train
+            if c.name in hooks:
+                h = hooks[c.name]
+                out.append(
+                    Task(
+                        f"realloc {c.role} -> {c.name}",
+                        (h.src.mesh.devices, h.dst.mesh.devices),
+                        ctx.realloc_s(c.role, h.src, h.dst),
+                        after_train,
+                        "realloc",
+                        it,
+                    )
+                )
+                deps += (len(out) - 1,)
+            duration = ctx.call_s(c.name, a)
+            if c.role in off:  # reload before, offload after
+                w = weight_bytes(wl.roles[c.role].shape, home[c.role].layout, k.param_bytes)
+                duration += 2 * w / k.host_bytes_s
+            out.append(Task(c.name, (a.mesh.devices,), duration, deps, "call", it))
+            index[(it, c.name)] = len(out) - 1
+    return out
+
+
+def evaluate(ctx: Context, assign: dict[str, Assignment]) -> Estimate:
+    slots = list_schedule(tasks(ctx, assign), ctx.cluster.num_devices)
+    re = {}
+    for h in realloc_hooks(ctx, assign):
+        re[h.before] = ctx.realloc_s(h.role, h.src, h.dst)
+    return Estimate(
+        time_per_iteration_s=makespan(slots) / ctx.iterations,
+        call_s={c.name: ctx.call_s(c.name, assign[c.name]) for c in ctx.topo},
+        realloc_s=re,
+        memory_bytes=memory_per_device(ctx, assign),
+        slots=slots,
+    )
+
+
+def divides_batch(work: CallWork, layout: Layout) -> str | None:
+    """None if the layout's dp and micro-batches split the call's batch evenly."""
+    seqs = work.batch_seqs
+    if work.kind is CallKind.TRAIN:
+        seqs = work.batch_seqs * work.passes // max(work.optimizer_steps, 1)
+    if seqs % layout.dp:
+        return f"dp={layout.dp} must divide the {seqs} sequences a pass of {work.name} takes"
+    if (seqs // layout.dp) % layout.micro_batches:
+        return (
+            f"micro_batches={layout.micro_batches} must divide the {seqs // layout.dp} "
+            f"sequences each data-parallel rank of {work.name} takes"
+        )
+    return None
+
+
+def validate(ctx: Context, assign: dict[str, Assignment]) -> list[PlanProblem]:
+    """Every reason the plan cannot run: a call without an assignment, a mesh off the
+    cluster, degrees that do not multiply to the mesh or do not divide the batch, heads
+    or layers, a tensor-parallel group across nodes, memory over a device's."""
+    cl, wl = ctx.cluster, ctx.workload
+    out: list[PlanProblem] = []
+    names = {c.name for c in wl.calls}
+    for c in wl.calls:
+        if c.name not in assign:
+            out.append(PlanProblem(f"calls.{c.name}", None, "every call needs a mesh and "
+                                   "a layout", "add it to the plan file"))  # fmt: skip
+    for name in assign:
+        if name not in names:
+            out.append(PlanProblem(f"calls.{name}", name, f"the graph '{wl.graph}' has no "
+                                   f"such call (calls: {sorted(names)})", "remove it"))  # fmt: skip
+    if out:
+        return out
+    for c in wl.calls:
+        a, f = assign[c.name], f"calls.{c.name}"
+        shape, lay = wl.roles[c.role].shape, a.layout
+        why = is_valid_mesh(a.mesh, cl)
+        if why:
+            out.append(PlanProblem(f"{f}.mesh", str(a.mesh), why,
+                                   f"choose a mesh of {cl.describe()}"))  # fmt: skip
+        if min(lay.dp, lay.tp, lay.pp, lay.micro_batches) < 1 or lay.size != a.mesh.size:
+            out.append(PlanProblem(f"{f}.layout", str(lay), f"dp x tp x pp must equal the "
+                                   f"mesh's {a.mesh.size} devices", "change the degrees"))  # fmt: skip
+            continue
+        if shape.heads % lay.tp or shape.kv_heads % lay.tp:
+            out.append(PlanProblem(f"{f}.tp", lay.tp, f"tp must divide the {shape.heads} "
+                                   f"heads and {shape.kv_heads} key/value heads of "
+                                   f"{shape.name}", "choose a divisor"))  # fmt: skip
+        if lay.tp > cl.devices_per_node or (
+            a.mesh.size > cl.devices_per_node and cl.devices_per_node % lay.tp
+        ):
+            out.append(PlanProblem(f"{f}.tp", lay.tp, f"a tensor-parallel group stays in "
+                                   f"one node of {cl.devices_per_node} devices",
+                                   "use pp or dp across nodes"))  # fmt: skip
+        if shape.layers % lay.pp:
+            out.append(PlanProblem(f"{f}.pp", lay.pp, f"pp must divide the {shape.layers} "
+                                   f"layers of {shape.name}", "choose a divisor"))  # fmt: skip
+        why = divides_batch(c, lay)
+        if why:
+            out.append(PlanProblem(f"{f}.layout", str(lay), why,
+                                   "change dp or micro_batches"))  # fmt: skip
+    if out:
+        return out
+    mem = memory_per_device(ctx, assign)
+    cap = cl.kind.memory_bytes * MEMORY_HEADROOM
+    over = np.nonzero(mem > cap)[0]
+    if len(over):
+        d = int(over[np.argmax(mem[over])])
+        users = [c.name for c in wl.calls if d in assign[c.name].mesh.devices]
+        out.append(PlanProblem("memory", f"d{d}: {mem[d] / 2**30:.1f} GiB",
+                               f"{len(over)} device(s) over {cap / 2**30:.1f} GiB "
+                               f"({MEMORY_HEADROOM:.0%} of {cl.kind.name}); on d{d}: {users}",
+                               "more tp/pp/dp or micro-batches, a higher ZeRO stage, "
+                               "or more devices"))  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------ files
+
+
+def to_dict(ctx: Context, assign: dict[str, Assignment], mode: str, est: Estimate | None) -> dict:
+    """The plan file's content (JSON or YAML): the calls' meshes and layouts, and for the
+    reader the hooks and the estimate. Only `calls` is read back."""
+    wl, cl = ctx.workload, ctx.cluster
+    calls = {}
+    for c in ctx.topo:
+        a = assign[c.name]
+        calls[c.name] = {
+            "role": c.role,
+            "mesh": str(a.mesh),
+            "dp": a.layout.dp,
+            "tp": a.layout.tp,
+            "pp": a.layout.pp,
+            "micro_batches": a.layout.micro_batches,
+        }
+        if est is not None:
+            calls[c.name]["estimated_s"] = round(est.call_s[c.name], 6)
+    out: dict[str, Any] = {
+        "graph": wl.graph,
+        "mode": mode,
+        "cluster": {
+            "num_nodes": cl.num_nodes,
+            "devices_per_node": cl.devices_per_node,
+            "device_kind": cl.kind.name,
+        },
+        "calls": calls,
+        "reallocations": [
+            {
+                "role": h.role,
+                "before": h.before,
+                "from": _desc(h.src),
+                "to": _desc(h.dst),
+                "after": "drop",
+            }  # fmt: skip
+            for h in realloc_hooks(ctx, assign)
+        ],
+        "offloaded_roles": offloaded_roles(ctx, assign),
+    }
+    if est is not None:
+        out["estimate"] = {
+            "time_per_iteration_s": round(est.time_per_iteration_s, 6),
+            "peak_memory_gib": round(float(est.memory_bytes.max()) / 2**30, 3),
+            "realloc_s": {k: round(v, 6) for k, v in est.realloc_s.items()},
+        }
+    return out
+
+
+def _desc(a: Assignment) -> str:
+    return f"{a.mesh} {a.layout.dp}x{a.layout.tp}x{a.layout.pp}"
+
+
+def from_dict(data: dict) -> dict[str, Assignment]:
+    """Assignments from a plan file's `calls` (what `to_dict` writes); raises PlanError."""
+    problems: list[PlanProblem] = []
+    out: dict[str, Assignment] = {}
+    calls = data.get("calls") if isinstance(data, dict) else None
+    if not isinstance(calls, dict):
+        raise PlanError([PlanProblem("calls", calls, "a plan file has a `calls` mapping "
+                                     "from call name to mesh and layout",
+                                     "write one with `relay plan`")])  # fmt: skip
+    for name, spec in calls.items():
+        try:
+            mesh = Mesh.parse(str(spec["mesh"]))
+            lay = Layout(int(spec["dp"]), int(spec["tp"]), int(spec["pp"]),
+                         int(spec.get("micro_batches", 1)))  # fmt: skip
+            out[name] = Assignment(mesh, lay)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(PlanProblem(f"calls.{name}", spec, f"needs mesh ('d0-3'), dp, "
+                                        f"tp, pp and micro_batches ({e})",
+                                        "fix the entry"))  # fmt: skip
+    if problems:
+        raise PlanError(problems)
+    return out
+
+
+def load_plan_file(path: str | Path) -> dict[str, Assignment]:
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return from_dict(data)
+
+
+def comm_plan_for(ctx: Context, hook: ReallocHook) -> list:
+    """The full comm plan (every CommOp) of one reallocation hook."""
+    shape = ctx.workload.roles[hook.role].shape
+    return comm_plan(shape, hook.src.sharding, hook.dst.sharding, ctx.cluster)

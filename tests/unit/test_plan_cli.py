@@ -1,0 +1,106 @@
+"""`relay plan` as a user runs it, plan files fed back, and `relay train plan=...` using
+the same plan (refused before anything is written when this runtime cannot run it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+
+PAPER = [
+    "cluster.device=cuda",
+    "cluster.device_kind=h100-sxm",
+    "cluster.num_nodes=2",
+    "cluster.devices_per_node=8",
+    "plan.actor_shape=llama2-13b",
+    "plan.critic_shape=llama2-7b",
+    "train.rollout_batch_prompts=512",
+    "train.mini_batch_samples=128",
+    "plan.prompt_tokens=128",
+    "generate.max_new_tokens=128",
+]
+
+
+def test_relay_plan_default_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["plan", "plan.search_time_s=1", f"run.output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "estimated time per iteration" in out and "symmetric" in out and "search" in out
+    assert "this runtime can execute it: yes" in out  # the default per_role plan
+    data = json.loads((tmp_path / "ppo-sort.plan.json").read_text())
+    assert set(data["calls"]) == {
+        "actor_gen", "ref_inf", "reward_inf", "critic_inf", "actor_train", "critic_train"
+    }  # fmt: skip
+    assert data["mode"] == "per_role" and data["estimate"]["time_per_iteration_s"] > 0
+    assert set(data["modes"]) == {"per_role", "symmetric", "heuristic", "search"}
+    assert (tmp_path / "ppo-sort.plan.png").stat().st_size > 10_000
+    assert not (tmp_path / "ppo-sort").exists()  # planning makes no run folder
+
+
+def test_paper_scale_plan_and_file_round_trip(tmp_path: Path, capsys) -> None:
+    out_file = tmp_path / "p.json"
+    rc = main(["plan", "plan=search", "plan.search_time_s=2", f"plan.out={out_file}", *PAPER])
+    assert rc == 0
+    first = json.loads(out_file.read_text())
+    assert first["cluster"] == {"num_nodes": 2, "devices_per_node": 8, "device_kind": "h100-sxm"}
+    searched = first["estimate"]["time_per_iteration_s"]
+    assert searched <= first["modes"]["symmetric"] + 1e-12
+    capsys.readouterr()
+    again = tmp_path / "again.json"
+    rc = main(["plan", "plan=file", f"plan.path={out_file}", f"plan.out={again}", *PAPER])
+    assert rc == 0
+    second = json.loads(again.read_text())
+    assert second["calls"] == first["calls"]
+    assert second["estimate"]["time_per_iteration_s"] == pytest.approx(searched, rel=1e-9)
+
+
+def test_edited_plan_file_is_validated(tmp_path: Path, capsys) -> None:
+    out_file = tmp_path / "p.json"
+    assert (
+        main(["plan", "plan=heuristic", "plan.search_time_s=0.5", f"plan.out={out_file}", *PAPER])
+        == 0
+    )
+    data = json.loads(out_file.read_text())
+    data["calls"]["actor_train"].update(mesh="d0-7", dp=2, tp=3, pp=1)  # 2 x 3 x 1 != 8
+    data["calls"]["ref_inf"]["mesh"] = "d3-4"  # not an aligned block
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    capsys.readouterr()
+    rc = main(["plan", "plan=file", f"plan.path={bad}", f"plan.out={tmp_path / 'x.json'}", *PAPER])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "calls.actor_train.layout" in err and "mesh's 8 devices" in err
+    assert "calls.ref_inf.mesh" in err and "fix:" in err.lower()
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_train_refuses_a_plan_this_runtime_cannot_run(tmp_path: Path, capsys) -> None:
+    """The symmetric plan puts every call on all 4 devices: refused before Ray starts
+    and before the run folder exists."""
+    rc = main(["train", "plan=symmetric", f"run.output_dir={tmp_path}", "train.steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "plan (symmetric): actor_gen" in err and "one device" in err
+    assert "Fix:" in err
+    assert not (tmp_path / "ppo-sort").exists()
+
+
+def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
+    """`relay train` plans with make_plan on the same config as `relay plan`."""
+    from launch.cli import plan_for_run
+    from orchestrator.config import load_config
+    from orchestrator.planning import make_plan
+
+    cfg = load_config([f"run.output_dir={tmp_path}"])
+    assert plan_for_run(cfg).plan == make_plan(cfg).plan
+
+
+def test_relay_help_lists_plan_and_profile(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "plan " in out and "profile " in out
+    assert main(["plan", "--help"]) == 0
+    assert "relay plan" in capsys.readouterr().out
