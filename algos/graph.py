@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-
-import torch
+from typing import Any
 
 
 class CallKind(StrEnum):
@@ -30,7 +29,7 @@ class Key:
     """A typed field on a dataflow edge."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str  # torch dtype name: int64 | float32 (no torch import, so the planner needs none)
     shape: str  # letters from the legend, e.g. "B,T"
     doc: str
 
@@ -44,25 +43,25 @@ def _keys(*keys: Key) -> dict[str, Key]:
 
 
 KEYS: dict[str, Key] = _keys(
-    Key("prompt_ids", torch.long, "B,P", "prompt token ids, left padded, bos first"),
-    Key("prompt_mask", torch.long, "B,P", "1 on prompt tokens, 0 on left padding"),
-    Key("response_ids", torch.long, "B,T", "response token ids, right padded"),
-    Key("response_mask", torch.long, "B,T", "1 on response tokens up to and including eos"),
-    Key("logprobs", torch.float32, "B,T", "log-probs of the response under the behaviour policy"),
-    Key("ref_logprobs", torch.float32, "B,T", "log-probs of the response under the reference"),
-    Key("values", torch.float32, "B,T", "critic values before each response token"),
-    Key("scores", torch.float32, "B", "scalar reward of each prompt/response pair"),
-    Key("task_correct", torch.float32, "B", "1 where the task's verifier accepts the response"),
-    Key("unique_prompt_ids", torch.long, "U,P", "each distinct prompt of the batch once"),
-    Key("unique_prompt_mask", torch.long, "U,P", "1 on unique_prompt_ids' prompt tokens"),
-    Key("greedy_response_ids", torch.long, "U,T", "greedy response to each distinct prompt"),
-    Key("greedy_response_mask", torch.long, "U,T", "1 on greedy response tokens up to eos"),
-    Key("baseline_scores", torch.float32, "U", "reward of each greedy response (ReMax)"),
-    Key("greedy_task_correct", torch.float32, "U", "1 where the verifier accepts the greedy one"),
-    Key("chosen_ids", torch.long, "B,T", "preferred response of a preference pair"),
-    Key("chosen_mask", torch.long, "B,T", "1 on chosen response tokens up to eos"),
-    Key("rejected_ids", torch.long, "B,T", "dispreferred response of a preference pair"),
-    Key("rejected_mask", torch.long, "B,T", "1 on rejected response tokens up to eos"),
+    Key("prompt_ids", "int64", "B,P", "prompt token ids, left padded, bos first"),
+    Key("prompt_mask", "int64", "B,P", "1 on prompt tokens, 0 on left padding"),
+    Key("response_ids", "int64", "B,T", "response token ids, right padded"),
+    Key("response_mask", "int64", "B,T", "1 on response tokens up to and including eos"),
+    Key("logprobs", "float32", "B,T", "log-probs of the response under the behaviour policy"),
+    Key("ref_logprobs", "float32", "B,T", "log-probs of the response under the reference"),
+    Key("values", "float32", "B,T", "critic values before each response token"),
+    Key("scores", "float32", "B", "scalar reward of each prompt/response pair"),
+    Key("task_correct", "float32", "B", "1 where the task's verifier accepts the response"),
+    Key("unique_prompt_ids", "int64", "U,P", "each distinct prompt of the batch once"),
+    Key("unique_prompt_mask", "int64", "U,P", "1 on unique_prompt_ids' prompt tokens"),
+    Key("greedy_response_ids", "int64", "U,T", "greedy response to each distinct prompt"),
+    Key("greedy_response_mask", "int64", "U,T", "1 on greedy response tokens up to eos"),
+    Key("baseline_scores", "float32", "U", "reward of each greedy response (ReMax)"),
+    Key("greedy_task_correct", "float32", "U", "1 where the verifier accepts the greedy one"),
+    Key("chosen_ids", "int64", "B,T", "preferred response of a preference pair"),
+    Key("chosen_mask", "int64", "B,T", "1 on chosen response tokens up to eos"),
+    Key("rejected_ids", "int64", "B,T", "dispreferred response of a preference pair"),
+    Key("rejected_mask", "int64", "B,T", "1 on rejected response tokens up to eos"),
 )
 
 
@@ -231,9 +230,7 @@ class DataflowGraph:
         )
 
 
-def check_outputs(
-    call: MFC, outputs: Mapping[str, torch.Tensor], keys: Mapping[str, Key] = KEYS
-) -> None:
+def check_outputs(call: MFC, outputs: Mapping[str, Any], keys: Mapping[str, Key] = KEYS) -> None:
     """Check a call's outputs against its declaration (names, dtypes, ranks)."""
     problems: list[str] = []
     missing = [k for k in call.outputs if k not in outputs]
@@ -245,9 +242,9 @@ def check_outputs(
     for k in call.outputs:
         if k in outputs:
             t, spec = outputs[k], keys[k]
-            if t.dtype != spec.dtype or t.dim() != spec.rank:
+            if str(t.dtype).removeprefix("torch.") != spec.dtype or t.dim() != spec.rank:
                 problems.append(
-                    f"'{k}' is {t.dtype} with {t.dim()} dims, declared {spec.dtype} [{spec.shape}]"
+                    f"'{k}' is {t.dtype} with {t.dim()} dims, declared torch.{spec.dtype} [{spec.shape}]"
                 )
     if problems:
         raise GraphError(f"{call.name} outputs", problems)

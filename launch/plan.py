@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import ConfigError, RelayConfig
@@ -51,7 +52,7 @@ def draw_gantt(result: PlanResult, path: Path) -> None:
                     hatch="//" if s.task.kind == "realloc" else None,
                     alpha=0.55 if s.task.kind == "realloc" else 1.0)  # fmt: skip
     handles = [plt.Rectangle((0, 0), 1, 1, color=color[c]) for c in names]
-    ax.legend(handles, names, loc="upper right", fontsize=7, ncol=2)
+    ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     ax.set_xlabel("seconds (simulated; hatched: parameter reallocation)")
     ax.set_ylabel("device")
     ax.invert_yaxis()
@@ -64,7 +65,8 @@ def draw_gantt(result: PlanResult, path: Path) -> None:
     plt.close(fig)
 
 
-def _progress() -> tuple:
+def _progress() -> Callable[[int, float], None]:
+    """Prints the search's best plan at most once a second."""
     last = [0.0]
 
     def report(evaluated: int, cost_s: float) -> None:
@@ -73,7 +75,7 @@ def _progress() -> tuple:
             print(f"  search: {evaluated} plans evaluated, best {cost_s:.4g} s", flush=True)
             last[0] = now
 
-    return (report,)
+    return report
 
 
 def run_plan(cfg: RelayConfig) -> int:
@@ -87,7 +89,7 @@ def run_plan(cfg: RelayConfig) -> int:
     for mode in modes:
         t0 = time.perf_counter()
         try:
-            prog = _progress()[0] if mode == "search" else None
+            prog = _progress() if mode == "search" else None
             results[mode] = make_plan(cfg, mode, ctx, progress=prog)
         except ConfigError as e:
             if mode == cfg.plan.mode:

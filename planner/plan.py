@@ -94,6 +94,7 @@ class Context:
     iterations: int = 3
     _call_s: dict[tuple, float] = field(default_factory=dict, repr=False)
     _act: dict[tuple, float] = field(default_factory=dict, repr=False)
+    _realloc: dict[tuple, float] = field(default_factory=dict, repr=False)
 
     def placement(self, a: Assignment) -> Placement:
         return Placement(a.mesh, a.layout, self.cluster)
@@ -118,8 +119,12 @@ class Context:
         return self._act[key]
 
     def realloc_s(self, role: str, src: Assignment, dst: Assignment) -> float:
-        shape = self.workload.roles[role].shape
-        return realloc_s(traffic(shape, src.sharding, dst.sharding, self.cluster), self.cluster)
+        key = (role, src.sharding, dst.sharding)
+        if key not in self._realloc:
+            shape = self.workload.roles[role].shape
+            tr = traffic(shape, src.sharding, dst.sharding, self.cluster)
+            self._realloc[key] = realloc_s(tr, self.cluster)
+        return self._realloc[key]
 
     @cached_property
     def topo(self) -> tuple[CallWork, ...]:

@@ -19,6 +19,7 @@ and a test checks it against the full plan.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,6 +188,27 @@ def _add(traffic: dict[str, defaultdict], op: CommOp, per_node: int, times: int)
     traffic["pairs"][(op.src, op.dst)] += 1
 
 
+def _layer_classes(
+    shape: ModelShape, layers: list[int], src_tp: int, dst_tp: int, param_bytes: int
+) -> list[tuple[TensorSpec, int, int]]:
+    """A decoder layer's tensors as two stand-ins that move alike: the split tensors as one
+    unit tensor of lcm(tp) rows (each row standing for `scale` bytes) and the replicated
+    ones as one tensor; (tensor, scale, times). Falls back to the real tensors when a
+    split dimension is not a multiple of both tp degrees."""
+    tensors = layer_tensors(shape, layers[0])
+    unit = math.lcm(src_tp, dst_tp)
+    split = [t for t in tensors if t.split_dim is not None]
+    if any(t.shape[t.split_dim] % unit for t in split):  # type: ignore[index]
+        return [(t, param_bytes, len(layers)) for t in tensors]
+    split_bytes = sum(math.prod(t.shape) for t in split) * param_bytes
+    rep_bytes = sum(math.prod(t.shape) for t in tensors if t.split_dim is None) * param_bytes
+    layer = layers[0]
+    return [
+        (TensorSpec("split", (unit,), 0, layer), split_bytes // unit, len(layers)),
+        (TensorSpec("replicated", (1,), None, layer), rep_bytes, len(layers)),
+    ]
+
+
 @lru_cache(maxsize=65536)
 def traffic(
     shape: ModelShape,
@@ -205,11 +227,13 @@ def traffic(
         k: defaultdict(int)
         for k in ("send_intra", "recv_intra", "send_inter", "recv_inter", "local", "pairs")
     }
-    work = [(t, len(ls)) for ls in groups.values() for t in layer_tensors(shape, ls[0])]
-    work += [(t, 1) for t in edge_tensors(shape)]
-    for t, times in work:
+    for ls in groups.values():
+        for t, scale, times in _layer_classes(shape, ls, src[1].tp, dst[1].tp, pb):
+            for op in tensor_ops(t, shape.layers, src, dst, per_node, 1):
+                _add(acc, op, per_node, times * scale)
+    for t in edge_tensors(shape):
         for op in tensor_ops(t, shape.layers, src, dst, per_node, pb):
-            _add(acc, op, per_node, times)
+            _add(acc, op, per_node, 1)
     peers: dict[int, set[int]] = defaultdict(set)
     for s, d in acc["pairs"]:
         peers[s].add(d)

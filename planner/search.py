@@ -23,7 +23,6 @@ from planner.plan import (
     MEMORY_HEADROOM,
     Assignment,
     Context,
-    Estimate,
     divides_batch,
     evaluate,
     memory_per_device,
@@ -243,20 +242,30 @@ def mcmc(
     keep: int = 4,
     start: Plan | None = None,
     temperature: float = 0.05,
+    patience: int = 2000,
     progress: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
-    """Metropolis MCMC over per-call candidates: propose a new candidate for one random
-    call, accept with probability min(1, exp(-(c' - c) / (T c))) (T falls linearly to
-    a tenth over the budget); keep the best plan seen. Seeded; stops at the time budget
-    or the evaluation count."""
+    """Metropolis MCMC over per-call candidates, seeded, bounded by time (and optionally
+    by evaluations).
+
+    Start: the cheaper of the symmetric and heuristic plans (or `start`). A proposal
+    changes one call, or two (a neighbouring or any candidate), gives one call another call's
+    current mesh and layout, or moves all calls of one role to one candidate at once
+    (so a role's train and generate calls can move together without paying a
+    reallocation in between). It is accepted with probability min(1, exp(-(c' - c) /
+    (T c))), T falling linearly to a tenth over the budget; after `patience`
+    evaluations without a new best the chain restarts from the best plan. The best plan
+    seen is returned."""
     rng = random.Random(seed)
     t0 = time.perf_counter()
     cands = candidates(ctx, keep)
     empty = [n for n, c in cands.items() if not c]
     if empty:
         raise ValueError(f"no layout of {empty} fits the cluster's memory")
+    cand_sets = {n: set(c) for n, c in cands.items()}
     by_mesh = {n: _group(c, lambda a: a.mesh) for n, c in cands.items()}
     by_layout = {n: _group(c, lambda a: (a.mesh.size, a.layout)) for n, c in cands.items()}
+    role_calls = {r: [c.name for c in ctx.workload.role_calls(r)] for r in ctx.workload.roles}
     starts = [p for p in (start, symmetric(ctx), heuristic(ctx)) if p is not None]
     cur = min(starts, key=lambda p: cost(ctx, p)) if starts else None
     if cur is None:  # no baseline fits: start from each call's leanest candidate
@@ -265,31 +274,48 @@ def mcmc(
     best, best_cost = dict(cur), cur_cost
     seen: dict[tuple, float] = {}
     names = list(cands)
-    evaluated = accepted = 0
+    evaluated = accepted = last_best = 0
     history = [(0, best_cost)]
     while True:
         elapsed = time.perf_counter() - t0
-        if elapsed > time_budget_s or (max_evaluations and evaluated >= max_evaluations):
+        done = elapsed / max(time_budget_s, 1e-9)
+        if max_evaluations:
+            done = max(done, evaluated / max_evaluations)
+        if done >= 1.0:
             break
-        name = rng.choice(names)
         prop = dict(cur)
-        prop[name] = _propose(rng, cur[name], cands[name], by_mesh[name], by_layout[name])
+        u = rng.random()
+        if u < 0.6:
+            for name in rng.sample(names, 2 if u < 0.15 and len(names) > 1 else 1):
+                prop[name] = _propose(rng, cur[name], cands[name], by_mesh[name], by_layout[name])
+        elif u < 0.8:
+            name, other = rng.choice(names), rng.choice(names)
+            if cur[other] in cand_sets[name]:
+                prop[name] = cur[other]
+        else:
+            calls = role_calls[rng.choice(list(role_calls))]
+            target = rng.choice(cands[calls[-1]])
+            for n in calls:
+                if target in cand_sets[n]:
+                    prop[n] = target
         key = tuple(prop[n] for n in names)
         if key not in seen:
             seen[key] = cost(ctx, prop)
             evaluated += 1
         c = seen[key]
-        temp = temperature * (1 - 0.9 * min(1.0, elapsed / max(time_budget_s, 1e-9)))
+        temp = temperature * (1 - 0.9 * min(1.0, done))
         if c < math.inf and (
             c <= cur_cost or rng.random() < math.exp(-(c - cur_cost) / (temp * cur_cost))
         ):
             cur, cur_cost = prop, c
             accepted += 1
             if c < best_cost:
-                best, best_cost = dict(prop), c
+                best, best_cost, last_best = dict(prop), c, evaluated
                 history.append((evaluated, c))
                 if progress:
                     progress(evaluated, c)
+        if evaluated - last_best > patience:
+            cur, cur_cost, last_best = dict(best), best_cost, evaluated
     return SearchResult(best, best_cost, evaluated, accepted, time.perf_counter() - t0, history)
 
 
@@ -334,7 +360,3 @@ def exhaustive(ctx: Context, keep: int = 4) -> tuple[Plan, float]:
             best = (c, plan)
     assert best is not None
     return best[1], best[0]
-
-
-def estimate(ctx: Context, plan: Plan) -> Estimate:
-    return evaluate(ctx, plan)

@@ -63,3 +63,26 @@ def test_importing_the_package_itself_loads_nothing_heavy() -> None:
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_planner_imports_without_torch() -> None:
+    """planner/ is pure Python (numpy at most): every module imports with torch, ray,
+    vllm and deepspeed blocked, so plans for large clusters are made anywhere."""
+    script = (
+        "import importlib, pkgutil, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'ray', 'vllm', 'deepspeed'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import planner\n"
+        "for info in pkgutil.walk_packages(planner.__path__, 'planner.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "from planner.search import symmetric\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
