@@ -99,6 +99,18 @@ def candidates(ctx: Context, keep: int = 4) -> dict[str, list[Assignment]]:
     return out
 
 
+def search_space(ctx: Context, keep: int = 4) -> tuple[dict[str, list[Assignment]], list[Plan]]:
+    """The candidates of every call, with the symmetric and heuristic plans' assignments
+    added, and those plans (the search's starting points)."""
+    cands = candidates(ctx, keep)
+    starts = [p for p in (symmetric(ctx), heuristic(ctx)) if p is not None]
+    for plan in starts:
+        for name, a in plan.items():
+            if a not in cands[name]:
+                cands[name].append(a)
+    return cands, starts
+
+
 def cost(ctx: Context, plan: Plan) -> float:
     """Simulated time per iteration, or infinity if some device's memory is exceeded."""
     cap = ctx.cluster.kind.memory_bytes * MEMORY_HEADROOM
@@ -238,7 +250,7 @@ def mcmc(
     *,
     seed: int = 0,
     time_budget_s: float = 20.0,
-    max_evaluations: int | None = None,
+    max_steps: int | None = None,
     keep: int = 4,
     start: Plan | None = None,
     temperature: float = 0.05,
@@ -246,7 +258,7 @@ def mcmc(
     progress: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
     """Metropolis MCMC over per-call candidates, seeded, bounded by time (and optionally
-    by evaluations).
+    by a number of proposals, `max_steps`).
 
     Start: the cheaper of the symmetric and heuristic plans (or `start`). A proposal
     changes one call, or two (a neighbouring or any candidate), gives one call another call's
@@ -258,7 +270,11 @@ def mcmc(
     seen is returned."""
     rng = random.Random(seed)
     t0 = time.perf_counter()
-    cands = candidates(ctx, keep)
+    cands, baselines = search_space(ctx, keep)
+    if start is not None:
+        for name, a in start.items():
+            if a not in cands[name]:
+                cands[name].append(a)
     empty = [n for n, c in cands.items() if not c]
     if empty:
         raise ValueError(f"no layout of {empty} fits the cluster's memory")
@@ -266,7 +282,7 @@ def mcmc(
     by_mesh = {n: _group(c, lambda a: a.mesh) for n, c in cands.items()}
     by_layout = {n: _group(c, lambda a: (a.mesh.size, a.layout)) for n, c in cands.items()}
     role_calls = {r: [c.name for c in ctx.workload.role_calls(r)] for r in ctx.workload.roles}
-    starts = [p for p in (start, symmetric(ctx), heuristic(ctx)) if p is not None]
+    starts = ([start] if start is not None else []) + baselines
     cur = min(starts, key=lambda p: cost(ctx, p)) if starts else None
     if cur is None:  # no baseline fits: start from each call's leanest candidate
         cur = {n: c[-1] for n, c in cands.items()}
@@ -274,15 +290,16 @@ def mcmc(
     best, best_cost = dict(cur), cur_cost
     seen: dict[tuple, float] = {}
     names = list(cands)
-    evaluated = accepted = last_best = 0
+    evaluated = accepted = last_best = steps = 0
     history = [(0, best_cost)]
     while True:
         elapsed = time.perf_counter() - t0
         done = elapsed / max(time_budget_s, 1e-9)
-        if max_evaluations:
-            done = max(done, evaluated / max_evaluations)
+        if max_steps:
+            done = max(done, steps / max_steps)
         if done >= 1.0:
             break
+        steps += 1
         prop = dict(cur)
         u = rng.random()
         if u < 0.6:
@@ -344,10 +361,11 @@ def _propose(
 
 
 def exhaustive(ctx: Context, keep: int = 4) -> tuple[Plan, float]:
-    """The best plan over every combination of candidates (small clusters only)."""
+    """The best plan over every combination of the search's candidates (small clusters
+    only)."""
     import itertools
 
-    cands = candidates(ctx, keep)
+    cands, _ = search_space(ctx, keep)
     names = list(cands)
     size = math.prod(len(c) for c in cands.values())
     if size > 2_000_000:

@@ -116,4 +116,7 @@ def rl_shapes(graph: DataflowGraph, actor: ModelShape, critic: ModelShape) -> di
     share the critic's, with a scalar head."""
     value = critic.as_critic()
     table = {"actor": actor, "ref": actor, "critic": value, "reward": value}
+    unknown = [r for r in graph.roles if r not in table]
+    if unknown:
+        raise KeyError(f"roles {unknown} have no shape convention; pass shapes yourself")
     return {r: table[r] for r in graph.roles}

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from algos.graph import CallKind
+from algos.graph import MFC, CallKind, DataflowGraph
 from algos.ppo import group_baseline_graph, ppo_graph, remax_graph, reward_model_graph, sft_graph
 from planner.catalogue import DEVICE_KINDS, MODEL_SHAPES, Cluster, DeviceKind, ModelShape
 from planner.cost import Placement, forward_s, stage_params, train_state_bytes
@@ -26,7 +26,7 @@ from planner.plan import (
     validate,
 )
 from planner.realloc import comm_plan, model_tensors, stage_of, traffic
-from planner.search import cost, exhaustive, heuristic, mcmc, symmetric
+from planner.search import cost, exhaustive, heuristic, mcmc, search_space, symmetric
 from planner.simulate import Task, list_schedule, makespan
 from planner.workload import rl_shapes, workload_from_graph
 
@@ -243,22 +243,44 @@ def test_plan_file_round_trip() -> None:
 # ------------------------------------------------------------------ search
 
 
-@pytest.mark.parametrize("per_node,keep", [(2, 3), (4, 1)])
-def test_search_finds_the_exhaustive_optimum(per_node: int, keep: int) -> None:
-    """GRPO, a 7B actor on 2 and 4 H100s: MCMC reaches the cost that enumerating every
+def reinforce_graph() -> DataflowGraph:
+    """Three calls: sample, score, train (REINFORCE without a reference)."""
+    prompt, response = ("prompt_ids", "prompt_mask"), ("response_ids", "response_mask")
+    return DataflowGraph(
+        "reinforce",
+        [
+            MFC("actor_gen", "actor", CallKind.GENERATE, "generate", prompt,
+                (*response, "logprobs")),
+            MFC("reward_inf", "reward", CallKind.INFERENCE, "reward", (*prompt, *response),
+                ("scores",)),
+            MFC("actor_train", "actor", CallKind.TRAIN, "t", (*prompt, *response, "scores")),
+        ],
+        dataset_keys=prompt,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "per_node,keep,graph",
+    [(2, 3, lambda: group_baseline_graph("grpo")), (4, 2, reinforce_graph)],
+    ids=["grpo-2-devices", "reinforce-4-devices"],
+)
+def test_search_finds_the_exhaustive_optimum(per_node: int, keep: int, graph) -> None:
+    """A 7B actor on 2 and 4 H100s: MCMC reaches the cost that enumerating every
     combination of the same candidates finds."""
-    ctx = ppo_ctx(1, per_node, graph=lambda: group_baseline_graph("grpo"), prompts=32)
+    ctx = ppo_ctx(1, per_node, graph=graph, prompts=32)
+    cands, _ = search_space(ctx, keep)
+    assert math.prod(len(c) for c in cands.values()) > 4000  # 8,112 and 4,620 plans
     best_plan, best = exhaustive(ctx, keep=keep)
     assert math.isfinite(best)
-    found = mcmc(ctx, seed=0, time_budget_s=60.0, max_evaluations=4000, keep=keep)
+    found = mcmc(ctx, seed=0, time_budget_s=60.0, max_steps=20000, keep=keep)
     assert found.cost_s == pytest.approx(best, rel=1e-12)
     assert validate(ctx, found.plan) == []
 
 
 def test_search_is_seeded() -> None:
     ctx = ppo_ctx(1, 8, prompts=64)
-    a = mcmc(ctx, seed=3, time_budget_s=60.0, max_evaluations=300)
-    b = mcmc(ctx, seed=3, time_budget_s=60.0, max_evaluations=300)
+    a = mcmc(ctx, seed=3, time_budget_s=60.0, max_steps=300)
+    b = mcmc(ctx, seed=3, time_budget_s=60.0, max_steps=300)
     assert a.plan == b.plan and a.cost_s == b.cost_s
 
 
