@@ -676,7 +676,10 @@ def _plan_rules(p: list[Problem], cfg: RelayConfig) -> None:
     for key in ("actor_shape", "critic_shape"):
         if getattr(pl, key) is not None:
             check_choice(p, f"plan.{key}", getattr(pl, key), MODEL_SHAPES, "model shape")
-    if pl.mode == "file" and (pl.path is None or not Path(pl.path).is_file()):
+    if pl.path is not None and not Path(pl.path).is_file():
+        p.append(Problem("plan.path", pl.path, "the plan file does not exist",
+                         "write one with `relay plan ... plan.out=<file>`"))  # fmt: skip
+    elif pl.mode == "file" and pl.path is None:
         p.append(Problem("plan.path", pl.path, "plan=file reads an existing plan file",
                          "write one with `relay plan ...` and pass plan.path=<file>"))  # fmt: skip
     if c.profile is not None and not Path(c.profile).is_file():

@@ -1,15 +1,19 @@
 """The planner applied to a Relay config: the workload and cluster a config describes, the
 plan each `plan.mode` makes for it, and whether this runtime can execute that plan.
 
-`relay plan` and `relay train` both call `make_plan`, so a run uses exactly the plan
-that `relay plan` prints for the same overrides.
+`relay plan` and `relay train` both call `make_plan`, so a run plans with the same code
+and inputs as `relay plan`. per_role, symmetric and heuristic plans are deterministic;
+the search stops on wall-clock time, so two searches with one seed can differ: the plan
+a run used is in its run folder (plan.json), and `plan=file plan.path=<a plan file>`
+runs exactly the plan a file holds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from algos.graph import DataflowGraph
@@ -24,7 +28,7 @@ from planner.catalogue import (
 )
 from planner.plan import Assignment, Context, Estimate, evaluate, load_plan_file, validate
 from planner.search import SearchResult, heuristic, mcmc, per_role, symmetric
-from planner.workload import Workload, rl_shapes, workload_from_graph
+from planner.workload import Workload, rl_shapes, without_roles, workload_from_graph
 
 
 def planned_graph(cfg: RelayConfig) -> DataflowGraph:
@@ -72,7 +76,7 @@ def workload(cfg: RelayConfig) -> Workload:
                                    prompts=cfg.reward.batch_pairs, samples_per_prompt=2,
                                    mini_batches=1, **common)  # fmt: skip
     samples = t.rollout_batch_prompts * t.samples_per_prompt
-    return workload_from_graph(
+    wl = workload_from_graph(
         graph,
         rl_shapes(graph, actor, critic),
         prompts=t.rollout_batch_prompts,
@@ -81,12 +85,20 @@ def workload(cfg: RelayConfig) -> Workload:
         ppo_epochs=cfg.algo.ppo_epochs,
         **common,
     )
+    if cfg.reward.source == "verifier":  # the task's verifier: no model to place
+        wl = without_roles(wl, {"reward"})
+    return wl
 
 
 def cluster(cfg: RelayConfig) -> Cluster:
+    """The config's cluster; a CPU device slot gets its share of this host's memory."""
     c = cfg.cluster
-    kind = c.device_kind or ("cpu" if c.device == "cpu" else "h100-sxm")
-    return Cluster(c.num_nodes, c.devices_per_node, device_kind(kind, c.profile))
+    name = c.device_kind or ("cpu" if c.device == "cpu" else "h100-sxm")
+    kind = device_kind(name, c.profile)
+    if name == "cpu":
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        kind = replace(kind, memory_bytes=host / c.devices_per_node)
+    return Cluster(c.num_nodes, c.devices_per_node, kind)
 
 
 def context(cfg: RelayConfig) -> Context:
@@ -128,20 +140,42 @@ def make_plan(
     elif mode == "per_role":
         plan = per_role(ctx)
     else:
-        search = mcmc(ctx, seed=cfg.plan.seed, time_budget_s=cfg.plan.search_time_s,
-                      progress=progress)  # fmt: skip
-        plan = search.plan
+        try:
+            search = mcmc(ctx, seed=cfg.plan.seed, time_budget_s=cfg.plan.search_time_s,
+                          progress=progress)  # fmt: skip
+            plan = search.plan
+        except ValueError as e:  # a call that fits on no mesh at all
+            raise ConfigError([Problem("plan.mode", mode, f"{e} ({ctx.cluster.describe()})",
+                                       _NO_PLAN_FIX[mode])]) from None  # fmt: skip
     if plan is None:
-        raise ConfigError([Problem("plan.mode", mode, f"no {mode} plan of {ctx.workload.graph} "
-                                   f"fits {ctx.cluster.describe()}",
-                                   "use more devices, a larger ZeRO stage or smaller batches, "
-                                   "or plan=search")])  # fmt: skip
+        raise ConfigError([Problem("plan.mode", mode, _no_plan_rule(ctx, mode),
+                                   _NO_PLAN_FIX[mode])])  # fmt: skip
     problems = validate(ctx, plan)
     if problems:
         field = "plan.path" if mode == "file" else "plan.mode"
         raise ConfigError([Problem(f"{field} -> {p.field}", p.value, p.rule, p.fix)
                            for p in problems])  # fmt: skip
     return PlanResult(mode, ctx, plan, evaluate(ctx, plan), search)
+
+
+_NO_PLAN_FIX = {
+    "per_role": "raise cluster.devices_per_node to one device per role, use a larger "
+    "device kind, or smaller batches (train.rollout_batch_prompts)",
+    "symmetric": "use more devices, a higher train.zero_stage or smaller batches",
+    "heuristic": "use more devices, a higher train.zero_stage or smaller batches",
+    "search": "use more devices, a higher train.zero_stage or smaller batches",
+    "file": "check plan.path",
+}
+
+
+def _no_plan_rule(ctx: Context, mode: str) -> str:
+    roles, n = len(ctx.workload.roles), ctx.cluster.num_devices
+    where = f"{ctx.cluster.describe()}"
+    if mode == "per_role" and roles > n:
+        return f"per_role puts each of the {roles} roles on a device of its own; {where} has {n}"
+    if mode == "per_role":
+        return f"some role of {ctx.workload.graph} does not fit on one device of {where}"
+    return f"no {mode} plan of {ctx.workload.graph} fits the memory of {where}"
 
 
 def runtime_problems(result: PlanResult) -> list[Problem]:

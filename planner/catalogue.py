@@ -86,7 +86,7 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
 
 def device_kind(name: str, profile: str | Path | None = None) -> DeviceKind:
     """The catalogue entry `name`, with measured figures from a `relay profile` file when
-    `profile` names one (or, for name 'cpu', when profiles/cpu.json exists)."""
+    `profile` names one, or else when profiles/<name>.json exists."""
     if name not in DEVICE_KINDS:
         raise KeyError(f"unknown device kind '{name}'; known: {sorted(DEVICE_KINDS)}")
     kind = DEVICE_KINDS[name]

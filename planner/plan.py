@@ -227,13 +227,16 @@ def tasks(ctx: Context, assign: dict[str, Assignment]) -> list[Task]:
                 after_train = (index[(it - 1, train.name)],)
             deps = tuple(index[(it, p)] for p in c.parents) + after_train
             if c.name in hooks:
+                # the new weights exist once the role's last train call ends, and the
+                # replica of the previous iteration's call is dropped when that call ends
                 h = hooks[c.name]
+                prev = (index[(it - 1, c.name)],) if it > 0 else ()
                 out.append(
                     Task(
                         f"realloc {c.role} -> {c.name}",
                         (h.src.mesh.devices, h.dst.mesh.devices),
                         ctx.realloc_s(c.role, h.src, h.dst),
-                        after_train,
+                        after_train + prev,
                         "realloc",
                         it,
                     )
@@ -417,14 +420,22 @@ def from_dict(data: dict) -> dict[str, Assignment]:
 
 
 def load_plan_file(path: str | Path) -> dict[str, Assignment]:
+    """The assignments of a JSON or YAML plan file; raises PlanError if it cannot be read."""
     p = Path(path)
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as e:  # missing file, bad JSON (ValueError), bad YAML
+        raise PlanError([PlanProblem("path", str(p), f"cannot read the plan file ({e})",
+                                     "write one with `relay plan` (plan.out)")]) from None  # fmt: skip
+    except Exception as e:  # yaml.YAMLError does not derive from ValueError
+        raise PlanError([PlanProblem("path", str(p), f"cannot parse the plan file ({e})",
+                                     "fix its YAML or JSON")]) from None  # fmt: skip
     return from_dict(data)
 
 

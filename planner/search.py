@@ -285,7 +285,7 @@ def mcmc(
     starts = ([start] if start is not None else []) + baselines
     cur = min(starts, key=lambda p: cost(ctx, p)) if starts else None
     if cur is None:  # no baseline fits: start from each call's leanest candidate
-        cur = {n: c[-1] for n, c in cands.items()}
+        cur = {n: min(c, key=lambda a, n=n: _alone_bytes(ctx, n, a)) for n, c in cands.items()}
     cur_cost = cost(ctx, cur)
     best, best_cost = dict(cur), cur_cost
     seen: dict[tuple, float] = {}

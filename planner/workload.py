@@ -7,7 +7,7 @@ generation and its reward) works on the distinct prompts, any other on all seque
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from algos.graph import MFC, CallKind, DataflowGraph
 from planner.catalogue import ModelShape
@@ -120,3 +120,16 @@ def rl_shapes(graph: DataflowGraph, actor: ModelShape, critic: ModelShape) -> di
     if unknown:
         raise KeyError(f"roles {unknown} have no shape convention; pass shapes yourself")
     return {r: table[r] for r in graph.roles}
+
+
+def without_roles(wl: Workload, roles: set[str]) -> Workload:
+    """The workload without the calls of `roles` (roles that hold no model, such as a
+    verifier reward): they take no device time and no memory the planner models."""
+    gone = {c.name for c in wl.calls if c.role in roles}
+    calls = tuple(
+        replace(c, parents=tuple(p for p in c.parents if p not in gone))
+        for c in wl.calls
+        if c.name not in gone
+    )
+    kept = {r: v for r, v in wl.roles.items() if r not in roles}
+    return Workload(wl.graph, kept, calls, wl.zero_stage)

@@ -89,13 +89,43 @@ def test_train_refuses_a_plan_this_runtime_cannot_run(tmp_path: Path, capsys) ->
 
 
 def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
-    """`relay train` plans with make_plan on the same config as `relay plan`."""
+    """`relay train plan=heuristic` runs the plan `relay plan plan=heuristic` makes, for the
+    RL graph even when plan.graph asks `relay plan` for another graph."""
+    from dataclasses import replace
+
     from launch.cli import plan_for_run
     from orchestrator.config import load_config
     from orchestrator.planning import make_plan
 
-    cfg = load_config([f"run.output_dir={tmp_path}"])
-    assert plan_for_run(cfg).plan == make_plan(cfg).plan
+    cfg = load_config([f"run.output_dir={tmp_path}", "plan=heuristic", "plan.graph=sft"])
+    used = plan_for_run(cfg)
+    assert set(used.plan) == {"actor_gen", "ref_inf", "reward_inf", "critic_inf",
+                              "actor_train", "critic_train"}  # fmt: skip
+    assert used.plan == make_plan(replace(cfg, plan=replace(cfg.plan, graph=None))).plan
+    assert set(make_plan(cfg).plan) == {"actor_sft"}  # what `relay plan` plans here
+
+
+def test_verifier_reward_takes_no_device(tmp_path: Path) -> None:
+    """With reward=verifier there is no reward model: the planner places none, so PPO's
+    three models fit a 3-GPU cluster."""
+    from orchestrator.config import load_config
+    from orchestrator.planning import make_plan
+
+    cfg = load_config(["reward=verifier", "cluster.device=cuda", "cluster.devices_per_node=3",
+                       f"run.output_dir={tmp_path}"], for_run=False)  # fmt: skip
+    result = make_plan(cfg)
+    assert "reward_inf" not in result.plan and len(result.plan) == 5
+    assert {a.mesh.start for a in result.plan.values()} == {0, 1, 2}
+
+
+def test_unreadable_plan_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    rc = main(["plan", "plan=file", f"plan.path={bad}", f"plan.out={tmp_path / 'o.json'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot read the plan file" in err and "plan.path" in err
+    rc = main(["plan", f"plan.path={tmp_path / 'missing.json'}"])
+    assert rc == 2 and "the plan file does not exist" in capsys.readouterr().err
 
 
 def test_relay_help_lists_plan_and_profile(capsys) -> None:
