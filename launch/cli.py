@@ -5,6 +5,7 @@ relay train --help              the config groups, their options and every key
 relay config [key=value ...]    print the composed, validated config
 relay plan [key=value ...]      the execution plan and its estimated cost, without running
 relay profile [--out F]         measure this machine's per-layer costs for the planner
+relay submit [key=value ...]    the run as a Ray Job on a cluster; status, logs, stop follow it
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ commands:
   config    print the composed and validated configuration, then exit
   plan      the execution plan of the same overrides: table, estimate per mode, Gantt chart
   profile   measure this machine's per-layer costs (profiles/cpu.json) for the planner
+  submit    send the run to a Ray cluster as a Ray Job (--address); prints the job id
+  status    a submitted run's status (relay status JOB)
+  logs      a submitted run's output (relay logs JOB [--follow])
+  stop      stop a submitted run at its next step boundary, with a checkpoint
 
 `relay <command> --help` shows the configuration and its groups.
 Examples:
@@ -192,7 +197,22 @@ def profile(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"train": train, "config": show_config, "plan": plan, "profile": profile}
+def _jobs(name: str) -> Any:
+    def run(argv: list[str]) -> int:
+        from launch import jobs
+
+        return getattr(jobs, name)(argv)
+
+    return run
+
+
+COMMANDS = {
+    "train": train,
+    "config": show_config,
+    "plan": plan,
+    "profile": profile,
+    **{name: _jobs(name) for name in ("submit", "status", "logs", "stop")},
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,6 +149,21 @@ def homes(ctx: Context, assign: dict[str, Assignment]) -> dict[str, Assignment]:
     return out
 
 
+def replicas(ctx: Context, assign: dict[str, Assignment]) -> dict[str, list[str]]:
+    """Each role's model replicas (home first): one per distinct mesh and parallel degrees
+    its calls run under, with the calls that use it."""
+    home = homes(ctx, assign)
+    out: dict[str, list[str]] = {}
+    for role in ctx.workload.roles:
+        by_replica: dict[tuple, list[str]] = {home[role].replica: []}
+        for c in ctx.topo:
+            if c.role == role:
+                by_replica.setdefault(assign[c.name].replica, []).append(c.name)
+        out[role] = [f"{m} dp{dp} tp{tp} pp{pp}: {', '.join(calls)}"
+                     for (m, dp, tp, pp), calls in by_replica.items()]  # fmt: skip
+    return out
+
+
 def realloc_hooks(ctx: Context, assign: dict[str, Assignment]) -> list[ReallocHook]:
     home = homes(ctx, assign)
     return [
@@ -370,6 +385,7 @@ def to_dict(ctx: Context, assign: dict[str, Assignment], mode: str, est: Estimat
             "device_kind": cl.kind.name,
         },
         "calls": calls,
+        "replicas": replicas(ctx, assign),
         "reallocations": [
             {
                 "role": h.role,

@@ -22,6 +22,7 @@ from planner.plan import (
     from_dict,
     offloaded_roles,
     realloc_hooks,
+    replicas,
     to_dict,
     validate,
 )
@@ -245,6 +246,20 @@ def test_plan_file_round_trip() -> None:
     data = to_dict(ctx, plan, "heuristic", evaluate(ctx, plan))
     assert from_dict(data) == plan
     assert set(data["calls"]) == {c.name for c in ctx.workload.calls}
+
+
+def test_replicas_follow_the_plan() -> None:
+    """Actor trains on d0-3 (dp4) and generates on d0-7 (dp4 tp2): two replicas, the train
+    layout first; the critic's calls share one."""
+    ctx = ppo_ctx(1, 8)
+    eight, four = Mesh(0, 8), Mesh(0, 4)
+    plan = {c.name: Assignment(eight, Layout(8, 1, 1, 1)) for c in ctx.workload.calls}
+    plan["actor_train"] = Assignment(four, Layout(4, 1, 1, 2))
+    plan["actor_gen"] = Assignment(eight, Layout(4, 2, 1, 1))
+    reps = replicas(ctx, plan)
+    assert reps["actor"] == ["d0-3 dp4 tp1 pp1: actor_train", "d0-7 dp4 tp2 pp1: actor_gen"]
+    assert reps["critic"] == ["d0-7 dp8 tp1 pp1: critic_inf, critic_train"]
+    assert [(h.role, h.before) for h in realloc_hooks(ctx, plan)] == [("actor", "actor_gen")]
 
 
 # ------------------------------------------------------------------ search
