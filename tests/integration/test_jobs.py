@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,13 @@ def job_server():
             "dashboard_port": port,
         },
     )
-    cluster.add_node(num_cpus=1, resources={"relay_device": 0})
+    # The second node gets a temp dir of its own: nodes sharing one machine would otherwise
+    # share the folder where Ray unpacks a job's working_dir, and one node's cleanup
+    # would delete the other's.
+    node2 = tempfile.mkdtemp(prefix="relay-node2-")
+    cluster.add_node(num_cpus=1, resources={"relay_device": 0}, temp_dir=node2)
+    cluster.wait_for_nodes()
+    assert len(cluster.list_all_nodes()) == 2
     address = f"http://127.0.0.1:{port}"
     client = _client(address)
     for _ in range(60):  # the job server starts a little after the head
