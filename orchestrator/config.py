@@ -30,6 +30,7 @@ class RunConfig:
     allow_config_change: bool = False  # resume even if the folder's config differs
     save_every_steps: int = 20
     keep_checkpoints: int = 2
+    max_restarts: int = 3  # RL: times dead model workers are replaced (from the newest checkpoint)
 
 
 @dataclass
@@ -481,6 +482,9 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
     _positive(p, g, "generate", ["max_new_tokens"])
     _positive(p, a, "algo", ["ppo_epochs"])
     _positive(p, cfg.run, "run", ["save_every_steps", "keep_checkpoints"])
+    if cfg.run.max_restarts < 0:
+        p.append(Problem("run.max_restarts", cfg.run.max_restarts, "must be >= 0",
+                         "use 0 to stop at the first dead worker, or 3"))  # fmt: skip
     _positive(p, c, "cluster", ["num_nodes", "devices_per_node", "threads_per_device"])
     if not 0 <= a.gamma <= 1:
         p.append(Problem("algo.gamma", a.gamma, "must be in [0, 1]", "use 1.0 for RLHF"))

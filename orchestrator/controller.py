@@ -623,6 +623,34 @@ class Controller:
         ]
 
     def run_rl(self) -> dict[str, float]:
+        """The RL stage; a model worker that dies is replaced: new workers restore the
+        newest complete checkpoint and the stage continues, at most run.max_restarts
+        times."""
+        import ray
+
+        restarts = 0
+        while True:
+            try:
+                return self._run_rl(after_fault=restarts > 0)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                restarts += 1
+                newest = self.ckpt.newest_valid()
+                cause = str(e).strip().splitlines()[0][:200]
+                where = f"checkpoint {newest}" if newest else "the start of the RL stage"
+                if restarts > self.cfg.run.max_restarts:
+                    raise RunError(
+                        f"a model worker died ({cause}) and run.max_restarts = "
+                        f"{self.cfg.run.max_restarts} restarts are used up. The newest complete "
+                        f"checkpoint is {newest}. Fix: find why workers die (memory, a killed "
+                        "process), then run the same command: resume=auto continues from it"
+                    ) from None
+                print(
+                    f"relay: a model worker died ({cause}); restart {restarts} of "
+                    f"{self.cfg.run.max_restarts}: new workers continue from {where}",
+                    flush=True,
+                )
+
+    def _run_rl(self, after_fault: bool = False) -> dict[str, float]:
         import ray
 
         cfg, t = self.cfg, self.cfg.train
@@ -635,7 +663,8 @@ class Controller:
         )
         start_step = 0
         self.ckpt.recover()
-        resume_from = self.resume_point()
+        # after a dead worker the newest checkpoint of this very run, whatever run.resume says
+        resume_from = self.ckpt.newest_valid() if after_fault else self.resume_point()
         specs = [s for s in self.rl_roles() if s.name in graph.roles]
         workers = start_workers(specs, cfg.cluster.device)
         trainable = [r for r in graph.trainable_roles]
