@@ -118,7 +118,10 @@ class Tracker:
             f.write(json.dumps(row) + "\n")
             f.flush()
         if self.wandb is not None:
-            self.wandb.log({f"{self.stage}/step": step, **metrics})
+            try:
+                self.wandb.log({f"{self.stage}/step": step, **metrics})
+            except Exception as e:  # noqa: BLE001 - the service process can be gone
+                self._lost_wandb(e)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record a finished step, advance the progress bar, print its summary line."""
@@ -135,11 +138,25 @@ class Tracker:
         else:
             print(line, flush=True)
 
+    def _lost_wandb(self, e: Exception) -> None:
+        """wandb's service process died (a stop signal to the whole process tree, as Ray
+        Jobs send it, reaches it too): keep running, metrics.jsonl still has every row."""
+        print(
+            f"relay: wandb stopped answering ({type(e).__name__}: {e}); metrics continue "
+            f"in {self.path} only",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.wandb = None
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                self._lost_wandb(e)
 
 
 def plot_learning_curves(run_dir: Path) -> Path | None:

@@ -87,7 +87,8 @@ def test_submit_runs_to_completion_and_reports(job_server: str, tmp_path: Path, 
 
 
 def test_stop_checkpoints_and_resubmit_continues(job_server: str, tmp_path: Path, capsys) -> None:
-    overrides = tiny_overrides(tmp_path, "long", 400, "run.save_every_steps=1000")
+    extra = ("run.save_every_steps=1000", "logger.wandb_mode=offline")
+    overrides = tiny_overrides(tmp_path, "long", 400, *extra)
     job_id = _submit(job_server, overrides, capsys)
     client = _client(job_server)
     # wait until RL steps run (the first checkpoint would only come at step 400)
@@ -109,7 +110,7 @@ def test_stop_checkpoints_and_resubmit_continues(job_server: str, tmp_path: Path
     stopped_at = int(latest.split("_")[1])
     assert 1 <= stopped_at < 400
     # resubmitting the same overrides continues from that checkpoint
-    more = tiny_overrides(tmp_path, "long", stopped_at + 1, "run.save_every_steps=1000")
+    more = tiny_overrides(tmp_path, "long", stopped_at + 1, *extra)
     again = _submit(job_server, more, capsys)  # train.steps may change on resume
     assert wait_for(client, again, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", (
         client.get_job_logs(again)
@@ -120,6 +121,11 @@ def test_stop_checkpoints_and_resubmit_continues(job_server: str, tmp_path: Path
         if json.loads(r)["stage"] == "rl"
     ]
     assert steps.count(stopped_at + 1) == 1 and max(steps) == stopped_at + 1
+    # every stage of both jobs wrote to the one wandb run (offline folders end with its id;
+    # the first job made three: SFT, reward model, RL; the resubmitted one the RL stage)
+    marker = json.loads((tmp_path / "long" / "relay_run.json").read_text())
+    runs = sorted((tmp_path / "long" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 4 and all(r.name.endswith(marker["wandb_id"]) for r in runs)
 
 
 def test_bad_input_never_reaches_the_cluster(tmp_path: Path, capsys) -> None:
