@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from orchestrator.checkpoint import CheckpointManager
 from tests.integration.tiny import tiny_overrides
@@ -81,6 +83,25 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     wandb_id = json.loads((run_dir / "relay_run.json").read_text())["wandb_id"]
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) >= 3 and all(r.endswith(wandb_id) for r in runs), runs
+    # and the final weights are those of a run that was never killed (same config, seed)
+    straight = relay(
+        tiny_overrides(
+            tmp_path, "straight", 12, "run.save_every_steps=1", "logger.wandb_mode=offline"
+        )
+    )
+    try:
+        out, _ = straight.communicate(timeout=400)
+    finally:
+        kill_group(straight)
+    assert straight.returncode == 0, out[-3000:]
+    for role in ("actor", "critic"):
+        a = load_file(run_dir / "checkpoints" / "step_12" / role / "model.safetensors")
+        b = load_file(
+            tmp_path / "straight" / "checkpoints" / "step_12" / role / "model.safetensors"
+        )
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{role} {k} differs from the uninterrupted run's"
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(tmp_path: Path) -> None:
