@@ -23,6 +23,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,11 @@ def submission(overrides: list[str], python: str = "python") -> tuple[str, dict[
     from launch.cli import _expand, plan_for_run
     from orchestrator.config import load_config, to_yaml
 
-    expanded = _expand(overrides)
-    cfg = load_config(expanded, for_run=False)
+    cfg = load_config(_expand(overrides), for_run=False)
     out = str(Path(cfg.run.output_dir).resolve())
-    expanded = [o for o in expanded if not o.startswith("run.output_dir=")]
+    cfg = replace(cfg, run=replace(cfg.run, output_dir=out))  # the job gets the same path
+    expanded = [o for o in _expand(overrides) if not o.startswith("run.output_dir=")]
     expanded.append(f"run.output_dir={out}")
-    cfg = load_config(expanded, for_run=False)
     plan_for_run(cfg)  # refuse plans the runtime cannot run, before submitting
     entry = f"{shlex.quote(python)} -m launch.cli train " + " ".join(
         shlex.quote(o) for o in expanded

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,22 +15,12 @@ import psutil
 import pytest
 
 from orchestrator.tracking import read_metrics
+from tests.integration.test_kill_resume import kill_group, relay
 from tests.integration.tiny import tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "train", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def rl_steps(run_dir: Path) -> list[int]:
@@ -61,16 +50,22 @@ def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int) -> int
     raise AssertionError("the run never reached the step to kill a worker at")
 
 
-def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
-    run_dir = tmp_path / "fault"
-    proc = start(tiny_overrides(tmp_path, "fault", 6))  # checkpoints every 2 steps
+def run_and_kill_a_worker(tmp_path: Path, name: str, steps: int, *extra: str) -> str:
+    """Run `relay train`, SIGKILL a model worker after RL step 3, return the output."""
+    proc = relay(tiny_overrides(tmp_path, name, steps, *extra))
     try:
-        kill_a_worker(proc, run_dir, after_step=3)
+        kill_a_worker(proc, tmp_path / name, after_step=3)
         out, _ = proc.communicate(timeout=900)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out
+        kill_group(proc)
+    assert proc.returncode is not None
+    return f"rc={proc.returncode}\n{out}"
+
+
+def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "fault"
+    out = run_and_kill_a_worker(tmp_path, "fault", 6)  # checkpoints every 2 steps
+    assert out.startswith("rc=0\n"), out
     assert "a model worker died" in out and "restart 1 of 3" in out
     assert "continue from checkpoint" in out  # the step-2 (or later) checkpoint
     steps = rl_steps(run_dir)
@@ -80,14 +75,8 @@ def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
 
 def test_restarts_are_bounded(tmp_path: Path) -> None:
     run_dir = tmp_path / "bounded"
-    proc = start(tiny_overrides(tmp_path, "bounded", 40, "run.max_restarts=0"))
-    try:
-        kill_a_worker(proc, run_dir, after_step=3)
-        out, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    out = run_and_kill_a_worker(tmp_path, "bounded", 40, "run.max_restarts=0")
+    assert not out.startswith("rc=0\n")
     assert "run.max_restarts = 0" in out and "newest complete checkpoint is" in out
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert (
