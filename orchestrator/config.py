@@ -9,6 +9,7 @@ lists every problem with its field, value, rule and fix.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ class TaskConfig:
     num_demos: int = 4000
     num_rl_prompts: int = 4000
     num_eval_prompts: int = 256
+    # a JSONL file of {"prompt": ...} lines: the RL stage's prompts instead of sampled ones
+    prompt_file: str | None = None
 
 
 @dataclass
@@ -63,7 +66,10 @@ class SFTConfig:
 
 @dataclass
 class RewardConfig:
-    source: str = "model"  # model (Bradley-Terry reward model) | verifier (the task's own)
+    # model (Bradley-Terry reward model) | verifier (the task's own) | function (yours)
+    source: str = "model"
+    function: str | None = None  # source=function: 'path/to/file.py:name' or 'pkg.mod:name'
+    on_error: str = "stop"  # a reward that raises or is NaN: stop (with a checkpoint) | skip
     steps: int = 600  # reward-model training steps (one batch of pairs each)
     batch_pairs: int = 128
     micro_batch_pairs_per_device: int = 128
@@ -549,7 +555,7 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
                 f"use a divisor of {s.batch_samples}",
             )
         )
-    if cfg.task.num_rl_prompts < t.rollout_batch_prompts:
+    if cfg.task.prompt_file is None and cfg.task.num_rl_prompts < t.rollout_batch_prompts:
         p.append(
             Problem(
                 "task.num_rl_prompts",
@@ -585,6 +591,7 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
     pipeline_rules(p, cfg)
     if for_run:
         _local_run_rules(p, cfg)
+        _prompt_file_rules(p, cfg)
     resume = cfg.run.resume
     if resume not in ("never", "auto") and not Path(resume).is_dir():
         p.append(
@@ -664,6 +671,42 @@ def _local_run_rules(p: list[Problem], cfg: RelayConfig) -> None:
             )
 
 
+def _prompt_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
+    """`task.prompt_file`: readable JSONL, every line a prompt of the task that fits the
+    model's context with bos and generate.max_new_tokens (line-numbered problems)."""
+    import random
+
+    from orchestrator.tasks import TASKS, make_task
+    from orchestrator.user_data import prompt_file_problems, read_prompt_file
+
+    path = cfg.task.prompt_file
+    if path is None or cfg.task.name not in TASKS or cfg.task.num_digits < 1:
+        return
+    task = make_task(cfg.task.name, cfg.task.num_digits)
+    context = cfg.model.max_position_embeddings
+    count_tokens: Any = len  # the tokenizer Relay builds has one token per character
+    if cfg.model.path is not None:
+        folder = Path(cfg.model.path)
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            context = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+        except Exception:  # model.path's own rule reports a broken folder
+            return
+
+        def count_tokens(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    report = read_prompt_file(path, task.answer, count_tokens, context, cfg.generate.max_new_tokens)
+    example = task.sample_prompt(random.Random(0))
+    for rule, fix in prompt_file_problems(
+        report, path, task.name, example, context, cfg.generate.max_new_tokens,
+        cfg.train.rollout_batch_prompts,
+    ):  # fmt: skip
+        p.append(Problem("task.prompt_file", path, rule, fix))
+
+
 PLAN_MODES = ("per_role", "search", "symmetric", "heuristic", "file")
 PLAN_GRAPHS = ("sft", "reward_model")
 
@@ -699,7 +742,7 @@ def devices_needed(algo: str, device: str, reward_source: str = "model") -> int:
     from algos.ppo import ALGORITHM_GRAPHS
 
     roles = ALGORITHM_GRAPHS[algo]().roles
-    free = device == "cuda" and "reward" in roles and reward_source == "verifier"
+    free = device == "cuda" and "reward" in roles and reward_source in ("verifier", "function")
     return len(roles) - (1 if free else 0)
 
 

@@ -39,6 +39,7 @@ from orchestrator.config import (
 from orchestrator.engines import OptimSpec, SamplingParams
 from orchestrator.planning import PlanResult
 from orchestrator.tracking import Tracker, plot_learning_curves
+from orchestrator.user_data import RewardError
 from orchestrator.vllm_engine import VLLMSpec, kv_cache_bytes_for
 from orchestrator.worker import ModelWorker, RoleSpec
 from planner.plan import to_dict as plan_to_dict
@@ -113,7 +114,13 @@ class RunPaths:
 
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("run.resume", "run.allow_config_change", "train.steps", "logger.")
+RESUMABLE_CHANGES = (
+    "run.resume",
+    "run.allow_config_change",
+    "train.steps",
+    "logger.",
+    "reward.on_error",
+)
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -272,6 +279,10 @@ class Controller:
                     "was changed."
                 )
             changed = config_changes(marker.get("config", {}), to_dict(cfg))
+            digest = self.prompt_file_digest()
+            if marker.get("prompt_file_sha256", digest) != digest:
+                changed.append(("task.prompt_file (contents)", "sha256 " +
+                                marker["prompt_file_sha256"][:12], "sha256 " + str(digest)[:12]))  # fmt: skip
             if changed and not cfg.run.allow_config_change:
                 lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
                 raise RunError(
@@ -291,10 +302,17 @@ class Controller:
             "wandb_id": uuid.uuid4().hex[:12],
             "created": time.time(),
             "config": to_dict(cfg),
+            "prompt_file_sha256": self.prompt_file_digest(),
         }
         write_atomic(marker_path, json.dumps(marker))
         write_atomic(root / "config.yaml", to_yaml(cfg))
         return marker
+
+    def prompt_file_digest(self) -> str | None:
+        from orchestrator.user_data import file_sha256
+
+        path = self.cfg.task.prompt_file
+        return file_sha256(path) if path is not None else None
 
     def build_assets(self) -> None:
         """Tokenizer, base model and task data, built locally and deterministically."""
@@ -319,6 +337,8 @@ class Controller:
             num_eval_pairs=cfg.reward.num_eval_pairs if self.trains_reward_model else 0,
             label_noise=cfg.reward.label_noise,
         )
+        if cfg.task.prompt_file is not None:
+            self.data.rl_prompts = self.file_prompts()
         if cfg.model.path is not None:
             self.base = Path(cfg.model.path)
             self.tokenizer_path = self.base
@@ -348,6 +368,26 @@ class Controller:
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         self.stop_token_ids = stop_token_ids(self.tokenizer, cfg.generate.stop_tokens)
         self.num_params = count_parameters(load_causal_lm(self.base))
+
+    def file_prompts(self) -> list[str]:
+        """task.prompt_file's prompts (checked line by line when the config loaded)."""
+        from orchestrator.user_data import read_prompt_file
+
+        cfg = self.cfg
+        report = read_prompt_file(
+            str(cfg.task.prompt_file), self.task.answer, lambda text: 0, 1 << 30, 0
+        )
+        if not report.ok:  # the file changed since the config was checked
+            raise RunError(
+                f"task.prompt_file = {cfg.task.prompt_file!r} no longer reads cleanly; run "
+                "`relay config <the same overrides>` to see its problems"
+            )
+        held_out = set(self.data.eval_prompts)
+        shared = sum(p in held_out for p in report.prompts)
+        if shared:
+            print(f"relay: note: {shared} of {len(report.prompts)} prompts of "
+                  f"{cfg.task.prompt_file} are also evaluation prompts")  # fmt: skip
+        return report.prompts
 
     def role(
         self,
@@ -435,6 +475,7 @@ class Controller:
     def run(self) -> dict[str, Any]:
         install_stop_handler()
         self.stopped_early = False
+        self.restarts = 0  # model workers replaced so far (run.max_restarts bounds them)
         marker = self.prepare()
         self.wandb_id = marker["wandb_id"]
         if self.plan is not None:
@@ -539,6 +580,21 @@ class Controller:
         done_marker = out / "DONE"
         if done_marker.is_file():
             return json.loads(done_marker.read_text())
+        return self.with_restarts(
+            stage, lambda _: self._run_stage(stage, graph, spec, steps, batch, evaluate, out)
+        )
+
+    def _run_stage(
+        self,
+        stage: str,
+        graph: DataflowGraph,
+        spec: RoleSpec,
+        steps: int,
+        batch: Callable[[int], dict[str, torch.Tensor]],
+        evaluate: Callable[[dict[str, Any], int], dict[str, float]],
+        out: Path,
+    ) -> dict[str, float]:
+        done_marker = out / "DONE"
         cfg = self.cfg
         (call,) = graph.calls
         workers = start_workers([spec], cfg.cluster.device)
@@ -614,7 +670,9 @@ class Controller:
             trained = self.cfg.reward.path or self.paths.reward_model
             reward = self.role("reward", "value", Path(trained))
         else:
-            reward = self.role("reward", "verifier", None)
+            reward = replace(
+                self.role("reward", "verifier", None), reward_function=self.reward_function()
+            )
         return [
             self.role("actor", "causal", init, actor_optim, generates=True, policy_experts=experts),
             self.role("ref", "causal", init),
@@ -622,30 +680,50 @@ class Controller:
             reward,
         ]
 
+    def reward_function(self) -> str | None:
+        """reward.function with its file made absolute (workers may run elsewhere)."""
+        spec = self.cfg.reward.function
+        if self.cfg.reward.source != "function" or spec is None:
+            return None
+        where, name = spec.split(":")
+        return f"{Path(where).resolve()}:{name}" if where.endswith(".py") else spec
+
     def run_rl(self) -> dict[str, float]:
         """The RL stage; a model worker that dies is replaced: new workers restore the
-        newest complete checkpoint and the stage continues, at most run.max_restarts
-        times."""
+        newest complete checkpoint and the stage continues."""
+        return self.with_restarts("rl", lambda after_fault: self._run_rl(after_fault))
+
+    def with_restarts(
+        self, stage: str, body: Callable[[bool], dict[str, float]]
+    ) -> dict[str, float]:
+        """body(after_fault) again with new workers whenever a model worker dies, at most
+        run.max_restarts times in the whole run. The RL stage continues from its newest
+        complete checkpoint; SFT and reward-model stages (no checkpoints) start over."""
         import ray
 
-        restarts = 0
+        here = 0  # restarts within this stage
         while True:
             try:
-                return self._run_rl(after_fault=restarts > 0)
+                return body(here > 0)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                restarts += 1
-                newest = self.ckpt.newest_valid()
+                self.restarts += 1
+                here += 1
+                newest = self.ckpt.newest_valid() if stage == "rl" else None
                 cause = str(e).strip().splitlines()[0][:200]
-                where = f"checkpoint {newest}" if newest else "the start of the RL stage"
-                if restarts > self.cfg.run.max_restarts:
+                if stage != "rl":
+                    where = f"the start of the {stage} stage (it keeps no checkpoints)"
+                else:
+                    where = f"checkpoint {newest}" if newest else "the start of the RL stage"
+                if self.restarts > self.cfg.run.max_restarts:
                     raise RunError(
                         f"a model worker died ({cause}) and run.max_restarts = "
                         f"{self.cfg.run.max_restarts} restarts are used up. The newest complete "
-                        f"checkpoint is {newest}. Fix: find why workers die (memory, a killed "
-                        "process), then run the same command: resume=auto continues from it"
+                        f"checkpoint is {self.ckpt.newest_valid()}. Fix: find why workers die "
+                        "(memory, a killed process), then run the same command: resume=auto "
+                        "continues from it"
                     ) from None
                 print(
-                    f"relay: a model worker died ({cause}); restart {restarts} of "
+                    f"relay: a model worker died ({cause}); restart {self.restarts} of "
                     f"{self.cfg.run.max_restarts}: new workers continue from {where}",
                     flush=True,
                 )
@@ -661,7 +739,7 @@ class Controller:
             cfg.algo.kl_target_per_token,
             cfg.algo.kl_horizon_samples,
         )
-        start_step = 0
+        start_step = skipped = 0  # skipped: steps without an update (reward.on_error=skip)
         self.ckpt.recover()
         # after a dead worker the newest checkpoint of this very run, whatever run.resume says
         resume_from = self.ckpt.newest_valid() if after_fault else self.resume_point()
@@ -677,6 +755,7 @@ class Controller:
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
             start_step = state["step"]
+            skipped = state.get("skipped_steps", 0)
         if start_step >= t.steps:
             stop_workers(workers)
             print(
@@ -720,11 +799,22 @@ class Controller:
                         and call.role in generating_roles,
                         **call.options,
                     }
-                per_call = run_graph(graph, workers, dataset, options)
                 m: dict[str, float] = {}
+                try:
+                    per_call = run_graph(graph, workers, dataset, options)
+                except RewardError as e:
+                    reason = str(getattr(e, "cause", None) or e).strip()
+                    if cfg.reward.on_error == "stop":
+                        self.stop_on_reward_error(step, reason, workers, trainable, kl_ctl)
+                    skipped += 1
+                    print(f"relay: step {step} skipped, no update (reward.on_error=skip): "
+                          f"{reason}", flush=True)  # fmt: skip
+                    per_call = {}
                 for call_metrics in per_call.values():
                     m.update(call_metrics)
-                kl_ctl.update(m.get("rollout/kl_to_ref_token_mean", 0.0), n_samples)
+                m["rollout/skipped_steps"] = skipped
+                if per_call:
+                    kl_ctl.update(m.get("rollout/kl_to_ref_token_mean", 0.0), n_samples)
                 m["time/step_s"] = time.perf_counter() - t0
                 m["perf/samples_per_s"] = n_samples / m["time/step_s"]
                 if self.plan is not None:
@@ -737,7 +827,7 @@ class Controller:
                 last = m
                 stop = self.stop_requested  # read once: a signal may land at any point
                 if step % cfg.run.save_every_steps == 0 or step == t.steps or stop:
-                    self.save_checkpoint(step, workers, trainable, kl_ctl)
+                    self.save_checkpoint(step, workers, trainable, kl_ctl, skipped)
                 if stop and step < t.steps:
                     self.stopped_early = True
                     print(
@@ -773,8 +863,34 @@ class Controller:
             )
         return Path(r)
 
+    def stop_on_reward_error(
+        self, step: int, reason: str, workers: dict[str, Any], trainable: list[str], kl_ctl: Any
+    ) -> None:
+        """reward.on_error=stop: checkpoint the state before this step (nothing of the step
+        was applied), then raise RunError naming the cause and the fixes."""
+        newest = self.ckpt.newest_valid()
+        saved = json.loads((newest / "controller.json").read_text())["step"] if newest else None
+        if saved != step - 1:
+            skipped = 0
+            if newest is not None:
+                skipped = json.loads((newest / "controller.json").read_text()).get(
+                    "skipped_steps", 0
+                )
+            newest = self.save_checkpoint(step - 1, workers, trainable, kl_ctl, skipped)
+        raise RunError(
+            f"step {step}: {reason}. reward.on_error = 'stop': the run stopped with its "
+            f"checkpoint {newest} (step {step - 1}). Fix: correct the reward, then run the same "
+            "command (resume=auto continues from that checkpoint), or pass reward.on_error=skip "
+            "to skip such steps"
+        )
+
     def save_checkpoint(
-        self, step: int, workers: dict[str, Any], trainable: list[str], kl_ctl: Any
+        self,
+        step: int,
+        workers: dict[str, Any],
+        trainable: list[str],
+        kl_ctl: Any,
+        skipped: int = 0,
     ) -> Path:
         import ray
 
@@ -782,6 +898,7 @@ class Controller:
         ray.get([workers[r].save.remote(str(tmp)) for r in trainable])
         state = {
             "step": step,
+            "skipped_steps": skipped,
             "data_position_prompts": step * self.cfg.train.rollout_batch_prompts,
             "kl_controller": kl_ctl.state_dict(),
             "wandb_id": self.wandb_id,

@@ -43,6 +43,7 @@ from orchestrator.batch import (
     response_values,
 )
 from orchestrator.engines import GenerationEngine, SamplingParams, TrainEngine, is_stop
+from orchestrator.user_data import call_reward_function, check_finite
 
 Metrics = dict[str, float]
 
@@ -58,6 +59,8 @@ class WorkerContext:
     train: TrainEngine | None = None
     generator: GenerationEngine | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reward_function: str | None = None  # 'file.py:name': the user's reward, called per sample
+    reward_fn: Callable[[str, str], float] | None = None
 
 
 Interface = Callable[[WorkerContext, Batch, Mapping[str, Any]], tuple[Batch, Metrics]]
@@ -180,12 +183,19 @@ def reward(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tupl
     pairs = list(zip(prompts, responses))
     verifier = torch.tensor([ctx.task.reward(p, r) for p, r in pairs], device=device).float()
     correct = torch.tensor([float(ctx.task.correct(p, r)) for p, r in pairs], device=device)
-    if ctx.module is None:
-        scores = verifier
+    if ctx.reward_fn is not None:
+        spec = str(ctx.reward_function)
+        values = call_reward_function(ctx.reward_fn, spec, pairs)
+        scores = torch.tensor(values, device=device, dtype=torch.float32)
+        source = f"reward.function {spec}"
+    elif ctx.module is None:
+        scores, source = verifier, "the task's verifier"
     else:
         ctx.module.eval()
         with torch.no_grad():
             scores = sequence_scores(ctx.module, b)
+        source = "the reward model"
+    check_finite(scores.tolist(), pairs, source)
     prefix = options.get("metric_prefix", "rollout/")
     metrics = {
         f"{prefix}reward_mean": float(scores.mean()),

@@ -12,7 +12,8 @@ from orchestrator.config import Problem, RelayConfig, _positive, check_choice
 
 POLICY_LOSSES = ("ppo", "reinforce")
 POLICY_KINDS = ("plain", "pmoe")
-REWARD_SOURCES = ("model", "verifier")
+REWARD_SOURCES = ("model", "verifier", "function")
+REWARD_ERROR_POLICIES = ("stop", "skip")
 POLICY_PROXIES = ("none", "nll", "abs_advantage")
 
 
@@ -26,6 +27,8 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
         check_choice(p, path, value, options, what)
 
     choice("reward.source", r.source, REWARD_SOURCES, "reward source")
+    choice("reward.on_error", r.on_error, REWARD_ERROR_POLICIES, "reward error policy")
+    _reward_function_rules(p, cfg)
     choice("policy.kind", pol.kind, POLICY_KINDS, "policy kind")
     choice("reweight.strategy", rw.strategy, REWEIGHT_STRATEGIES, "reweighting strategy")
     choice("reweight.policy_proxy", rw.policy_proxy, POLICY_PROXIES, "difficulty proxy")
@@ -164,3 +167,25 @@ def _backend_rules(p: list[Problem], cfg: RelayConfig) -> None:
                 "use generate.backend=hf (or auto, which picks it for PMOE)",
             )
         )
+
+
+def _reward_function_rules(p: list[Problem], cfg: RelayConfig) -> None:
+    """reward.function: set exactly with reward.source=function, and it must load."""
+    from orchestrator.user_data import load_reward_function
+
+    r = cfg.reward
+    if r.source == "function" and r.function is None:
+        p.append(Problem("reward.function", None, "reward.source=function needs a function",
+                         "pass reward.function=path/to/file.py:name (called as "
+                         "name(prompt, response) -> float)"))  # fmt: skip
+    elif r.source != "function" and r.function is not None:
+        p.append(Problem("reward.function", r.function,
+                         f"a reward function is used only with reward.source=function (it is "
+                         f"'{r.source}')", "add reward.source=function, or drop reward.function"))  # fmt: skip
+    elif r.function is not None:
+        try:
+            load_reward_function(r.function)
+        except ValueError as e:
+            p.append(Problem("reward.function", r.function, str(e),
+                             "pass 'path/to/file.py:name' or 'package.module:name' of a "
+                             "function (prompt, response) -> float"))  # fmt: skip

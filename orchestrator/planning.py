@@ -85,7 +85,7 @@ def workload(cfg: RelayConfig) -> Workload:
         ppo_epochs=cfg.algo.ppo_epochs,
         **common,
     )
-    if cfg.reward.source == "verifier":  # the task's verifier: no model to place
+    if cfg.reward.source in ("verifier", "function"):  # Python code: no model to place
         wl = without_roles(wl, {"reward"})
     return wl
 

@@ -37,6 +37,7 @@ class RoleSpec:
     device: str = "cpu"  # cpu | cuda
     policy_experts: int | None = None  # a PMOE policy head with this many experts
     expert_rank: int = 8
+    reward_function: str | None = None  # a verifier role: the user's 'file.py:name' instead
 
 
 class ModelWorker:
@@ -96,6 +97,11 @@ class ModelWorker:
         elif spec.generation_backend is not None:
             raise ValueError(f"unknown generation backend '{spec.generation_backend}'")
         self.ctx = WorkerContext(spec.name, module, tokenizer, task, train, generator)
+        if spec.reward_function is not None:
+            from orchestrator.user_data import load_reward_function
+
+            self.ctx.reward_function = spec.reward_function
+            self.ctx.reward_fn = load_reward_function(spec.reward_function)
         # the trainer's optimizer-step count the generation engine's weights are from
         self.synced_version = 0
 

@@ -23,20 +23,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def rl_steps(run_dir: Path) -> list[int]:
+def rl_steps(run_dir: Path, stage: str = "rl") -> list[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r["step"] for r in read_metrics(path) if r["stage"] == "rl"]
+    return [r["step"] for r in read_metrics(path) if r["stage"] == stage]
 
 
-def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int) -> int:
-    """SIGKILL one RL model worker (a process titled ray::ModelWorker under the driver)
-    once `after_step` RL steps are logged; returns the step count seen then."""
+def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int, stage: str = "rl") -> int:
+    """SIGKILL one model worker (a process titled ray::ModelWorker under the driver)
+    once `after_step` steps of `stage` are logged; returns the step count seen then."""
     end = time.monotonic() + 600
     while time.monotonic() < end:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        if len([s for s in rl_steps(run_dir) if s > 0]) >= after_step:
+        if len([s for s in rl_steps(run_dir, stage) if s > 0]) >= after_step:
             workers = [
                 p
                 for p in psutil.Process(proc.pid).children(recursive=True)
@@ -84,3 +84,21 @@ def test_restarts_are_bounded(tmp_path: Path) -> None:
         and json.loads((run_dir / "checkpoints" / latest / "controller.json").read_text())["step"]
         >= 2
     )
+
+
+def test_dead_sft_worker_restarts_the_stage(tmp_path: Path) -> None:
+    """SFT keeps no checkpoints: a dead SFT worker is replaced and the stage starts over;
+    its metrics read as one clean pass and the run goes on to RL."""
+    run_dir = tmp_path / "sft_fault"
+    extra = ("sft.steps=60", "reward=verifier", "generate.backend=hf")
+    proc = relay(tiny_overrides(tmp_path, "sft_fault", 1, *extra))
+    try:
+        kill_a_worker(proc, run_dir, after_step=5, stage="sft")
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert "restart 1 of 3: new workers continue from the start of the sft stage" in out
+    assert sorted(rl_steps(run_dir, "sft")) == list(range(1, 61))
+    assert (run_dir / "models" / "sft" / "DONE").is_file()
+    assert [s for s in rl_steps(run_dir) if s > 0] == [1]

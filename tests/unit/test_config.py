@@ -31,6 +31,8 @@ def test_every_config_file_loads(path: Path, tmp_path: Path) -> None:
     if (path.parent.name, path.stem) == ("plan", "file"):  # it needs a plan file to read
         (tmp_path / "plan.json").write_text("{}")
         extra = [f"plan.path={tmp_path / 'plan.json'}"]
+    if (path.parent.name, path.stem) == ("reward", "function"):  # it needs a function
+        extra = ["reward.function=examples/rewards.py:sorted_digits"]
     cfg = load_config([f"{path.parent.name}={path.stem}", *extra])
     assert isinstance(cfg, RelayConfig)
 
