@@ -98,6 +98,19 @@ def _range(t: TensorSpec, tp: int, tp_i: int) -> tuple[int, int]:
     return tp_i * n // tp, (tp_i + 1) * n // tp
 
 
+def held_range(
+    t: TensorSpec, layers: int, mesh: Mesh, layout: Layout, device: int
+) -> tuple[int, int] | None:
+    """[lo, hi) along `t.split_dim` (the whole first dim if replicated) that `device`
+    holds of `t` under (mesh, layout); None if it holds none of it."""
+    for dev, _, pp_i, tp_i in layout.ranks(mesh):
+        if dev == device:
+            if pp_i != stage_of(t, layers, layout.pp):
+                return None
+            return _range(t, layout.tp, tp_i)
+    return None
+
+
 def _row_bytes(t: TensorSpec, param_bytes: int) -> int:
     """Bytes of one index along the split dim (or of the whole tensor if replicated)."""
     total = param_bytes

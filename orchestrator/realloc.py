@@ -1,0 +1,131 @@
+"""Executing a parameter reallocation: the planner's comm plan (planner.realloc) run with
+torch.distributed point-to-point messages, gloo on CPU and NCCL on GPU alike.
+
+Every process of the group is one device (global device number = process rank unless a
+mapping is given). It holds, for the source layout, the slices of the model's tensors
+that the planner's sharding rules give its device (`shard_state`), and it ends with the
+slices the destination layout gives it. Each CommOp is a copy of tensor[lo:hi] along one
+dimension: a local copy when source and destination are the same device, otherwise one
+message. All processes walk the same ops in the same order, so every message carries its
+op's index as its tag and no two can be confused. Nothing is reduced or cast: the
+weights arrive bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from planner.catalogue import ModelShape
+from planner.layout import Layout, Mesh
+from planner.realloc import CommOp, TensorSpec, held_range, model_tensors, tensor_ops
+
+Sharding = tuple[Mesh, Layout]
+
+
+def _narrow(tensor: torch.Tensor, t: TensorSpec, lo: int, hi: int) -> torch.Tensor:
+    dim = t.split_dim if t.split_dim is not None else 0
+    return tensor.narrow(dim, lo, hi - lo)
+
+
+def shard_state(
+    full: Mapping[str, torch.Tensor], shape: ModelShape, sharding: Sharding, device: int
+) -> dict[str, torch.Tensor]:
+    """The (cloned, contiguous) slices of the full state dict `device` holds under
+    `sharding`; empty if the device is not in the mesh."""
+    mesh, layout = sharding
+    out: dict[str, torch.Tensor] = {}
+    for t in model_tensors(shape):
+        held = held_range(t, shape.layers, mesh, layout, device)
+        if held is not None:
+            out[t.name] = _narrow(full[t.name], t, *held).clone().contiguous()
+    return out
+
+
+@dataclass
+class ReallocStats:
+    ops: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    local_bytes: int = 0
+
+
+def plan_ops(
+    shape: ModelShape, src: Sharding, dst: Sharding, devices_per_node: int, param_bytes: int = 4
+) -> list[CommOp]:
+    """The comm plan, in the order every process walks it."""
+    return [
+        op
+        for t in model_tensors(shape)
+        for op in tensor_ops(t, shape.layers, src, dst, devices_per_node, param_bytes)
+    ]
+
+
+def reallocate(
+    shards: Mapping[str, torch.Tensor],
+    shape: ModelShape,
+    src: Sharding,
+    dst: Sharding,
+    device: int,
+    *,
+    devices_per_node: int,
+    dtype: torch.dtype = torch.float32,
+    rank_of: Mapping[int, int] | None = None,
+    group: dist.ProcessGroup | None = None,
+    ops: list[CommOp] | None = None,
+    stats: ReallocStats | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the comm plan from `src` to `dst` on this process (device `device`, holding
+    `shards` of `src`); returns the slices it holds of `dst`. Every process of the group
+    that appears in either mesh must call it with the same arguments but its own shards
+    and device. `rank_of` maps device numbers to process ranks (identity if None)."""
+    tensors = {t.name: t for t in model_tensors(shape)}
+    if ops is None:
+        ops = plan_ops(shape, src, dst, devices_per_node)
+    ranks = rank_of or {}
+    dmesh, dlay = dst
+    smesh, slay = src
+    out: dict[str, torch.Tensor] = {}
+    like = next(iter(shards.values()), None)
+    target = like.device if like is not None else torch.device("cpu")
+    for t in tensors.values():
+        held = held_range(t, shape.layers, dmesh, dlay, device)
+        if held is not None:
+            lo, hi = held
+            dims = list(t.shape)
+            dims[t.split_dim if t.split_dim is not None else 0] = hi - lo
+            out[t.name] = torch.empty(dims, dtype=dtype, device=target)
+    pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor | None]] = []
+    st = stats if stats is not None else ReallocStats()
+    for tag, op in enumerate(ops):
+        if device not in (op.src, op.dst):
+            continue
+        t = tensors[op.tensor]
+        st.ops += 1
+        if op.src == device:
+            slo, _ = held_range(t, shape.layers, smesh, slay, device) or (0, 0)
+            piece = _narrow(shards[op.tensor], t, op.lo - slo, op.hi - slo)
+        if op.dst == device:
+            dlo, _ = held_range(t, shape.layers, dmesh, dlay, device) or (0, 0)
+            into = _narrow(out[op.tensor], t, op.lo - dlo, op.hi - dlo)
+        if op.src == device and op.dst == device:
+            into.copy_(piece)
+            st.local_bytes += piece.numel() * piece.element_size()
+        elif op.src == device:
+            buf = piece.contiguous()
+            pending.append((dist.isend(buf, ranks.get(op.dst, op.dst), group=group, tag=tag),
+                            buf, None))  # fmt: skip
+            st.sent_bytes += buf.numel() * buf.element_size()
+        else:
+            buf = into if into.is_contiguous() else torch.empty_like(into)
+            work = dist.irecv(buf, ranks.get(op.src, op.src), group=group, tag=tag)
+            pending.append((work, buf, None if buf is into else into))
+            st.received_bytes += buf.numel() * buf.element_size()
+    for work, buf, into in pending:
+        work.wait()
+        if into is not None:
+            into.copy_(buf)
+    return out
