@@ -6,7 +6,8 @@ How a layout holds a Llama model's tensors (the runtime shards the same way):
   first stage, the final norm and the head on the last;
 - tensor parallelism splits q/k/v, gate and up projections and the embedding and LM head
   along their output rows (dim 0), o and down projections along their input columns
-  (dim 1), into tp equal contiguous ranges; norms and a scalar value head are replicated;
+  (dim 1), into tp contiguous ranges of ceil(n / tp) rows (the last ones shorter, as
+  torch.chunk and DTensor's Shard split); norms and a scalar value head are replicated;
 - data-parallel replicas hold identical copies.
 
 Each destination rank takes every piece it lacks from one source rank: the one on its
@@ -95,7 +96,8 @@ def _range(t: TensorSpec, tp: int, tp_i: int) -> tuple[int, int]:
     if t.split_dim is None:
         return 0, t.shape[0] if t.shape else 1
     n = t.shape[t.split_dim]
-    return tp_i * n // tp, (tp_i + 1) * n // tp
+    step = -(-n // tp)  # torch.chunk's split, as DTensor shards: ceil(n / tp) rows per rank
+    return min(tp_i * step, n), min((tp_i + 1) * step, n)
 
 
 def held_range(
