@@ -5,10 +5,10 @@ Every process of the group is one device (global device number = process rank un
 mapping is given). It holds, for the source layout, the slices of the model's tensors
 that the planner's sharding rules give its device (`shard_state`), and it ends with the
 slices the destination layout gives it. Each CommOp is a copy of tensor[lo:hi] along one
-dimension: a local copy when source and destination are the same device, otherwise one
-message. All processes walk the same ops in the same order, so every message carries its
-op's index as its tag and no two can be confused. Nothing is reduced or cast: the
-weights arrive bit for bit.
+dimension: a local copy when source and destination are the same device; otherwise the
+pieces one device sends another travel as one message, packed back to back in the plan's
+order, which both sides walk alike. Nothing is reduced or cast: the weights arrive bit
+for bit.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class ReallocStats:
     sent_bytes: int = 0
     received_bytes: int = 0
     local_bytes: int = 0
+
+
+def _pair_tag(src: int, dst: int) -> int:
+    return src * 65536 + dst
 
 
 def plan_ops(
@@ -98,9 +102,12 @@ def reallocate(
             dims = list(t.shape)
             dims[t.split_dim if t.split_dim is not None else 0] = hi - lo
             out[t.name] = torch.empty(dims, dtype=dtype, device=target)
-    pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor | None]] = []
     st = stats if stats is not None else ReallocStats()
-    for tag, op in enumerate(ops):
+    # One message per (source, destination) pair: the pieces packed back to back, in
+    # plan order, so each side knows the layout of the buffer without telling the other.
+    sends: dict[int, list[torch.Tensor]] = {}
+    recvs: dict[int, list[torch.Tensor]] = {}
+    for op in ops:
         if device not in (op.src, op.dst):
             continue
         t = tensors[op.tensor]
@@ -115,17 +122,26 @@ def reallocate(
             into.copy_(piece)
             st.local_bytes += piece.numel() * piece.element_size()
         elif op.src == device:
-            buf = piece.contiguous()
-            pending.append((dist.isend(buf, ranks.get(op.dst, op.dst), group=group, tag=tag),
-                            buf, None))  # fmt: skip
-            st.sent_bytes += buf.numel() * buf.element_size()
+            sends.setdefault(op.dst, []).append(piece)
         else:
-            buf = into if into.is_contiguous() else torch.empty_like(into)
-            work = dist.irecv(buf, ranks.get(op.src, op.src), group=group, tag=tag)
-            pending.append((work, buf, None if buf is into else into))
-            st.received_bytes += buf.numel() * buf.element_size()
-    for work, buf, into in pending:
+            recvs.setdefault(op.src, []).append(into)
+    pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor] | None]] = []
+    for peer, pieces in sorted(recvs.items()):
+        buf = torch.empty(sum(p.numel() for p in pieces), dtype=dtype, device=target)
+        tag = _pair_tag(peer, device)
+        pending.append((dist.irecv(buf, ranks.get(peer, peer), group=group, tag=tag), buf, pieces))
+        st.received_bytes += buf.numel() * buf.element_size()
+    for peer, pieces in sorted(sends.items()):
+        buf = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0]
+        buf = buf.contiguous().reshape(-1)
+        tag = _pair_tag(device, peer)
+        pending.append((dist.isend(buf, ranks.get(peer, peer), group=group, tag=tag), buf, None))
+        st.sent_bytes += buf.numel() * buf.element_size()
+    for work, buf, pieces in pending:
         work.wait()
-        if into is not None:
-            into.copy_(buf)
+        offset = 0
+        for into in pieces or []:
+            n = into.numel()
+            into.copy_(buf[offset : offset + n].view(into.shape))
+            offset += n
     return out

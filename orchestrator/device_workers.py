@@ -1,0 +1,403 @@
+"""Model workers that execute plans: one Ray actor per device of the plan's cluster.
+
+`DeviceCluster` (on the controller) places the workers with one placement group per node
+of the plan, each a STRICT_PACK group of that node's device slots, so device d of a plan
+lands on the plan's node d // devices_per_node and meshes map to Ray nodes as the plan
+says. (A placement group per mesh would not do: the meshes of a plan overlap.) The
+workers form one torch.distributed world (gloo on CPU, NCCL on GPU), rank = device.
+
+Each worker holds, per model replica (a role under a sharding = mesh + layout), only its
+own slices of the weights, as the planner's rules give them (planner.realloc):
+- `reallocate` runs the planner's comm plan between two shardings of a role
+  (orchestrator.realloc), on every device of both meshes;
+- `forward` runs a replica's forward pass, tensor parallel over its tp group
+  (orchestrator.parallel), each data-parallel rank on its share of the batch;
+- `train_step` runs one optimizer step of a replica with DeepSpeed over its
+  data-parallel group.
+Pipeline parallelism is not executed: replicas with pp > 1 are held and reallocated, but
+forward and train calls refuse them (the planner marks such plans simulation-only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.catalogue import ModelShape, shape_from_hf_config
+from planner.layout import Layout, Mesh
+
+Sharding = tuple[Mesh, Layout]
+
+
+def sharding_key(sharding: Sharding) -> str:
+    mesh, lay = sharding
+    return f"{mesh} dp{lay.dp} tp{lay.tp} pp{lay.pp}"
+
+
+def group_ranks(sharding: Sharding, kind: str) -> list[list[int]]:
+    """The device groups of a sharding: 'tp' (same dp and pp index), 'dp' (same pp and
+    tp index)."""
+    mesh, lay = sharding
+    groups: dict[tuple[int, int], list[int]] = {}
+    for dev, dp_i, pp_i, tp_i in lay.ranks(mesh):
+        key = (dp_i, pp_i) if kind == "tp" else (pp_i, tp_i)
+        groups.setdefault(key, []).append(dev)
+    return list(groups.values())
+
+
+class _DataParallelGroups:
+    """What DeepSpeed asks of a model-parallel unit (`mpu`): here data parallelism over a
+    subset of the world and no model parallelism."""
+
+    def __init__(self, dp_group: Any, self_group: Any) -> None:
+        self.dp, self.mp = dp_group, self_group
+
+    def get_data_parallel_group(self) -> Any:
+        return self.dp
+
+    def get_data_parallel_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self.dp)
+
+    def get_data_parallel_world_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.dp)
+
+    def get_model_parallel_group(self) -> Any:
+        return self.mp
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    # the names DeepSpeed also looks up
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+
+@dataclass
+class Replica:
+    role: str
+    sharding: Sharding
+    shape: ModelShape
+    config: dict[str, Any]  # the Hugging Face config the model is built from
+    shards: dict[str, torch.Tensor]
+    module: torch.nn.Module | None = None  # built on first forward / train call
+    engine: Any = None  # DeepSpeed engine of a trained replica
+
+
+class DeviceWorker:
+    """One device of the plan's cluster (created as a Ray actor by DeviceCluster)."""
+
+    def __init__(self, device: int, world_size: int, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.device, self.world_size = device, world_size
+        self.replicas: dict[tuple[str, str], Replica] = {}
+        self.groups: dict[tuple[int, ...], Any] = {}
+
+    # -- the world ------------------------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        """This worker's node address and a free port on it (for rank 0's store)."""
+        import ray
+
+        from orchestrator.engines import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def join(self, master: tuple[str, int], groups: list[list[int]]) -> None:
+        """Join the world (rank = device) and create every group the plan uses; all
+        workers call this with the same `groups`, in the same order."""
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
+                          RANK=str(self.device), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK="0")  # fmt: skip
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://{master[0]}:{master[1]}",
+            rank=self.device, world_size=self.world_size,
+        )  # fmt: skip
+        for ranks in groups:
+            key = tuple(ranks)
+            if key not in self.groups:
+                self.groups[key] = dist.new_group(list(ranks))
+
+    def _group(self, ranks: list[int]) -> Any:
+        return self.groups[tuple(ranks)]
+
+    def _my_group(self, sharding: Sharding, kind: str) -> list[int]:
+        return next(g for g in group_ranks(sharding, kind) if self.device in g)
+
+    # -- replicas -------------------------------------------------------------------
+
+    def load(self, role: str, folder: str, sharding: Sharding) -> int:
+        """Read a Hugging Face model folder and keep this device's slices under
+        `sharding` (nothing if the device is outside its mesh); returns the bytes kept."""
+        import json
+
+        from orchestrator.realloc import shard_state
+
+        config = json.loads((Path(folder) / "config.json").read_text())
+        shape = shape_from_hf_config(role, config)
+        shards: dict[str, torch.Tensor] = {}
+        if self.device in sharding[0].devices:
+            from safetensors.torch import load_file
+
+            full = load_file(str(Path(folder) / "model.safetensors"))
+            shards = shard_state(full, shape, sharding, self.device)
+        self.replicas[(role, sharding_key(sharding))] = Replica(role, sharding, shape, config,
+                                                                shards)  # fmt: skip
+        return sum(t.numel() * t.element_size() for t in shards.values())
+
+    def shards(self, role: str, sharding: Sharding) -> dict[str, torch.Tensor]:
+        """This device's current slices of a replica (the trained values if it trained)."""
+        rep = self.replicas[(role, sharding_key(sharding))]
+        if rep.module is not None:
+            from orchestrator.parallel import local_shards
+
+            return {k: v.detach().clone() for k, v in local_shards(rep.module).items()}
+        return dict(rep.shards)
+
+    def reallocate(self, role: str, src: Sharding, dst: Sharding, devices_per_node: int) -> dict:
+        """This device's part of the comm plan from replica `src` to replica `dst` of a
+        role; the destination replica's slices are replaced. Returns byte counts."""
+        from orchestrator.realloc import ReallocStats, reallocate
+
+        source = self.replicas[(role, sharding_key(src))]
+        mine = self.shards(role, src) if self.device in src[0].devices else {}
+        stats = ReallocStats()
+        got = reallocate(mine, source.shape, src, dst, self.device,
+                         devices_per_node=devices_per_node, stats=stats)  # fmt: skip
+        key = (role, sharding_key(dst))
+        rep = self.replicas.get(key)
+        if rep is None:
+            rep = Replica(role, dst, source.shape, source.config, {})
+            self.replicas[key] = rep
+        rep.shards = got
+        if rep.module is not None:  # a built replica takes the new weights in place
+            from orchestrator.parallel import load_shards
+
+            load_shards(rep.module, got)
+        return {"sent": stats.sent_bytes, "received": stats.received_bytes,
+                "local": stats.local_bytes}  # fmt: skip
+
+    def _module(self, rep: Replica) -> torch.nn.Module:
+        if rep.module is not None:
+            return rep.module
+        mesh, lay = rep.sharding
+        if lay.pp > 1:
+            raise NotImplementedError(
+                f"replica {rep.role} under {sharding_key(rep.sharding)}: pipeline parallel "
+                "calls are not executed by this runtime (plans with pp > 1 are simulation-"
+                "only); use a layout with pp = 1"
+            )
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from orchestrator.parallel import load_shards, parallelize
+
+        torch.manual_seed(0)  # the values are overwritten by the shards below
+        model = LlamaForCausalLM(LlamaConfig.from_dict(rep.config))
+        if lay.tp > 1:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            tp = self._my_group(rep.sharding, "tp")
+            mesh_obj = DeviceMesh.from_group(self._group(tp), "cpu", mesh=tp)
+            parallelize(model, mesh_obj)
+        load_shards(model, rep.shards)
+        rep.module = model
+        return model
+
+    def forward(
+        self, role: str, sharding: Sharding, batch: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Logits of this device's data-parallel share of `batch` (the dp ranks split
+        its rows in order); None from all but the first rank of each tp group."""
+        rep = self.replicas[(role, sharding_key(sharding))]
+        mesh, lay = sharding
+        model = self._module(rep).eval()
+        dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
+        ids = batch["input_ids"].chunk(lay.dp)[dp_i]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        tp = self._my_group(sharding, "tp")
+        return logits if tp[0] == self.device else None
+
+    def train_step(
+        self,
+        role: str,
+        sharding: Sharding,
+        batch: Mapping[str, torch.Tensor],
+        lr: float,
+        optimizer: str = "adamw",
+    ) -> float:
+        """One optimizer step (`optimizer` adamw or sgd, DeepSpeed ZeRO-1 over the
+        replica's data-parallel group) of next-token cross-entropy on this rank's share of
+        `batch`; returns the mean loss over the group."""
+        import deepspeed
+        import torch.distributed as dist
+
+        rep = self.replicas[(role, sharding_key(sharding))]
+        mesh, lay = sharding
+        if lay.tp > 1 or lay.pp > 1:
+            raise NotImplementedError(
+                f"replica {role} under {sharding_key(sharding)}: train calls run data "
+                "parallel only so far (tp = pp = 1)"
+            )
+        model = self._module(rep)
+        dp = self._my_group(sharding, "dp")
+        if rep.engine is None:
+            me = self._group([self.device])
+            rows = batch["input_ids"].shape[0]
+            config = {
+                "train_batch_size": rows,
+                "train_micro_batch_size_per_gpu": rows // lay.dp,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0
+                "zero_optimization": {"stage": 1},
+                "zero_allow_untested_optimizer": True,  # torch's SGD: elementwise, as AdamW
+                "steps_per_print": 10**9,
+            }
+            if optimizer not in ("adamw", "sgd"):
+                raise ValueError(f"optimizer = {optimizer!r}: use adamw or sgd")
+            cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+            opt = cls(model.parameters(), lr=lr)
+            rep.engine, *_ = deepspeed.initialize(
+                model=model, optimizer=opt, config=config,
+                mpu=_DataParallelGroups(self._group(dp), me),
+            )  # fmt: skip
+        dp_i = dp.index(self.device)
+        ids = batch["input_ids"].chunk(lay.dp)[dp_i]
+        model.train()
+        out = rep.engine(input_ids=ids, labels=ids)
+        rep.engine.backward(out.loss)
+        rep.engine.step()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss, group=self._group(dp))
+        return float(loss) / lay.dp
+
+
+# ---------------------------------------------------------------------------- controller
+
+
+class DeviceCluster:
+    """The plan's devices as Ray actors: one STRICT_PACK placement group per node, one
+    DeviceWorker per device slot, joined into one torch.distributed world with the
+    groups of `shardings` (their tp and dp groups) created up front."""
+
+    def __init__(
+        self,
+        num_nodes: int,
+        devices_per_node: int,
+        shardings: list[Sharding],
+        resource: str = "relay_device",
+        threads: int = 1,
+        timeout_s: float = 120.0,
+    ) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.devices_per_node = devices_per_node
+        n = num_nodes * devices_per_node
+        self.groups = [
+            placement_group([{resource: 1}] * devices_per_node, strategy="STRICT_PACK")
+            for _ in range(num_nodes)
+        ]
+        ready = [g.ready() for g in self.groups]
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=timeout_s)
+        if len(done) < len(ready):
+            for g in self.groups:
+                ray.util.remove_placement_group(g)
+            raise RuntimeError(
+                f"the Ray cluster could not place {num_nodes} node(s) of {devices_per_node} "
+                f"'{resource}' slots each within {timeout_s:.0f} s; ray.cluster_resources() "
+                f"= {ray.cluster_resources()}"
+            )
+        actor = ray.remote(DeviceWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=0,
+                resources={resource: 1},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.groups[d // devices_per_node],
+                    placement_group_bundle_index=d % devices_per_node,
+                ),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+            ).remote(d, n, threads)
+            for d in range(n)
+        ]
+        master = ray.get(self.workers[0].address.remote())
+        groups = [[d] for d in range(n)]
+        for sh in shardings:
+            for kind in ("tp", "dp"):
+                groups += [g for g in group_ranks(sh, kind) if g not in groups]
+        ray.get([w.join.remote(master, groups) for w in self.workers])
+
+    def node_ids(self) -> list[str]:
+        import ray
+
+        return ray.get([w.node_id.remote() for w in self.workers])
+
+    def on(self, mesh: Mesh) -> list[Any]:
+        return [self.workers[d] for d in mesh.devices]
+
+    def load(self, role: str, folder: str, sharding: Sharding) -> None:
+        import ray
+
+        ray.get([w.load.remote(role, folder, sharding) for w in self.workers])
+
+    def reallocate(self, role: str, src: Sharding, dst: Sharding) -> dict[str, int]:
+        """Run a reallocation on every worker of both meshes; the byte counts summed."""
+        import ray
+
+        devices = sorted(set(src[0].devices) | set(dst[0].devices))
+        stats = ray.get([self.workers[d].reallocate.remote(role, src, dst, self.devices_per_node)
+                         for d in devices])  # fmt: skip
+        return {k: sum(s[k] for s in stats) for k in ("sent", "received", "local")}
+
+    def forward(
+        self, role: str, sharding: Sharding, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The replica's logits for the whole batch, its dp ranks' shares in order."""
+        import ray
+
+        outs = ray.get([w.forward.remote(role, sharding, batch) for w in self.on(sharding[0])])
+        return torch.cat([o for o in outs if o is not None])
+
+    def train_step(self, role: str, sharding: Sharding, batch: dict[str, torch.Tensor],
+                   lr: float, optimizer: str = "adamw") -> float:  # fmt: skip
+        import ray
+
+        losses = ray.get([w.train_step.remote(role, sharding, batch, lr, optimizer)
+                          for w in self.on(sharding[0])])  # fmt: skip
+        return losses[0]
+
+    def shards(self, role: str, sharding: Sharding) -> list[dict[str, torch.Tensor]]:
+        import ray
+
+        return ray.get([w.shards.remote(role, sharding) for w in self.on(sharding[0])])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+        for g in self.groups:
+            ray.util.remove_placement_group(g)
