@@ -105,6 +105,7 @@ def init_ray(cfg: object) -> None:
             )
         return
     ray.init(
+        address="local",  # a new instance: never a `ray start` cluster met by chance
         num_cpus=os.cpu_count() or 1,
         resources={"relay_device": c.devices_per_node},
         include_dashboard=False,

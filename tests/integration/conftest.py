@@ -11,6 +11,7 @@ def ray_cluster():
     import ray
 
     ray.init(
+        address="local",  # a new instance, even if a `ray start` cluster runs here
         num_cpus=2,
         resources={"relay_device": 4},
         include_dashboard=False,

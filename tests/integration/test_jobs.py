@@ -70,23 +70,9 @@ def _submit(address: str, overrides: list[str], capsys) -> str:
     return job_id
 
 
-def test_submit_runs_to_completion_and_reports(job_server: str, tmp_path: Path, capsys) -> None:
-    job_id = _submit(job_server, tiny_overrides(tmp_path, "job", 2), capsys)
-    client = _client(job_server)
-    assert wait_for(client, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", (
-        client.get_job_logs(job_id)
-    )
-    assert main(["status", job_id, "--address", job_server]) == 0
-    out = capsys.readouterr().out
-    assert "SUCCEEDED" in out and str(tmp_path / "job") in out
-    assert main(["logs", job_id, "--address", job_server]) == 0
-    assert "relay train: done" in capsys.readouterr().out
-    run_dir = tmp_path / "job"  # run.output_dir made absolute: the run folder is here
-    assert json.loads((run_dir / "plan.json").read_text())["mode"] == "per_role"
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_2"
-
-
-def test_stop_checkpoints_and_resubmit_continues(job_server: str, tmp_path: Path, capsys) -> None:
+def test_submit_stop_checkpoints_and_resubmit_completes(
+    job_server: str, tmp_path: Path, capsys
+) -> None:
     extra = ("run.save_every_steps=1000", "logger.wandb_mode=offline")
     overrides = tiny_overrides(tmp_path, "long", 400, *extra)
     job_id = _submit(job_server, overrides, capsys)
@@ -115,6 +101,14 @@ def test_stop_checkpoints_and_resubmit_continues(job_server: str, tmp_path: Path
     assert wait_for(client, again, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", (
         client.get_job_logs(again)
     )
+    assert main(["status", again, "--address", job_server]) == 0
+    out = capsys.readouterr().out
+    assert "SUCCEEDED" in out and str(tmp_path / "long") in out
+    assert main(["logs", again, "--address", job_server]) == 0
+    assert "relay train: done" in capsys.readouterr().out
+    run_dir = tmp_path / "long"  # run.output_dir made absolute: the run folder is here
+    assert json.loads((run_dir / "plan.json").read_text())["mode"] == "per_role"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at + 1}"
     steps = [
         json.loads(r)["step"]
         for r in metrics.read_text().splitlines()

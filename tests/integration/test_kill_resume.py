@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.checkpoint import CheckpointManager
-from tests.integration.tiny import tiny_overrides
+from tests.integration.tiny import RL_ONLY, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,7 +46,7 @@ def relay(args: list[str], **kw) -> subprocess.Popen:
 
 def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     overrides = tiny_overrides(
-        tmp_path, "killed", 12, "run.save_every_steps=1", "logger.wandb_mode=offline"
+        tmp_path, "killed", 12, "run.save_every_steps=1", "logger.wandb_mode=offline", *RL_ONLY
     )
     run_dir = tmp_path / "killed"
     ckpts = CheckpointManager(run_dir, keep=2)
@@ -82,12 +82,17 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     # the resumed process logged into the same wandb run (one offline folder per start)
     wandb_id = json.loads((run_dir / "relay_run.json").read_text())["wandb_id"]
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) >= 3 and all(r.endswith(wandb_id) for r in runs), runs
+    assert len(runs) >= 2 and all(r.endswith(wandb_id) for r in runs), runs
     # and the final weights are those of a run that was never killed (same config, seed)
     straight = relay(
         tiny_overrides(
-            tmp_path, "straight", 12, "run.save_every_steps=1", "logger.wandb_mode=offline"
-        )
+            tmp_path,
+            "straight",
+            12,
+            "run.save_every_steps=1",
+            "logger.wandb_mode=offline",
+            *RL_ONLY,
+        )  # fmt: skip
     )
     try:
         out, _ = straight.communicate(timeout=400)
@@ -105,7 +110,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(tmp_path: Path) -> None:
-    overrides = tiny_overrides(tmp_path, "stopped", 30, "run.save_every_steps=100")
+    overrides = tiny_overrides(tmp_path, "stopped", 30, "run.save_every_steps=100", *RL_ONLY)
     run_dir = tmp_path / "stopped"
     proc = relay(overrides)
     try:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from orchestrator.config import load_config
 from orchestrator.controller import Controller, RunError
 from orchestrator.tracking import read_metrics
-from tests.integration.tiny import tiny_overrides
+from tests.integration.tiny import RL_ONLY, tiny_overrides
 from tests.unit.test_docs import undocumented
 
 pytestmark = pytest.mark.integration
@@ -111,10 +111,12 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
 
 def test_resume_is_exact(ray_cluster, tmp_path: Path) -> None:
     """4 steps straight == 2 steps, then resume=auto for 2 more: weights and metrics."""
-    straight = Path(run(tiny_overrides(tmp_path, "straight", 4))["run_dir"])
-    split = tiny_overrides(tmp_path, "split", 2)
+    straight = Path(run(tiny_overrides(tmp_path, "straight", 4, *RL_ONLY))["run_dir"])
+    split = tiny_overrides(tmp_path, "split", 2, *RL_ONLY)
     run(split)
-    resumed = Path(run(tiny_overrides(tmp_path, "split", 4, "run.resume=auto"))["run_dir"])
+    resumed = Path(
+        run(tiny_overrides(tmp_path, "split", 4, "run.resume=auto", *RL_ONLY))["run_dir"]
+    )
     for role in ("actor", "critic"):
         a = weights(straight / "checkpoints" / "step_4", role)
         b = weights(resumed / "checkpoints" / "step_4", role)
@@ -150,6 +152,7 @@ def test_critic_free_algorithms_run(ray_cluster, tmp_path: Path, algo: str) -> N
             algo,
             2,
             f"algo={algo}",
+            "reward=verifier",
             "train.rollout_batch_prompts=4",
             "train.mini_batch_samples=8",
             "train.micro_batch_samples_per_device=4",

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.tracking import read_metrics
 from tests.integration.test_kill_resume import kill_group, relay
-from tests.integration.tiny import tiny_overrides
+from tests.integration.tiny import RL_ONLY, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,7 +52,7 @@ def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int, stage:
 
 def run_and_kill_a_worker(tmp_path: Path, name: str, steps: int, *extra: str) -> str:
     """Run `relay train`, SIGKILL a model worker after RL step 3, return the output."""
-    proc = relay(tiny_overrides(tmp_path, name, steps, *extra))
+    proc = relay(tiny_overrides(tmp_path, name, steps, *RL_ONLY, *extra))
     try:
         kill_a_worker(proc, tmp_path / name, after_step=3)
         out, _ = proc.communicate(timeout=900)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# RL alone: no SFT or reward-model stage (the verifier scores), for tests of the RL loop's
+# faults and resumes, which would otherwise spend most of their time on those stages.
+RL_ONLY = ("sft.enabled=false", "reward=verifier")
+
 
 def tiny_overrides(out: Path, name: str, steps: int, *extra: str) -> list[str]:
     return [

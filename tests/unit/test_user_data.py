@@ -183,3 +183,11 @@ def test_reward_errors_name_the_sample() -> None:
                        r"\(first: prompt 'S43=', response '34'\)"):  # fmt: skip
         check_finite(values, pairs, "the reward model")
     check_finite([0.0, -1.5], pairs, "the reward model")  # finite scores pass
+
+
+def test_the_example_reward_function() -> None:
+    fn = load_reward_function("examples/rewards.py:sorted_digits")
+    assert fn("S3120=", "0123") == 1.0
+    assert fn("S3120=", "0132") == 0.5 * 4 / 4 - 0.5  # right digits, out of order
+    assert fn("S3120=", "0124") == 0.5 * 3 / 4  # sorted, one digit wrong
+    assert fn("S3120=", "") == 0.0
