@@ -187,6 +187,13 @@ def runtime_problems(result: PlanResult) -> list[Problem]:
     for c in ctx.topo:
         a = plan[c.name]
         lay = a.layout
+        if lay.pp > 1:
+            out.append(Problem(f"plan ({result.mode}): {c.name}", f"{a.mesh} {lay}",
+                               "pipeline-parallel layouts (pp > 1) are simulation-only: the "
+                               "planner costs them, Relay's runtime does not execute them",
+                               "use a plan without pp > 1 (edit the plan file, or plan=per_role); "
+                               "`relay plan` still shows its estimate"))  # fmt: skip
+            continue
         if a.mesh.size != 1 or (lay.dp, lay.tp, lay.pp) != (1, 1, 1):
             out.append(Problem(f"plan ({result.mode}): {c.name}", f"{a.mesh} {lay}",
                                "this runtime runs every call on one device (dp=tp=pp=1); "

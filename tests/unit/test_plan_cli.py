@@ -134,3 +134,18 @@ def test_relay_help_lists_plan_and_profile(capsys) -> None:
     assert "plan " in out and "profile " in out
     assert main(["plan", "--help"]) == 0
     assert "relay plan" in capsys.readouterr().out
+
+
+def test_train_refuses_pipeline_parallel_calls_as_simulation_only(tmp_path: Path, capsys) -> None:
+    out_file = tmp_path / "p.json"
+    assert main(["plan", f"plan.out={out_file}"]) == 0  # the default job's per_role plan
+    data = json.loads(out_file.read_text())
+    data["calls"]["actor_gen"].update(mesh="d0-1", dp=1, tp=1, pp=2)
+    edited = tmp_path / "pp.json"
+    edited.write_text(json.dumps(data))
+    capsys.readouterr()
+    rc = main(["train", "plan=file", f"plan.path={edited}", f"run.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "plan (file): actor_gen" in err and "simulation-only" in err
+    assert not (tmp_path / "ppo-sort").exists()
