@@ -12,8 +12,9 @@ own slices of the weights, as the planner's rules give them (planner.realloc):
   (orchestrator.realloc), on every device of both meshes;
 - `forward` runs a replica's forward pass, tensor parallel over its tp group
   (orchestrator.parallel), each data-parallel rank on its share of the batch;
-- `train_step` runs one optimizer step of a replica with DeepSpeed over its
-  data-parallel group.
+- `train_step` runs one optimizer step of a replica: with DeepSpeed (ZeRO-1) over its
+  data-parallel group when tp = 1; with tp > 1, on the tensor-parallel model with its
+  gradient shards averaged over the data-parallel group and torch's optimizer.
 Pipeline parallelism is not executed: replicas with pp > 1 are held and reallocated, but
 forward and train calls refuse them (the planner marks such plans simulation-only).
 """
@@ -253,15 +254,14 @@ class DeviceWorker:
         import deepspeed
         import torch.distributed as dist
 
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer = {optimizer!r}: use adamw or sgd")
         rep = self.replicas[(role, sharding_key(sharding))]
         mesh, lay = sharding
-        if lay.tp > 1 or lay.pp > 1:
-            raise NotImplementedError(
-                f"replica {role} under {sharding_key(sharding)}: train calls run data "
-                "parallel only so far (tp = pp = 1)"
-            )
-        model = self._module(rep)
+        model = self._module(rep)  # refuses pp > 1
         dp = self._my_group(sharding, "dp")
+        if lay.tp > 1:
+            return self._tp_train_step(rep, batch, lr, optimizer)
         if rep.engine is None:
             me = self._group([self.device])
             rows = batch["input_ids"].shape[0]
@@ -274,8 +274,6 @@ class DeviceWorker:
                 "zero_allow_untested_optimizer": True,  # torch's SGD: elementwise, as AdamW
                 "steps_per_print": 10**9,
             }
-            if optimizer not in ("adamw", "sgd"):
-                raise ValueError(f"optimizer = {optimizer!r}: use adamw or sgd")
             cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
             opt = cls(model.parameters(), lr=lr)
             rep.engine, *_ = deepspeed.initialize(
@@ -288,6 +286,37 @@ class DeviceWorker:
         out = rep.engine(input_ids=ids, labels=ids)
         rep.engine.backward(out.loss)
         rep.engine.step()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss, group=self._group(dp))
+        return float(loss) / lay.dp
+
+    def _tp_train_step(
+        self, rep: Replica, batch: Mapping[str, torch.Tensor], lr: float, optimizer: str
+    ) -> float:
+        """A tensor-parallel replica's step: the sharded model's backward, each gradient
+        shard averaged over the data-parallel group, then torch's optimizer on the
+        shards (DeepSpeed's ZeRO flattens parameters, which DTensor shards do not allow)."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        mesh, lay = rep.sharding
+        model = self._module(rep)
+        dp = self._my_group(rep.sharding, "dp")
+        if rep.engine is None:
+            cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+            rep.engine = cls(model.parameters(), lr=lr)
+        dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
+        ids = batch["input_ids"].chunk(lay.dp)[dp_i]
+        model.train()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if lay.dp > 1:
+            for p in model.parameters():
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                dist.all_reduce(g, group=self._group(dp))
+                g.div_(lay.dp)
+        rep.engine.step()
+        rep.engine.zero_grad(set_to_none=True)
         loss = out.loss.detach().clone()
         dist.all_reduce(loss, group=self._group(dp))
         return float(loss) / lay.dp

@@ -91,3 +91,64 @@ def test_load_shards_names_a_wrong_shape() -> None:
     del shards["model.norm.weight"]
     with pytest.raises(KeyError, match="model.norm.weight"):
         load_shards(model, shards)
+
+
+def _train_worker(rank: int, port: int, folder: str, failures: str) -> None:
+    from orchestrator.device_workers import DeviceWorker, group_ranks
+    from orchestrator.realloc import shard_state
+    from planner.catalogue import shape_from_hf_config
+    from planner.layout import Layout, Mesh
+
+    shardings = [(Mesh(0, WORLD), Layout(2, 2, 1)), (Mesh(0, WORLD), Layout(1, 4, 1))]
+    groups = [[d] for d in range(WORLD)]
+    for sh in shardings:
+        for kind in ("tp", "dp"):
+            groups += [g for g in group_ranks(sh, kind) if g not in groups]
+    worker = DeviceWorker(rank, WORLD)
+    worker.join(("127.0.0.1", port), groups)
+    ids = torch.randint(0, 37, (8, 10), generator=torch.Generator().manual_seed(5))
+    want = sgd_reference(folder, ids)
+    shape = shape_from_hf_config("test", CFG)
+    problems = []
+    for i, sh in enumerate(shardings):
+        worker.load(f"actor{i}", folder, sh)
+        worker.train_step(f"actor{i}", sh, {"input_ids": ids}, TRAIN_LR, optimizer="sgd")
+        got = worker.shards(f"actor{i}", sh)
+        for k, v in shard_state(want, shape, sh, rank).items():
+            err = (got[k] - v).abs().max().item()
+            if err > TOLERANCE:
+                problems.append(f"{sh[1]}: rank {rank} {k} differs by {err:.2e}")
+    dist.barrier()
+    dist.destroy_process_group()
+    if problems:
+        Path(failures, f"rank{rank}").write_text("\n".join(problems))
+
+
+TRAIN_LR = 0.5
+
+
+def sgd_reference(folder: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One SGD step of next-token cross-entropy on the whole batch, in one process."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder)
+    opt = torch.optim.SGD(model.parameters(), lr=TRAIN_LR)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_tensor_parallel_training_matches_one_process(tmp_path: Path) -> None:
+    """dp2 x tp2 and tp4 train steps on DeviceWorkers (gradient shards averaged over the
+    data-parallel group) give one process's SGD step on the whole batch within 1e-5."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestrator.engines import free_port
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **CFG)).save_pretrained(folder)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_train_worker, args=(free_port(), str(folder), str(tmp_path)), nprocs=WORLD)
+    reports = [p.read_text() for p in tmp_path.glob("rank*")]
+    assert not reports, "\n".join(reports)
