@@ -563,7 +563,11 @@ class Controller:
         return {"prompt_ids": pids, "prompt_mask": pmask, "chosen_ids": cids,
                 "chosen_mask": cmask, "rejected_ids": rids, "rejected_mask": rmask}  # fmt: skip
 
-    def run_stage(
+    def run_stage(self, stage: str, *args: Any) -> dict[str, float]:
+        """`_run_stage(stage, *args)`, with new workers if one dies (the stage starts over)."""
+        return self.with_restarts(stage, lambda _: self._run_stage(stage, *args))
+
+    def _run_stage(
         self,
         stage: str,
         graph: DataflowGraph,
@@ -580,21 +584,6 @@ class Controller:
         done_marker = out / "DONE"
         if done_marker.is_file():
             return json.loads(done_marker.read_text())
-        return self.with_restarts(
-            stage, lambda _: self._run_stage(stage, graph, spec, steps, batch, evaluate, out)
-        )
-
-    def _run_stage(
-        self,
-        stage: str,
-        graph: DataflowGraph,
-        spec: RoleSpec,
-        steps: int,
-        batch: Callable[[int], dict[str, torch.Tensor]],
-        evaluate: Callable[[dict[str, Any], int], dict[str, float]],
-        out: Path,
-    ) -> dict[str, float]:
-        done_marker = out / "DONE"
         cfg = self.cfg
         (call,) = graph.calls
         workers = start_workers([spec], cfg.cluster.device)

@@ -130,12 +130,12 @@ def test_resume_is_exact(ray_cluster, tmp_path: Path) -> None:
 
 
 def test_finished_run_and_foreign_folder(ray_cluster, tmp_path: Path, capsys) -> None:
-    run(tiny_overrides(tmp_path, "done", 2, "sft.enabled=false"))
-    again = run(tiny_overrides(tmp_path, "done", 2, "sft.enabled=false"))
+    run(tiny_overrides(tmp_path, "done", 2, *RL_ONLY))
+    again = run(tiny_overrides(tmp_path, "done", 2, *RL_ONLY))
     assert "already finished at step 2" in capsys.readouterr().out
     assert "rollout/reward_mean" in again["rl"]
     with pytest.raises(RunError, match="different config"):
-        run(tiny_overrides(tmp_path, "done", 2, "sft.enabled=false", "algo.kl_coef=0.5"))
+        run(tiny_overrides(tmp_path, "done", 2, *RL_ONLY, "algo.kl_coef=0.5"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

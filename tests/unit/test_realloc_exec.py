@@ -5,17 +5,15 @@ trip gives the source slices back bit for bit."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from orchestrator.realloc import ReallocStats, reallocate, shard_state
 from planner.catalogue import ModelShape, shape_from_hf_config
 from planner.layout import Layout, Mesh
 from planner.realloc import model_tensors
+from tests.distributed import join_world, report, run_ranks
 
 # vocab 37 does not divide by 2 or 4: tensor-parallel ranks hold uneven embedding rows
 SHAPE = ModelShape("test", hidden=64, layers=4, heads=4, kv_heads=4, intermediate=96, vocab=37)
@@ -36,8 +34,8 @@ def full_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return {t.name: torch.randn(t.shape, generator=g) for t in model_tensors(SHAPE)}
 
 
-def _worker(rank: int, store: str, failures: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+def _worker(rank: int, folder: str) -> None:
+    join_world(rank, folder, WORLD)
     full = full_state()
     problems = []
     moved = 0
@@ -54,17 +52,11 @@ def _worker(rank: int, store: str, failures: str) -> None:
             problems.append(f"{src} -> {dst} -> back: device {rank} differs")
     if moved == 0:
         problems.append(f"device {rank} received nothing over all pairs")
-    dist.barrier()
-    dist.destroy_process_group()
-    if problems:
-        Path(failures, f"rank{rank}").write_text("\n".join(problems))
+    report(rank, folder, problems)
 
 
 def test_reallocation_is_exact_for_every_layout_pair(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    reports = [p.read_text() for p in tmp_path.glob("rank*")]
-    assert not reports, "\n".join(reports)
+    run_ranks(_worker, tmp_path, world=WORLD)
 
 
 def test_shards_partition_each_tensor() -> None:

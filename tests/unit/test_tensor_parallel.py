@@ -6,12 +6,11 @@ logits."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.distributed import join_world, report, run_ranks
 
 WORLD = 4
 # 4 heads split over up to 4 ranks; vocab 37 splits unevenly (10, 10, 10, 7 rows)
@@ -29,7 +28,7 @@ def model_and_logits(seed: int, ids: torch.Tensor) -> tuple[torch.nn.Module, tor
         return model, model(input_ids=ids).logits
 
 
-def _worker(rank: int, store: str, failures: str) -> None:
+def _worker(rank: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from orchestrator.parallel import load_shards, local_shards, parallelize
@@ -37,7 +36,7 @@ def _worker(rank: int, store: str, failures: str) -> None:
     from planner.catalogue import shape_from_hf_config
     from planner.layout import Layout, Mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    join_world(rank, folder, WORLD)
     shape = shape_from_hf_config("test", CFG)
     ids = torch.randint(0, 37, (3, 9), generator=torch.Generator().manual_seed(1))
     problems = []
@@ -65,17 +64,11 @@ def _worker(rank: int, store: str, failures: str) -> None:
             err = (model(input_ids=ids).logits - other_ref).abs().max().item()
         if err > TOLERANCE:
             problems.append(f"dp{dp} tp{tp}: after reallocation logits differ by {err:.2e}")
-    dist.barrier()
-    dist.destroy_process_group()
-    if problems:
-        Path(failures, f"rank{rank}").write_text("\n".join(problems))
+    report(rank, folder, problems)
 
 
 def test_sharded_forward_matches_one_device(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    reports = [p.read_text() for p in tmp_path.glob("rank*")]
-    assert not reports, "\n".join(reports)
+    run_ranks(_worker, tmp_path, world=WORLD)
 
 
 def test_load_shards_names_a_wrong_shape() -> None:
@@ -93,7 +86,7 @@ def test_load_shards_names_a_wrong_shape() -> None:
         load_shards(model, shards)
 
 
-def _train_worker(rank: int, port: int, folder: str, failures: str) -> None:
+def _train_worker(rank: int, failures: str, port: int, folder: str) -> None:
     from orchestrator.device_workers import DeviceWorker, group_ranks
     from orchestrator.realloc import shard_state
     from planner.catalogue import shape_from_hf_config
@@ -118,10 +111,7 @@ def _train_worker(rank: int, port: int, folder: str, failures: str) -> None:
             err = (got[k] - v).abs().max().item()
             if err > TOLERANCE:
                 problems.append(f"{sh[1]}: rank {rank} {k} differs by {err:.2e}")
-    dist.barrier()
-    dist.destroy_process_group()
-    if problems:
-        Path(failures, f"rank{rank}").write_text("\n".join(problems))
+    report(rank, failures, problems)
 
 
 TRAIN_LR = 0.5
@@ -148,7 +138,4 @@ def test_tensor_parallel_training_matches_one_process(tmp_path: Path) -> None:
     torch.manual_seed(0)
     folder = tmp_path / "model"
     LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **CFG)).save_pretrained(folder)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_train_worker, args=(free_port(), str(folder), str(tmp_path)), nprocs=WORLD)
-    reports = [p.read_text() for p in tmp_path.glob("rank*")]
-    assert not reports, "\n".join(reports)
+    run_ranks(_train_worker, tmp_path, free_port(), str(folder), world=WORLD)
