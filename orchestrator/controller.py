@@ -280,9 +280,10 @@ class Controller:
                 )
             changed = config_changes(marker.get("config", {}), to_dict(cfg))
             digest = self.prompt_file_digest()
-            if marker.get("prompt_file_sha256", digest) != digest:
-                changed.append(("task.prompt_file (contents)", "sha256 " +
-                                marker["prompt_file_sha256"][:12], "sha256 " + str(digest)[:12]))  # fmt: skip
+            before = marker.get("prompt_file_sha256", digest)
+            if before != digest and before is not None and digest is not None:
+                changed.append(("task.prompt_file (contents)", f"sha256 {before[:12]}",
+                                f"sha256 {digest[:12]}"))  # fmt: skip
             if changed and not cfg.run.allow_config_change:
                 lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
                 raise RunError(

@@ -191,3 +191,17 @@ def test_the_example_reward_function() -> None:
     assert fn("S3120=", "0132") == 0.5 * 4 / 4 - 0.5  # right digits, out of order
     assert fn("S3120=", "0124") == 0.5 * 3 / 4  # sorted, one digit wrong
     assert fn("S3120=", "") == 0.0
+
+
+def test_resume_refuses_a_prompt_file_whose_contents_changed(tmp_path: Path) -> None:
+    from orchestrator.controller import Controller, RunError
+
+    path = prompts_file(tmp_path / "p.jsonl", GOOD * 22)  # 66 prompts: a rollout batch
+    overrides = [f"task.prompt_file={path}", f"run.output_dir={tmp_path / 'runs'}"]
+    Controller(load_config(overrides)).prepare()  # makes the run folder and its marker
+    Controller(load_config(overrides)).prepare()  # the same file: reopens it
+    prompts_file(tmp_path / "p.jsonl", list(reversed(GOOD)) * 22)
+    with pytest.raises(RunError, match=r"task.prompt_file \(contents\): 'sha256 [0-9a-f]{12}'"):
+        Controller(load_config(overrides)).prepare()
+    allowed = [*overrides, "run.allow_config_change=true"]
+    assert Controller(load_config(allowed)).prepare()["prompt_file_sha256"]
