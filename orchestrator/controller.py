@@ -244,7 +244,12 @@ def run_graph(
         finished, _ = ray.wait(list(pending), num_returns=1)
         for ref in finished:
             name = pending.pop(ref)
-            metrics[name] = ray.get(ref)
+            try:
+                metrics[name] = ray.get(ref)
+            except Exception:
+                # let the calls still in flight end first, so the next step starts clean
+                ray.wait(list(pending), num_returns=len(pending))
+                raise
             done.add(name)
     return metrics
 
@@ -258,6 +263,8 @@ class Controller:
         self.plan = plan  # the RL graph's execution plan (orchestrator.planning.make_plan)
         self.paths = RunPaths(Path(cfg.run.output_dir) / cfg.run.name)
         self.ckpt = CheckpointManager(self.paths.root, cfg.run.keep_checkpoints)
+        self.restarts = 0  # model workers replaced so far (run.max_restarts bounds them)
+        self.saved_step: int | None = None  # the RL checkpoint this process wrote or loaded
 
     # -- run folder ---------------------------------------------------------------
 
@@ -476,7 +483,6 @@ class Controller:
     def run(self) -> dict[str, Any]:
         install_stop_handler()
         self.stopped_early = False
-        self.restarts = 0  # model workers replaced so far (run.max_restarts bounds them)
         marker = self.prepare()
         self.wandb_id = marker["wandb_id"]
         if self.plan is not None:
@@ -705,12 +711,14 @@ class Controller:
                 else:
                     where = f"checkpoint {newest}" if newest else "the start of the RL stage"
                 if self.restarts > self.cfg.run.max_restarts:
+                    last = self.ckpt.newest_valid()
+                    resume = (f"The newest complete checkpoint is {last}; resume=auto continues "
+                              "from it" if last else f"There is no checkpoint yet; the {stage} "
+                              "stage starts over")  # fmt: skip
                     raise RunError(
                         f"a model worker died ({cause}) and run.max_restarts = "
-                        f"{self.cfg.run.max_restarts} restarts are used up. The newest complete "
-                        f"checkpoint is {self.ckpt.newest_valid()}. Fix: find why workers die "
-                        "(memory, a killed process), then run the same command: resume=auto "
-                        "continues from it"
+                        f"{self.cfg.run.max_restarts} restarts are used up. {resume}. Fix: find "
+                        "why workers die (memory, a killed process), then run the same command"
                     ) from None
                 print(
                     f"relay: a model worker died ({cause}); restart {self.restarts} of "
@@ -746,6 +754,7 @@ class Controller:
             torch.set_rng_state(rng["torch"])
             start_step = state["step"]
             skipped = state.get("skipped_steps", 0)
+            self.saved_step = start_step
         if start_step >= t.steps:
             stop_workers(workers)
             print(
@@ -795,7 +804,8 @@ class Controller:
                 except RewardError as e:
                     reason = str(getattr(e, "cause", None) or e).strip()
                     if cfg.reward.on_error == "stop":
-                        self.stop_on_reward_error(step, reason, workers, trainable, kl_ctl)
+                        self.stop_on_reward_error(step, reason, workers, trainable, kl_ctl,
+                                                  skipped)  # fmt: skip
                     skipped += 1
                     print(f"relay: step {step} skipped, no update (reward.on_error=skip): "
                           f"{reason}", flush=True)  # fmt: skip
@@ -854,18 +864,18 @@ class Controller:
         return Path(r)
 
     def stop_on_reward_error(
-        self, step: int, reason: str, workers: dict[str, Any], trainable: list[str], kl_ctl: Any
+        self,
+        step: int,
+        reason: str,
+        workers: dict[str, Any],
+        trainable: list[str],
+        kl_ctl: Any,
+        skipped: int,
     ) -> None:
         """reward.on_error=stop: checkpoint the state before this step (nothing of the step
         was applied), then raise RunError naming the cause and the fixes."""
         newest = self.ckpt.newest_valid()
-        saved = json.loads((newest / "controller.json").read_text())["step"] if newest else None
-        if saved != step - 1:
-            skipped = 0
-            if newest is not None:
-                skipped = json.loads((newest / "controller.json").read_text()).get(
-                    "skipped_steps", 0
-                )
+        if self.saved_step != step - 1 or newest is None:
             newest = self.save_checkpoint(step - 1, workers, trainable, kl_ctl, skipped)
         raise RunError(
             f"step {step}: {reason}. reward.on_error = 'stop': the run stopped with its "
@@ -906,4 +916,6 @@ class Controller:
             },
             tmp / "rng.pt",
         )
-        return self.ckpt.commit(tmp, step)
+        committed = self.ckpt.commit(tmp, step)
+        self.saved_step = step
+        return committed

@@ -4,7 +4,7 @@
 of the plan, each a STRICT_PACK group of that node's device slots, so device d of a plan
 lands on the plan's node d // devices_per_node and meshes map to Ray nodes as the plan
 says. (A placement group per mesh would not do: the meshes of a plan overlap.) The
-workers form one torch.distributed world (gloo on CPU, NCCL on GPU), rank = device.
+workers form one torch.distributed world (gloo; CPU only so far), rank = device.
 
 Each worker holds, per model replica (a role under a sharding = mesh + layout), only its
 own slices of the weights, as the planner's rules give them (planner.realloc):
@@ -181,13 +181,21 @@ class DeviceWorker:
         role; the destination replica's slices are replaced. Returns byte counts."""
         from orchestrator.realloc import ReallocStats, reallocate
 
-        source = self.replicas[(role, sharding_key(src))]
-        mine = self.shards(role, src) if self.device in src[0].devices else {}
-        stats = ReallocStats()
-        got = reallocate(mine, source.shape, src, dst, self.device,
-                         devices_per_node=devices_per_node, stats=stats)  # fmt: skip
+        # every worker registered the role when it was loaded, in or out of its mesh
+        source = next(r for (name, _), r in self.replicas.items() if name == role)
         key = (role, sharding_key(dst))
         rep = self.replicas.get(key)
+        if rep is not None and rep.engine is not None:
+            raise ValueError(
+                f"replica {role} under {sharding_key(dst)} trains (it has optimizer state): "
+                "reallocate from a trained replica, not into it"
+            )
+        mine = self.shards(role, src) if self.device in src[0].devices else {}
+        dtype = getattr(torch, source.config.get("torch_dtype") or source.config.get("dtype")
+                        or "float32")  # fmt: skip
+        stats = ReallocStats()
+        got = reallocate(mine, source.shape, src, dst, self.device,
+                         devices_per_node=devices_per_node, dtype=dtype, stats=stats)  # fmt: skip
         if rep is None:
             rep = Replica(role, dst, source.shape, source.config, {})
             self.replicas[key] = rep
@@ -225,6 +233,13 @@ class DeviceWorker:
         rep.module = model
         return model
 
+    @staticmethod
+    def _share(batch: Mapping[str, torch.Tensor], lay: Layout, dp_i: int) -> torch.Tensor:
+        rows = batch["input_ids"].shape[0]
+        if rows % lay.dp:
+            raise ValueError(f"a batch of {rows} rows does not split over dp = {lay.dp} ranks")
+        return batch["input_ids"].chunk(lay.dp)[dp_i]
+
     def forward(
         self, role: str, sharding: Sharding, batch: Mapping[str, torch.Tensor]
     ) -> torch.Tensor | None:
@@ -234,7 +249,7 @@ class DeviceWorker:
         mesh, lay = sharding
         model = self._module(rep).eval()
         dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
-        ids = batch["input_ids"].chunk(lay.dp)[dp_i]
+        ids = self._share(batch, lay, dp_i)
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         tp = self._my_group(sharding, "tp")
@@ -281,7 +296,7 @@ class DeviceWorker:
                 mpu=_DataParallelGroups(self._group(dp), me),
             )  # fmt: skip
         dp_i = dp.index(self.device)
-        ids = batch["input_ids"].chunk(lay.dp)[dp_i]
+        ids = self._share(batch, lay, dp_i)
         model.train()
         out = rep.engine(input_ids=ids, labels=ids)
         rep.engine.backward(out.loss)
@@ -306,7 +321,7 @@ class DeviceWorker:
             cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
             rep.engine = cls(model.parameters(), lr=lr)
         dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
-        ids = batch["input_ids"].chunk(lay.dp)[dp_i]
+        ids = self._share(batch, lay, dp_i)
         model.train()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()

@@ -1,5 +1,5 @@
 """Tensor parallelism for the Llama-architecture models, with torch's tensor-parallel API
-(DTensor over a DeviceMesh; gloo on CPU, NCCL on GPU), sharded exactly as the planner's
+(DTensor over a DeviceMesh; tested on CPU with gloo), sharded exactly as the planner's
 reallocation rules say (planner.realloc), so the slices a reallocation delivers load
 straight into the parallel model:
 

@@ -1,5 +1,6 @@
 """Executing a parameter reallocation: the planner's comm plan (planner.realloc) run with
-torch.distributed point-to-point messages, gloo on CPU and NCCL on GPU alike.
+torch.distributed point-to-point messages. Tested with gloo (CPU); NCCL would need the
+sends and receives batched (dist.batch_isend_irecv) and is not tried yet.
 
 Every process of the group is one device (global device number = process rank unless a
 mapping is given). It holds, for the source layout, the slices of the model's tensors
@@ -87,6 +88,9 @@ def reallocate(
     that appears in either mesh must call it with the same arguments but its own shards
     and device. `rank_of` maps device numbers to process ranks (identity if None)."""
     tensors = {t.name: t for t in model_tensors(shape)}
+    odd = sorted(k for k, v in shards.items() if v.dtype != dtype)
+    if odd:
+        raise ValueError(f"shards {odd[:3]} are not {dtype}: every rank must agree on the dtype")
     if ops is None:
         ops = plan_ops(shape, src, dst, devices_per_node)
     ranks = rank_of or {}

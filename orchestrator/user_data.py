@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,9 +185,11 @@ def load_reward_function(spec: str) -> RewardFunction:
         mod_spec = importlib.util.spec_from_file_location(module_name, path)
         assert mod_spec is not None and mod_spec.loader is not None
         module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[module_name] = module  # dataclasses and pickling look modules up here
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:
+            del sys.modules[module_name]
             raise ValueError(f"importing {where} failed: {type(e).__name__}: {e}") from None
     else:
         try:
@@ -231,13 +234,15 @@ def _as_float(value: Any) -> float | None:
     """A real number (Python, numpy or a one-element torch tensor) as a float, else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
     try:
+        if isinstance(value, (int, float)):
+            return float(value)
         item = value.item()
-    except Exception:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            return float(item)
+    except Exception:  # no .item(), or an int too large for a float
         return None
-    return float(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else None
+    return None
 
 
 def check_finite(scores: Sequence[float], pairs: Sequence[tuple[str, str]], source: str) -> None:

@@ -97,5 +97,10 @@ def test_train_reallocate_forward_across_nodes(two_nodes, tmp_path: Path) -> Non
         back = dc.shards("actor", other)
         assert all(torch.equal(back[0][k], trained[0][k]) for k in trained[0])
         assert all(torch.equal(back[1][k], trained[0][k]) for k in trained[0])
+        # the trained replica holds optimizer state: weights never flow into it
+        import ray
+
+        with pytest.raises(ray.exceptions.RayTaskError, match="reallocate from a trained"):
+            dc.reallocate("actor", GEN, TRAIN)
     finally:
         dc.shutdown()

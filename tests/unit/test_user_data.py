@@ -123,6 +123,14 @@ def test_a_bad_prompt_file_exits_non_zero_and_leaves_the_run_folder_alone(
 # ----------------------------------------------------------------- reward functions
 
 
+def test_a_reward_file_may_define_dataclasses(tmp_path: Path) -> None:
+    path = tmp_path / "scored.py"
+    path.write_text("from dataclasses import dataclass\n\n@dataclass\nclass Weights:\n"
+                    "    length: float = 0.1\n\ndef score(prompt, response):\n"
+                    "    return Weights().length * len(response)\n")  # fmt: skip
+    assert load_reward_function(f"{path}:score")("S1=", "12") == 0.2
+
+
 def test_reward_function_specs(tmp_path: Path) -> None:
     good = tmp_path / "rewards.py"
     good.write_text("LIMIT = 3\n\ndef score(prompt, response):\n    return len(response) / 8\n")
@@ -173,6 +181,8 @@ def test_reward_errors_name_the_sample() -> None:
         call_reward_function(lambda p, r: "high", "f.py:g", pairs)
     with pytest.raises(RewardError, match=r"returned True \(a bool\)"):
         call_reward_function(lambda p, r: True, "f.py:g", pairs)
+    with pytest.raises(RewardError, match=r"\(a int\)"):  # too large for a float
+        call_reward_function(lambda p, r: 10**400, "f.py:g", pairs)
     import numpy as np
     import torch
 
@@ -203,5 +213,7 @@ def test_resume_refuses_a_prompt_file_whose_contents_changed(tmp_path: Path) -> 
     prompts_file(tmp_path / "p.jsonl", list(reversed(GOOD)) * 22)
     with pytest.raises(RunError, match=r"task.prompt_file \(contents\): 'sha256 [0-9a-f]{12}'"):
         Controller(load_config(overrides)).prepare()
-    allowed = [*overrides, "run.allow_config_change=true"]
-    assert Controller(load_config(allowed)).prepare()["prompt_file_sha256"]
+    first = json.loads((tmp_path / "runs" / "ppo-sort" / "relay_run.json").read_text())
+    allowed = [*overrides, "run.allow_config_change=true"]  # accepted; the marker keeps
+    marker = Controller(load_config(allowed)).prepare()  # the contents it was made with
+    assert marker["prompt_file_sha256"] == first["prompt_file_sha256"]
