@@ -92,7 +92,8 @@ def p2p_limit_s(nbytes: int) -> float:
 
 
 def _worker(rank: int, store: str, args: argparse.Namespace, out: str) -> None:
-    from orchestrator.realloc import plan_ops, reallocate
+    from orchestrator.realloc import reallocate
+    from planner.realloc import plan_ops
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     shape = shape_of(args)

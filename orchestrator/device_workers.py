@@ -33,6 +33,7 @@ from planner.catalogue import ModelShape, shape_from_hf_config
 from planner.layout import Layout, Mesh
 
 Sharding = tuple[Mesh, Layout]
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def sharding_key(sharding: Sharding) -> str:
@@ -233,12 +234,22 @@ class DeviceWorker:
         rep.module = model
         return model
 
-    @staticmethod
-    def _share(batch: Mapping[str, torch.Tensor], lay: Layout, dp_i: int) -> torch.Tensor:
+    def _share(self, batch: Mapping[str, torch.Tensor], sharding: Sharding) -> torch.Tensor:
+        """This device's data-parallel share of the batch's rows (dp ranks in order)."""
+        mesh, lay = sharding
         rows = batch["input_ids"].shape[0]
         if rows % lay.dp:
             raise ValueError(f"a batch of {rows} rows does not split over dp = {lay.dp} ranks")
+        dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
         return batch["input_ids"].chunk(lay.dp)[dp_i]
+
+    def _group_mean(self, loss: torch.Tensor, dp: list[int]) -> float:
+        """The mean of each dp rank's loss."""
+        import torch.distributed as dist
+
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=self._group(dp))
+        return float(total) / len(dp)
 
     def forward(
         self, role: str, sharding: Sharding, batch: Mapping[str, torch.Tensor]
@@ -246,10 +257,8 @@ class DeviceWorker:
         """Logits of this device's data-parallel share of `batch` (the dp ranks split
         its rows in order); None from all but the first rank of each tp group."""
         rep = self.replicas[(role, sharding_key(sharding))]
-        mesh, lay = sharding
         model = self._module(rep).eval()
-        dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
-        ids = self._share(batch, lay, dp_i)
+        ids = self._share(batch, sharding)
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         tp = self._my_group(sharding, "tp")
@@ -267,16 +276,16 @@ class DeviceWorker:
         replica's data-parallel group) of next-token cross-entropy on this rank's share of
         `batch`; returns the mean loss over the group."""
         import deepspeed
-        import torch.distributed as dist
 
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer = {optimizer!r}: use adamw or sgd")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer = {optimizer!r}: use one of {sorted(OPTIMIZERS)}")
         rep = self.replicas[(role, sharding_key(sharding))]
-        mesh, lay = sharding
+        _, lay = sharding
         model = self._module(rep)  # refuses pp > 1
         dp = self._my_group(sharding, "dp")
+        ids = self._share(batch, sharding)
         if lay.tp > 1:
-            return self._tp_train_step(rep, batch, lr, optimizer)
+            return self._tp_train_step(rep, model, dp, ids, lr, optimizer)
         if rep.engine is None:
             me = self._group([self.device])
             rows = batch["input_ids"].shape[0]
@@ -289,24 +298,25 @@ class DeviceWorker:
                 "zero_allow_untested_optimizer": True,  # torch's SGD: elementwise, as AdamW
                 "steps_per_print": 10**9,
             }
-            cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
-            opt = cls(model.parameters(), lr=lr)
+            opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
             rep.engine, *_ = deepspeed.initialize(
                 model=model, optimizer=opt, config=config,
                 mpu=_DataParallelGroups(self._group(dp), me),
             )  # fmt: skip
-        dp_i = dp.index(self.device)
-        ids = self._share(batch, lay, dp_i)
         model.train()
         out = rep.engine(input_ids=ids, labels=ids)
         rep.engine.backward(out.loss)
         rep.engine.step()
-        loss = out.loss.detach().clone()
-        dist.all_reduce(loss, group=self._group(dp))
-        return float(loss) / lay.dp
+        return self._group_mean(out.loss, dp)
 
     def _tp_train_step(
-        self, rep: Replica, batch: Mapping[str, torch.Tensor], lr: float, optimizer: str
+        self,
+        rep: Replica,
+        model: torch.nn.Module,
+        dp: list[int],
+        ids: torch.Tensor,
+        lr: float,
+        optimizer: str,
     ) -> float:
         """A tensor-parallel replica's step: the sharded model's backward, each gradient
         shard averaged over the data-parallel group, then torch's optimizer on the
@@ -314,27 +324,19 @@ class DeviceWorker:
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor
 
-        mesh, lay = rep.sharding
-        model = self._module(rep)
-        dp = self._my_group(rep.sharding, "dp")
         if rep.engine is None:
-            cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
-            rep.engine = cls(model.parameters(), lr=lr)
-        dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
-        ids = self._share(batch, lay, dp_i)
+            rep.engine = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
         model.train()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        if lay.dp > 1:
+        if len(dp) > 1:
             for p in model.parameters():
                 g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                 dist.all_reduce(g, group=self._group(dp))
-                g.div_(lay.dp)
+                g.div_(len(dp))
         rep.engine.step()
         rep.engine.zero_grad(set_to_none=True)
-        loss = out.loss.detach().clone()
-        dist.all_reduce(loss, group=self._group(dp))
-        return float(loss) / lay.dp
+        return self._group_mean(out.loss, dp)
 
 
 # ---------------------------------------------------------------------------- controller

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from planner.catalogue import ModelShape
 from planner.layout import Layout, Mesh
-from planner.realloc import CommOp, TensorSpec, held_range, model_tensors, tensor_ops
+from planner.realloc import CommOp, TensorSpec, held_range, model_tensors, plan_ops
 
 Sharding = tuple[Mesh, Layout]
 
@@ -58,17 +58,6 @@ def _pair_tag(src: int, dst: int) -> int:
     return src * 65536 + dst
 
 
-def plan_ops(
-    shape: ModelShape, src: Sharding, dst: Sharding, devices_per_node: int, param_bytes: int = 4
-) -> list[CommOp]:
-    """The comm plan, in the order every process walks it."""
-    return [
-        op
-        for t in model_tensors(shape)
-        for op in tensor_ops(t, shape.layers, src, dst, devices_per_node, param_bytes)
-    ]
-
-
 def reallocate(
     shards: Mapping[str, torch.Tensor],
     shape: ModelShape,
@@ -96,16 +85,18 @@ def reallocate(
     ranks = rank_of or {}
     dmesh, dlay = dst
     smesh, slay = src
+    # what this device holds of each tensor, before and after: [lo, hi) or None
+    src_held = {n: held_range(t, shape.layers, smesh, slay, device) for n, t in tensors.items()}
+    dst_held = {n: held_range(t, shape.layers, dmesh, dlay, device) for n, t in tensors.items()}
     out: dict[str, torch.Tensor] = {}
     like = next(iter(shards.values()), None)
     target = like.device if like is not None else torch.device("cpu")
-    for t in tensors.values():
-        held = held_range(t, shape.layers, dmesh, dlay, device)
+    for name, held in dst_held.items():
         if held is not None:
-            lo, hi = held
+            t = tensors[name]
             dims = list(t.shape)
-            dims[t.split_dim if t.split_dim is not None else 0] = hi - lo
-            out[t.name] = torch.empty(dims, dtype=dtype, device=target)
+            dims[t.split_dim if t.split_dim is not None else 0] = held[1] - held[0]
+            out[name] = torch.empty(dims, dtype=dtype, device=target)
     st = stats if stats is not None else ReallocStats()
     # One message per (source, destination) pair: the pieces packed back to back, in
     # plan order, so each side knows the layout of the buffer without telling the other.
@@ -117,10 +108,10 @@ def reallocate(
         t = tensors[op.tensor]
         st.ops += 1
         if op.src == device:
-            slo, _ = held_range(t, shape.layers, smesh, slay, device) or (0, 0)
+            slo = src_held[op.tensor][0]  # type: ignore[index]  # the plan sends held pieces
             piece = _narrow(shards[op.tensor], t, op.lo - slo, op.hi - slo)
         if op.dst == device:
-            dlo, _ = held_range(t, shape.layers, dmesh, dlay, device) or (0, 0)
+            dlo = dst_held[op.tensor][0]  # type: ignore[index]
             into = _narrow(out[op.tensor], t, op.lo - dlo, op.hi - dlo)
         if op.src == device and op.dst == device:
             into.copy_(piece)

@@ -161,20 +161,30 @@ def tensor_ops(
             yield CommOp(t.name, t.split_dim, a, b, src_dev, dev, size)
 
 
+def plan_ops(
+    shape: ModelShape,
+    src: tuple[Mesh, Layout],
+    dst: tuple[Mesh, Layout],
+    devices_per_node: int,
+    param_bytes: int = 4,
+) -> list[CommOp]:
+    """Every copy of a reallocation from layout `src` to layout `dst`, tensor by tensor
+    (the order every process of the runtime walks them in)."""
+    return [
+        op
+        for t in model_tensors(shape)
+        for op in tensor_ops(t, shape.layers, src, dst, devices_per_node, param_bytes)
+    ]
+
+
 def comm_plan(
     shape: ModelShape,
     src: tuple[Mesh, Layout],
     dst: tuple[Mesh, Layout],
     cluster: Cluster,
 ) -> list[CommOp]:
-    """Every copy of a reallocation from layout `src` to layout `dst`, tensor by tensor."""
-    return [
-        op
-        for t in model_tensors(shape)
-        for op in tensor_ops(
-            t, shape.layers, src, dst, cluster.devices_per_node, cluster.kind.param_bytes
-        )
-    ]
+    """`plan_ops` on `cluster`'s nodes and parameter width."""
+    return plan_ops(shape, src, dst, cluster.devices_per_node, cluster.kind.param_bytes)
 
 
 @dataclass(frozen=True)
