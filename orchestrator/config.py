@@ -701,7 +701,7 @@ def _prompt_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
     report = read_prompt_file(path, task.answer, count_tokens, context, cfg.generate.max_new_tokens)
     example = task.sample_prompt(random.Random(0))
     for rule, fix in prompt_file_problems(
-        report, path, task.name, example, context, cfg.generate.max_new_tokens,
+        report, task.name, example, context, cfg.generate.max_new_tokens,
         cfg.train.rollout_batch_prompts,
     ):  # fmt: skip
         p.append(Problem("task.prompt_file", path, rule, fix))

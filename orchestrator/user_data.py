@@ -113,7 +113,6 @@ def read_prompt_file(
 
 def prompt_file_problems(
     report: PromptFileReport,
-    path: str,
     task_name: str,
     example: str,
     context: int,
