@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 USAGE = """usage: relay <command> [key=value ...]
@@ -123,8 +124,14 @@ def plan_for_run(cfg: Any) -> Any:
     from orchestrator.config import ConfigError
     from orchestrator.planning import make_plan, runtime_problems
 
-    result = make_plan(replace(cfg, plan=replace(cfg.plan, graph=None)))
-    problems = runtime_problems(result)
+    rl = replace(cfg, plan=replace(cfg.plan, graph=None))
+    searched = Path(cfg.run.output_dir) / cfg.run.name / "plan.json"
+    if cfg.plan.mode == "search" and cfg.run.resume != "never" and searched.is_file():
+        # a search may differ run to run: a resumed run keeps the plan it searched
+        print(f"relay: plan=search: this run continues under the plan it searched ({searched})")
+        rl = replace(rl, plan=replace(rl.plan, mode="file", path=str(searched)))
+    result = make_plan(rl)
+    problems = runtime_problems(result, cfg)
     if problems:
         raise ConfigError(problems)
     print(f"relay: plan={result.mode}, estimated {result.estimate.time_per_iteration_s:.3g} s "

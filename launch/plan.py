@@ -127,7 +127,7 @@ def run_plan(cfg: RelayConfig) -> int:
             print(f"  {mode:10s} {r.estimate.time_per_iteration_s:.5g} s{ratio}")
         else:
             print(f"  {mode:10s} none: {r}")
-    problems = runtime_problems(chosen)
+    problems = runtime_problems(chosen, cfg)
     print("\nthis runtime can execute it: " + ("yes" if not problems else
                                               f"no ({problems[0].rule})"))  # fmt: skip
     out = Path(cfg.plan.out or Path(cfg.run.output_dir) / f"{cfg.run.name}.plan.json")

@@ -37,7 +37,8 @@ from orchestrator.config import (
     to_yaml,
 )
 from orchestrator.engines import OptimSpec, SamplingParams
-from orchestrator.planning import PlanResult
+from orchestrator.plan_runtime import PlannedRoles, RoleWorkers
+from orchestrator.planning import PlanResult, is_per_role
 from orchestrator.tracking import Tracker, plot_learning_curves
 from orchestrator.user_data import RewardError
 from orchestrator.vllm_engine import VLLMSpec, kv_cache_bytes_for
@@ -185,10 +186,10 @@ def start_workers(specs: list[RoleSpec], device: str) -> dict[str, Any]:
     actor_cls = ray.remote(ModelWorker)
     workers = {}
     for spec in specs:
-        if device != "cuda":
-            resources: dict[str, Any] = {"num_cpus": 0, "resources": {"relay_device": 1}}
-        elif spec.model_kind == "verifier":  # a Python function: no GPU
-            resources = {"num_cpus": 0}
+        if spec.model_kind == "verifier":  # a Python function: no device (none planned)
+            resources: dict[str, Any] = {"num_cpus": 0}
+        elif device != "cuda":
+            resources = {"num_cpus": 0, "resources": {"relay_device": 1}}
         else:
             resources = {"num_gpus": 1}
         workers[spec.name] = actor_cls.options(
@@ -214,17 +215,19 @@ def stop_workers(workers: dict[str, Any]) -> None:
 
 def run_graph(
     graph: DataflowGraph,
-    workers: dict[str, Any],
+    workers: dict[str, Any] | RoleWorkers | PlannedRoles,
     dataset: dict[str, torch.Tensor],
     options: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, float]]:
     """Run every call of the graph once; calls whose inputs are ready run at once.
 
-    Returns each call's metrics. Outputs stay in Ray's object store and are handed to the
-    consumers as references.
+    `workers`: one worker per role ({role: ModelWorker}, or RoleWorkers), or a plan's
+    device workers (PlannedRoles). Returns each call's metrics. Outputs stay in Ray's
+    object store and are handed to the consumers as references.
     """
     import ray
 
+    runtime = RoleWorkers(workers) if isinstance(workers, dict) else workers
     data_ref = ray.put(dataset)
     outputs: dict[str, Any] = {}
     pending: dict[Any, str] = {}
@@ -234,11 +237,7 @@ def run_graph(
         for call in graph.ready(done, set(pending.values())):
             parents = graph.parents(call)
             inputs = [data_ref] + [outputs[p] for p in parents]
-            out_ref, metrics_ref = (
-                workers[call.role]
-                .run.options(num_returns=2)
-                .remote(call, options.get(call.name, {}), *inputs)
-            )
+            out_ref, metrics_ref = runtime.dispatch(call, options.get(call.name, {}), inputs)
             outputs[call.name] = out_ref
             pending[metrics_ref] = call.name
         finished, _ = ray.wait(list(pending), num_returns=1)
@@ -458,12 +457,12 @@ class Controller:
             g.max_new_tokens, g.temperature, g.top_p, g.top_k, greedy, seed, self.stop_token_ids
         )
 
-    def evaluate(self, actor: Any, step: int) -> dict[str, float]:
+    def evaluate(self, runtime: RoleWorkers | PlannedRoles, step: int) -> dict[str, float]:
         import ray
 
         prompts = self.data.eval_prompts
-        greedy = actor.evaluate.remote(prompts, self.sampling(0, greedy=True))
-        sampled = actor.evaluate.remote(
+        greedy = runtime.evaluate(prompts, self.sampling(0, greedy=True))
+        sampled = runtime.evaluate(
             prompts, self.sampling(call_seed(self.cfg.run.seed, step, "eval"))
         )
         g, s = ray.get([greedy, sampled])
@@ -530,7 +529,7 @@ class Controller:
                     "response_mask": rmask}  # fmt: skip
 
         def evaluate(workers: dict[str, Any], step: int) -> dict[str, float]:
-            return self.evaluate(workers["actor"], step)
+            return self.evaluate(RoleWorkers(workers), step)
 
         return self.run_stage("sft", sft_graph(), spec, s.steps, batch, evaluate,
                               self.paths.sft_model)  # fmt: skip
@@ -727,8 +726,6 @@ class Controller:
                 )
 
     def _run_rl(self, after_fault: bool = False) -> dict[str, float]:
-        import ray
-
         cfg, t = self.cfg, self.cfg.train
         graph = ALGORITHM_GRAPHS[cfg.algo.name]()
         kl_ctl = make_kl_controller(
@@ -742,11 +739,13 @@ class Controller:
         # after a dead worker the newest checkpoint of this very run, whatever run.resume says
         resume_from = self.ckpt.newest_valid() if after_fault else self.resume_point()
         specs = [s for s in self.rl_roles() if s.name in graph.roles]
-        workers = start_workers(specs, cfg.cluster.device)
+        if resume_from is not None:
+            self.check_plan(resume_from)
+        runtime = self.rl_runtime(graph, specs)
         trainable = [r for r in graph.trainable_roles]
         if resume_from is not None:
             state = json.loads((resume_from / "controller.json").read_text())
-            ray.get([workers[r].load.remote(str(resume_from)) for r in trainable])
+            runtime.load(resume_from, trainable)
             kl_ctl.load_state_dict(state["kl_controller"])
             rng = torch.load(resume_from / "rng.pt", weights_only=False)
             random.setstate(rng["python"])
@@ -756,7 +755,7 @@ class Controller:
             skipped = state.get("skipped_steps", 0)
             self.saved_step = start_step
         if start_step >= t.steps:
-            stop_workers(workers)
+            runtime.stop()
             print(
                 f"relay: run {self.paths.root} already finished at step {start_step} of "
                 f"{t.steps}; nothing to do (raise train.steps to continue it)."
@@ -770,7 +769,7 @@ class Controller:
 
         try:
             if start_step == 0:
-                tracker.record(0, self.evaluate(workers["actor"], 0))
+                tracker.record(0, self.evaluate(runtime, 0))
             for step in range(start_step + 1, t.steps + 1):
                 t0 = time.perf_counter()
                 unique = take(self.data.rl_prompts, t.rollout_batch_prompts, step - 1, cfg.run.seed)
@@ -800,11 +799,11 @@ class Controller:
                     }
                 m: dict[str, float] = {}
                 try:
-                    per_call = run_graph(graph, workers, dataset, options)
+                    per_call = run_graph(graph, runtime, dataset, options)
                 except RewardError as e:
                     reason = str(getattr(e, "cause", None) or e).strip()
                     if cfg.reward.on_error == "stop":
-                        self.stop_on_reward_error(step, reason, workers, trainable, kl_ctl,
+                        self.stop_on_reward_error(step, reason, runtime, trainable, kl_ctl,
                                                   skipped)  # fmt: skip
                     skipped += 1
                     print(f"relay: step {step} skipped, no update (reward.on_error=skip): "
@@ -817,17 +816,17 @@ class Controller:
                     kl_ctl.update(m.get("rollout/kl_to_ref_token_mean", 0.0), n_samples)
                 m["time/step_s"] = time.perf_counter() - t0
                 m["perf/samples_per_s"] = n_samples / m["time/step_s"]
-                if self.plan is not None:
-                    m["plan/est_step_s"] = self.plan.estimate.time_per_iteration_s
+                if per_call:
+                    m.update(self.plan_metrics(graph, m))
                 tokens = m.get("rollout/response_length_mean", 0.0) * n_samples
                 m["perf/response_tokens_per_s"] = tokens / m["time/step_s"]
                 if step % t.eval_every_steps == 0 or step == t.steps:
-                    m.update(self.evaluate(workers["actor"], step))
+                    m.update(self.evaluate(runtime, step))
                 tracker.log(step, m)
                 last = m
                 stop = self.stop_requested  # read once: a signal may land at any point
                 if step % cfg.run.save_every_steps == 0 or step == t.steps or stop:
-                    self.save_checkpoint(step, workers, trainable, kl_ctl, skipped)
+                    self.save_checkpoint(step, runtime, trainable, kl_ctl, skipped)
                 if stop and step < t.steps:
                     self.stopped_early = True
                     print(
@@ -838,8 +837,63 @@ class Controller:
                     plot_learning_curves(self.paths.root)
         finally:
             tracker.close()
-            stop_workers(workers)
+            runtime.stop()
         return {k: v for k, v in last.items() if k.startswith(("eval/", "rollout/"))}
+
+    @property
+    def planned(self) -> bool:
+        """Whether the RL stage runs on one worker per device under the plan (any plan
+        but the per-role placement, which runs one worker per role)."""
+        return self.plan is not None and not is_per_role(self.plan)
+
+    def rl_runtime(self, graph: DataflowGraph, specs: list[RoleSpec]) -> Any:
+        """The RL graph's workers: per device under the plan, or one per role."""
+        c = self.cfg.cluster
+        if not self.planned:
+            return RoleWorkers(start_workers(specs, c.device))
+        assert self.plan is not None
+        specs = [replace(s, generation_backend="hf" if s.generation_backend else None, vllm=None)
+                 for s in specs]  # fmt: skip
+        return PlannedRoles(graph, self.plan.plan, specs, c.num_nodes, c.devices_per_node,
+                            c.threads_per_device,
+                            lambda side: start_workers(side, c.device))  # fmt: skip
+
+    def plan_metrics(self, graph: DataflowGraph, m: dict[str, float]) -> dict[str, float]:
+        """The planner's estimates beside the measured times (plan/ next to time/), and
+        the step's orchestration overhead: wall time minus the calls' compute times and
+        the reallocations (on their slowest device each)."""
+        out: dict[str, float] = {}
+        measured = sum(m.get(f"time/{c.name}_s", 0.0) for c in graph.calls)
+        measured += sum(v for k, v in m.items() if k.startswith("time/realloc_"))
+        out["time/calls_s"] = measured
+        out["time/overhead_s"] = m["time/step_s"] - measured
+        out["perf/overhead_share"] = max(out["time/overhead_s"], 0.0) / m["time/step_s"]
+        if self.plan is None:
+            return out
+        est = self.plan.estimate
+        out["plan/est_step_s"] = est.time_per_iteration_s
+        for name, sec in est.call_s.items():
+            out[f"plan/est_{name}_s"] = sec
+        for name, sec in est.realloc_s.items():
+            if sec > 0:
+                out[f"plan/est_realloc_{name}_s"] = sec
+        return out
+
+    def check_plan(self, checkpoint: Path) -> None:
+        """A checkpoint resumes only under the plan it was written with (its optimizer
+        state is split as that plan's layouts split it)."""
+        if self.plan is None:
+            return
+        state = json.loads((checkpoint / "controller.json").read_text())
+        p = self.plan
+        now = plan_to_dict(p.ctx, p.plan, p.mode, None)["calls"]
+        if "plan" in state and state["plan"] != now:
+            changed = sorted(k for k in now if now[k] != state["plan"].get(k))
+            raise RunError(
+                f"the checkpoint {checkpoint} was written under another plan (calls "
+                f"{changed} differ from plan={p.mode}). Fix: resume with the plan it used, "
+                f"plan=file plan.path={self.paths.root / 'plan.json'}, or start a new run.name"
+            )
 
     def final_metrics(self) -> dict[str, float]:
         from orchestrator.tracking import read_metrics
@@ -867,7 +921,7 @@ class Controller:
         self,
         step: int,
         reason: str,
-        workers: dict[str, Any],
+        runtime: RoleWorkers | PlannedRoles,
         trainable: list[str],
         kl_ctl: Any,
         skipped: int,
@@ -876,7 +930,7 @@ class Controller:
         was applied), then raise RunError naming the cause and the fixes."""
         newest = self.ckpt.newest_valid()
         if self.saved_step != step - 1 or newest is None:
-            newest = self.save_checkpoint(step - 1, workers, trainable, kl_ctl, skipped)
+            newest = self.save_checkpoint(step - 1, runtime, trainable, kl_ctl, skipped)
         raise RunError(
             f"step {step}: {reason}. reward.on_error = 'stop': the run stopped with its "
             f"checkpoint {newest} (step {step - 1}). Fix: correct the reward, then run the same "
@@ -887,15 +941,13 @@ class Controller:
     def save_checkpoint(
         self,
         step: int,
-        workers: dict[str, Any],
+        runtime: RoleWorkers | PlannedRoles,
         trainable: list[str],
         kl_ctl: Any,
         skipped: int = 0,
     ) -> Path:
-        import ray
-
         tmp = self.ckpt.begin(step)
-        ray.get([workers[r].save.remote(str(tmp)) for r in trainable])
+        runtime.save(tmp, trainable)
         state = {
             "step": step,
             "skipped_steps": skipped,

@@ -22,8 +22,9 @@ forward and train calls refuse them (the planner marks such plans simulation-onl
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,39 @@ class Replica:
     shape: ModelShape
     config: dict[str, Any]  # the Hugging Face config the model is built from
     shards: dict[str, torch.Tensor]
+    kind: str = "causal"  # causal (a language model) | value (a per-token scalar head)
     module: torch.nn.Module | None = None  # built on first forward / train call
-    engine: Any = None  # DeepSpeed engine of a trained replica
+    engine: Any = None  # the optimizer of `train_step`
+    ctx: Any = None  # the interfaces' WorkerContext, built on the first call (`run`)
+
+    @property
+    def trains(self) -> bool:
+        return self.engine is not None or (self.ctx is not None and self.ctx.train is not None)
+
+
+def model_config(folder: str, kind: str) -> dict[str, Any]:
+    """The Hugging Face config (as a dict) a replica of `kind` is built from; a value
+    replica of a causal folder gets a one-label head (orchestrator.modeling)."""
+    from transformers import AutoConfig
+
+    from orchestrator.modeling import _is_value_model
+
+    config = AutoConfig.from_pretrained(folder)
+    if kind == "value" and not _is_value_model(config):
+        config.num_labels = 1
+        config.classifier_dropout = 0.0
+    return config.to_dict()
+
+
+def build_model(config: dict[str, Any], kind: str) -> torch.nn.Module:
+    """An fp32 model of `kind` from its config (values to be overwritten by shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+    d = dict(config)
+    hf = AutoConfig.for_model(d.pop("model_type"), **d)
+    cls = AutoModelForTokenClassification if kind == "value" else AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        return cls.from_config(hf, dtype=torch.float32)
 
 
 class DeviceWorker:
@@ -108,6 +140,9 @@ class DeviceWorker:
         self.device, self.world_size = device, world_size
         self.replicas: dict[tuple[str, str], Replica] = {}
         self.groups: dict[tuple[int, ...], Any] = {}
+        self.specs: dict[str, Any] = {}  # role -> RoleSpec, for the MFC interfaces (`run`)
+        self.tokenizer: Any = None
+        self.task: Any = None
 
     # -- the world ------------------------------------------------------------------
 
@@ -149,23 +184,31 @@ class DeviceWorker:
 
     # -- replicas -------------------------------------------------------------------
 
-    def load(self, role: str, folder: str, sharding: Sharding) -> int:
+    def load(self, role: str, folder: str, sharding: Sharding, kind: str = "causal") -> int:
         """Read a Hugging Face model folder and keep this device's slices under
-        `sharding` (nothing if the device is outside its mesh); returns the bytes kept."""
-        import json
-
+        `sharding` (nothing if the device is outside its mesh); returns the bytes kept.
+        A `kind` = value replica of a causal folder gets a zero one-label head, as
+        orchestrator.modeling.load_value_model makes it."""
         from orchestrator.realloc import shard_state
 
-        config = json.loads((Path(folder) / "config.json").read_text())
-        shape = shape_from_hf_config(role, config)
+        config = model_config(folder, kind)
+        shape = replace(shape_from_hf_config(role, config), value_head=kind == "value")
         shards: dict[str, torch.Tensor] = {}
         if self.device in sharding[0].devices:
-            from safetensors.torch import load_file
+            from orchestrator.modeling import load_causal_lm, load_value_model
 
-            full = load_file(str(Path(folder) / "model.safetensors"))
-            shards = shard_state(full, shape, sharding, self.device)
-        self.replicas[(role, sharding_key(sharding))] = Replica(role, sharding, shape, config,
-                                                                shards)  # fmt: skip
+            model = load_value_model(folder) if kind == "value" else load_causal_lm(folder)
+            shards = shard_state(model.state_dict(), shape, sharding, self.device)
+            del model
+        key = (role, sharding_key(sharding))
+        old = self.replicas.get(key)
+        if old is not None and old.module is not None:  # a built replica: new values in place
+            from orchestrator.parallel import load_shards
+
+            load_shards(old.module, shards)
+            old.shards = {}
+        else:
+            self.replicas[key] = Replica(role, sharding, shape, config, shards, kind)
         return sum(t.numel() * t.element_size() for t in shards.values())
 
     def shards(self, role: str, sharding: Sharding) -> dict[str, torch.Tensor]:
@@ -186,7 +229,7 @@ class DeviceWorker:
         source = next(r for (name, _), r in self.replicas.items() if name == role)
         key = (role, sharding_key(dst))
         rep = self.replicas.get(key)
-        if rep is not None and rep.engine is not None:
+        if rep is not None and rep.trains:
             raise ValueError(
                 f"replica {role} under {sharding_key(dst)} trains (it has optimizer state): "
                 "reallocate from a trained replica, not into it"
@@ -195,18 +238,21 @@ class DeviceWorker:
         dtype = getattr(torch, source.config.get("torch_dtype") or source.config.get("dtype")
                         or "float32")  # fmt: skip
         stats = ReallocStats()
+        start = time.perf_counter()
         got = reallocate(mine, source.shape, src, dst, self.device,
                          devices_per_node=devices_per_node, dtype=dtype, stats=stats)  # fmt: skip
         if rep is None:
-            rep = Replica(role, dst, source.shape, source.config, {})
+            rep = Replica(role, dst, source.shape, source.config, {}, source.kind)
             self.replicas[key] = rep
-        rep.shards = got
         if rep.module is not None:  # a built replica takes the new weights in place
             from orchestrator.parallel import load_shards
 
             load_shards(rep.module, got)
+            rep.shards = {}
+        else:
+            rep.shards = got
         return {"sent": stats.sent_bytes, "received": stats.received_bytes,
-                "local": stats.local_bytes}  # fmt: skip
+                "local": stats.local_bytes, "seconds": time.perf_counter() - start}  # fmt: skip
 
     def _module(self, rep: Replica) -> torch.nn.Module:
         if rep.module is not None:
@@ -218,12 +264,9 @@ class DeviceWorker:
                 "calls are not executed by this runtime (plans with pp > 1 are simulation-"
                 "only); use a layout with pp = 1"
             )
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         from orchestrator.parallel import load_shards, parallelize
 
-        torch.manual_seed(0)  # the values are overwritten by the shards below
-        model = LlamaForCausalLM(LlamaConfig.from_dict(rep.config))
+        model = build_model(rep.config, rep.kind)
         if lay.tp > 1:
             from torch.distributed.device_mesh import DeviceMesh
 
@@ -231,7 +274,8 @@ class DeviceWorker:
             mesh_obj = DeviceMesh.from_group(self._group(tp), "cpu", mesh=tp)
             parallelize(model, mesh_obj)
         load_shards(model, rep.shards)
-        rep.module = model
+        rep.shards = {}  # the module holds them now
+        rep.module = model.eval()
         return model
 
     def _share(self, batch: Mapping[str, torch.Tensor], sharding: Sharding) -> torch.Tensor:
@@ -337,6 +381,159 @@ class DeviceWorker:
         rep.engine.step()
         rep.engine.zero_grad(set_to_none=True)
         return self._group_mean(out.loss, dp)
+
+    # -- MFC calls of a plan ----------------------------------------------------------
+
+    def host(self, specs: list[Any]) -> None:
+        """The roles (RoleSpecs) whose calls this worker may run (`run`)."""
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from orchestrator.tasks import make_task
+
+        hf_logging.set_verbosity_error()
+        self.specs = {s.name: s for s in specs}
+        first = specs[0]
+        self.tokenizer = AutoTokenizer.from_pretrained(first.tokenizer_path)
+        self.task = make_task(first.task_name, first.task_digits)
+        torch.manual_seed(first.seed)
+
+    def _ranks(self, sharding: Sharding) -> tuple[int, int, bool]:
+        """(dp index, dp size, whether this device is the first of its tp group)."""
+        mesh, lay = sharding
+        dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
+        return dp_i, lay.dp, self._my_group(sharding, "tp")[0] == self.device
+
+    def _context(self, rep: Replica, train: bool, generates: bool) -> Any:
+        """The replica's WorkerContext for the MFC interfaces: its (tensor-parallel) model,
+        a trainer over its data-parallel group for train calls, transformers' generate
+        on the same model for generate calls."""
+        from orchestrator.engines import HFGenerateEngine, TensorParallelTrainEngine, TrainEngine
+        from orchestrator.interfaces import WorkerContext
+
+        spec = self.specs[rep.role]
+        if rep.ctx is None:
+            module = self._module(rep)
+            module.requires_grad_(False)
+            rep.ctx = WorkerContext(rep.role, module, self.tokenizer, self.task)
+        ctx = rep.ctx
+        if train and ctx.train is None:
+            if spec.optim is None:
+                raise ValueError(f"role '{rep.role}' has no optimizer: it cannot train")
+            mesh, lay = rep.sharding
+            dp = self._my_group(rep.sharding, "dp")
+            ctx.module.requires_grad_(True)
+            if lay.tp > 1:
+                tp = self._my_group(rep.sharding, "tp")
+                ctx.train = TensorParallelTrainEngine(ctx.module, spec.optim, self._group(dp),
+                                                      self._group(tp), lay.dp)  # fmt: skip
+            else:
+                mpu = _DataParallelGroups(self._group(dp), self._group([self.device]))
+                ctx.train = TrainEngine(ctx.module, spec.optim, mpu=mpu, dp=lay.dp)
+            ctx.module = ctx.train.module
+        if generates and ctx.generator is None:
+            tok = self.tokenizer
+            ctx.generator = HFGenerateEngine(ctx.module, tok.eos_token_id, tok.pad_token_id)
+        return ctx
+
+    def run(
+        self, call: Any, sharding: Sharding, options: Mapping[str, Any], *inputs: Any
+    ) -> tuple[tuple[int, dict[str, torch.Tensor]] | None, dict[str, float]]:
+        """This device's part of one MFC call under `sharding`: inference and generate
+        calls on its data-parallel share of the rows, train calls on the whole batch
+        (each rank trains on its share of every mini-batch). Returns ((dp index,
+        outputs) from the first rank of each tp group, else None; metrics)."""
+        from algos.graph import CallKind, check_outputs
+        from orchestrator.interfaces import get_interface
+
+        rep = self.replicas[(call.role, sharding_key(sharding))]
+        ctx = self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
+        merged: dict[str, torch.Tensor] = {}
+        for part in inputs:
+            merged.update(part)
+        batch = {k: merged[k] for k in call.inputs}
+        dp_i, dp, first = self._ranks(sharding)
+        options = {**options, "inputs": call.inputs, "outputs": call.outputs}
+        if call.kind is CallKind.TRAIN:
+            options.update(dp_rank=dp_i, dp_size=dp)
+        else:
+            rows = next(iter(batch.values())).shape[0]
+            if rows % dp:
+                raise ValueError(f"call '{call.name}': {rows} rows do not split over dp = {dp}")
+            batch = {k: v.chunk(dp)[dp_i] for k, v in batch.items()}
+        start = time.perf_counter()
+        outputs, metrics = get_interface(call.interface)(ctx, batch, options)
+        metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+        outputs = {k: v.cpu() for k, v in outputs.items()}
+        check_outputs(call, outputs)
+        return ((dp_i, outputs) if first else None), metrics
+
+    def evaluate(
+        self, role: str, sharding: Sharding, prompts: list[str], params: Any
+    ) -> tuple[int, list[float], list[float]] | None:
+        """Correctness and reward of responses to this dp rank's share of `prompts`
+        (np.array_split order); None from all but the first rank of each tp group."""
+        import numpy as np
+
+        from orchestrator.modeling import decode_responses, encode_prompts
+
+        rep = self.replicas[(role, sharding_key(sharding))]
+        ctx = self._context(rep, train=False, generates=True)
+        dp_i, dp, first = self._ranks(sharding)
+        mine = [str(p) for p in np.array_split(np.array(prompts, dtype=object), dp)[dp_i]]
+        if not mine:
+            return (dp_i, [], []) if first else None
+        ids, mask = encode_prompts(ctx.tokenizer, mine)
+        gen = ctx.generator.generate(ids, mask, params)
+        responses = decode_responses(ctx.tokenizer, gen.response_ids)
+        correct = [float(self.task.correct(p, r)) for p, r in zip(mine, responses)]
+        rewards = [float(self.task.reward(p, r)) for p, r in zip(mine, responses)]
+        return (dp_i, correct, rewards) if first else None
+
+    def write_model(self, role: str, sharding: Sharding, folder: str) -> list[str]:
+        """Save a replica whose one device holds whole tensors (dp = tp = pp = 1) as a
+        Hugging Face folder folder/<role>, with the tokenizer."""
+        rep = self.replicas[(role, sharding_key(sharding))]
+        if sharding[0].size != 1:
+            raise ValueError(
+                f"write_model needs a one-device replica, got {sharding_key(sharding)}"
+            )
+        model = build_model(rep.config, rep.kind)
+        model.load_state_dict(self.shards(role, sharding))
+        out = Path(folder) / role
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return [str(p) for p in out.rglob("*") if p.is_file()]
+
+    def save_rank(self, role: str, sharding: Sharding, folder: str) -> str:
+        """This rank's optimizer and scheduler state of a trained replica, as
+        folder/<role>/optim/rank<device>.pt."""
+        rep = self.replicas[(role, sharding_key(sharding))]
+        if not rep.trains:
+            raise ValueError(f"replica {role} under {sharding_key(sharding)} has not trained")
+        out = Path(folder) / role / "optim"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"rank{self.device}.pt"
+        torch.save(rep.ctx.train.rank_state(), path)
+        return str(path)
+
+    def load_rank(self, role: str, sharding: Sharding, folder: str) -> None:
+        """Restore a trained replica from a checkpoint folder: the weights (folder/<role>,
+        this device's slices of them) and this rank's optimizer state."""
+        from orchestrator.parallel import load_shards
+        from orchestrator.realloc import shard_state
+
+        rep = self.replicas[(role, sharding_key(sharding))]
+        ctx = self._context(rep, train=True, generates=False)
+        from orchestrator.modeling import load_causal_lm, load_value_model
+
+        where = str(Path(folder) / role)
+        model = load_value_model(where) if rep.kind == "value" else load_causal_lm(where)
+        load_shards(ctx.module, shard_state(model.state_dict(), rep.shape, sharding, self.device))
+        state = torch.load(Path(folder) / role / "optim" / f"rank{self.device}.pt",
+                           weights_only=False)  # fmt: skip
+        ctx.train.load_rank_state(state)
 
 
 # ---------------------------------------------------------------------------- controller

@@ -162,18 +162,40 @@ def lr_factor(step: int, spec: OptimSpec) -> float:
     return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def micro_per_rank(spec: OptimSpec, dp: int) -> int:
+    """Samples per micro-batch on each of `dp` data-parallel ranks: the configured
+    micro-batch, capped by the rank's share of a mini-batch."""
+    if spec.mini_batch_samples % dp:
+        raise ValueError(
+            f"train.mini_batch_samples = {spec.mini_batch_samples} does not split over "
+            f"dp = {dp} data-parallel ranks; use a multiple of {dp}"
+        )
+    share = spec.mini_batch_samples // dp
+    micro = min(spec.micro_batch_samples_per_device, share)
+    while share % micro:
+        micro -= 1
+    return micro
+
+
 class TrainEngine:
     """A DeepSpeed engine around one trainable module: micro-batched steps, checkpoints."""
 
-    def __init__(self, module: torch.nn.Module, spec: OptimSpec) -> None:
+    def __init__(
+        self, module: torch.nn.Module, spec: OptimSpec, mpu: Any = None, dp: int = 1
+    ) -> None:
+        """`mpu` (with `dp` ranks): the data-parallel group of a planned call's layout
+        (orchestrator.device_workers); None: a world of this one process."""
         import deepspeed
 
-        init_single_process_group()
+        if mpu is None:
+            init_single_process_group()
         self.spec = spec
-        gas = spec.mini_batch_samples // spec.micro_batch_samples_per_device
+        self.dp = dp
+        micro = micro_per_rank(spec, dp)
+        gas = spec.mini_batch_samples // (micro * dp)
         config = {
             "train_batch_size": spec.mini_batch_samples,
-            "train_micro_batch_size_per_gpu": spec.micro_batch_samples_per_device,
+            "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": gas,
             "gradient_clipping": spec.grad_clip,
             "zero_optimization": {"stage": spec.zero_stage},
@@ -187,7 +209,7 @@ class TrainEngine:
             optimizer, functools.partial(lr_factor, spec=spec)
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, mpu=mpu
         )
         self.gas = gas
         self.version = 0  # optimizer steps taken or checkpoints loaded: the weights changed
@@ -241,6 +263,24 @@ class TrainEngine:
         """Optimizer, scheduler and module states (DeepSpeed format) into folder."""
         self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
 
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's optimizer (its ZeRO partition) and scheduler state, written by each
+        rank of a planned call's group on its own (DeepSpeed's save_checkpoint waits on a
+        barrier of the whole world, which a plan's meshes do not span)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "version": self.version}  # fmt: skip
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore `rank_state()` of the same rank under the same layout, after the
+        module's weights are in place."""
+        if self.spec.zero_stage > 0:  # ZeRO picks its own partition by data-parallel rank
+            self.optimizer.load_state_dict([state["optimizer"]] * self.dp,
+                                           load_from_fp32_weights=True)  # fmt: skip
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = state["version"] + 1
+
     def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(
             str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
@@ -248,3 +288,104 @@ class TrainEngine:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {folder}")
         self.version += 1
+
+
+class TensorParallelTrainEngine:
+    """The trainer of a tensor-parallel replica (tp > 1), with TrainEngine's interface:
+    torch's AdamW on this rank's shards (DTensor parameters, which DeepSpeed's ZeRO cannot
+    flatten), gradients accumulated over micro-batches and averaged over the data-parallel
+    group, clipped by the norm of the whole model's gradient."""
+
+    def __init__(
+        self, module: torch.nn.Module, spec: OptimSpec, dp_group: Any, tp_group: Any, dp: int
+    ) -> None:
+        self.module, self.spec, self.dp = module, spec, dp
+        self.dp_group, self.tp_group = dp_group, tp_group
+        self.gas = spec.mini_batch_samples // (micro_per_rank(spec, dp) * dp)
+        self.optimizer = torch.optim.AdamW(
+            module.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_factor, spec=spec)
+        )
+        self.micro_steps = 0
+        self.version = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.gas).backward()  # as DeepSpeed: the mini-batch's mean of micro losses
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gas == 0
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The norm of the whole model's gradient: sharded pieces summed over the tp group,
+        replicated ones (norms, a value head, and the embedding's gradient, which DTensor
+        hands back whole) counted once."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, Shard
+
+        sharded = torch.zeros(())
+        replicated = torch.zeros(())
+        for p in self.module.parameters():
+            g = p.grad
+            if g is None:
+                continue
+            if isinstance(g, DTensor) and any(isinstance(pl, Shard) for pl in g.placements):
+                sharded += g.to_local().float().pow(2).sum()
+            else:
+                local = g.to_local() if isinstance(g, DTensor) else g
+                replicated += local.float().pow(2).sum()
+        dist.all_reduce(sharded, group=self.tp_group)
+        return (sharded + replicated).sqrt()
+
+    def step(self) -> dict[str, float]:
+        """Call after every micro-batch; the optimizer steps at the accumulation boundary."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return {}
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        if self.dp > 1:
+            for g in local:
+                dist.all_reduce(g, group=self.dp_group)
+                g.div_(self.dp)
+        norm = self._grad_norm()
+        if self.spec.grad_clip > 0:
+            coef = self.spec.grad_clip / (float(norm) + 1e-6)
+            if coef < 1:
+                for g in local:
+                    g.mul_(coef)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        return {"grad_norm": float(norm), "lr": float(self.scheduler.get_last_lr()[0])}
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's optimizer state (its shards' moments, as plain tensors) and the
+        scheduler's."""
+        from torch.distributed.tensor import DTensor
+
+        opt = self.optimizer.state_dict()
+        opt["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v
+                            for k, v in st.items()} for i, st in opt["state"].items()}  # fmt: skip
+        return {"optimizer": opt, "scheduler": self.scheduler.state_dict(),
+                "version": self.version}  # fmt: skip
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        from torch.distributed.tensor import DTensor
+
+        self.optimizer.load_state_dict(state["optimizer"])
+        for p in self.module.parameters():  # the moments of sharded weights are sharded
+            st = self.optimizer.state.get(p, {})
+            if isinstance(p, DTensor):
+                for k, v in st.items():
+                    if not isinstance(v, DTensor) and v.dim() > 0:
+                        st[k] = DTensor.from_local(v, p.device_mesh, p.placements,
+                                                   run_check=False)  # fmt: skip
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = state["version"] + 1

@@ -42,7 +42,13 @@ from orchestrator.batch import (
     response_logprobs,
     response_values,
 )
-from orchestrator.engines import GenerationEngine, SamplingParams, TrainEngine, is_stop
+from orchestrator.engines import (
+    GenerationEngine,
+    SamplingParams,
+    TrainEngine,
+    is_stop,
+    micro_per_rank,
+)
 from orchestrator.user_data import call_reward_function, check_finite
 
 Metrics = dict[str, float]
@@ -56,7 +62,7 @@ class WorkerContext:
     module: torch.nn.Module | None
     tokenizer: Any
     task: Any
-    train: TrainEngine | None = None
+    train: TrainEngine | Any = None  # TrainEngine, or TensorParallelTrainEngine (tp > 1)
     generator: GenerationEngine | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     reward_function: str | None = None  # 'file.py:name': the user's reward, called per sample
@@ -297,11 +303,12 @@ def _train_loop(
 ) -> list[Metrics]:
     """Epochs over shuffled mini-batches, each accumulated over micro-batches.
 
-    DeepSpeed averages the micro-batch losses of a mini-batch. A token-mean loss is
-    rescaled by (micro tokens / mini tokens) x micro-batches, so the mini-batch's gradient
-    is that of sum(l m) / sum(m) over the whole mini-batch, not a mean of micro means.
-    With reweighting, loss_fn gets each micro-batch's slice of the mini-batch's weights
-    and returns its share of the mini-batch's weighted loss (scaled by micro-batches).
+    DeepSpeed averages the micro-batch losses of a mini-batch (and the gradients of its
+    data-parallel ranks). A token-mean loss is rescaled by (micro tokens / mini tokens) x
+    micro-batches x dp ranks, so the mini-batch's gradient is that of sum(l m) / sum(m)
+    over the whole mini-batch, not a mean of micro means. With reweighting, loss_fn gets
+    each micro-batch's slice of the mini-batch's weights and returns its share of the
+    mini-batch's weighted loss (scaled by micro-batches x dp ranks).
     """
     engine = ctx.train
     if engine is None:
@@ -309,24 +316,29 @@ def _train_loop(
     engine.module.train()
     gen = torch.Generator().manual_seed(int(options["seed"]))
     step = int(options.get("step", 0))
+    # a planned call's data-parallel rank: every rank sees the whole batch (so advantages,
+    # mini-batches and sample weights are those of the whole batch) and trains on its
+    # share of each mini-batch; DeepSpeed averages the ranks' gradients
+    dp_rank, dp = int(options.get("dp_rank", 0)), int(options.get("dp_size", 1))
+    micro_size = micro_per_rank(engine.spec, dp)
     rows: list[Metrics] = []
     for _ in range(epochs):
         for mini in minibatches(batch, engine.spec.mini_batch_samples, gen):
             weights = reweighting.weights(engine.module, mini, step) if reweighting else None
             n = next(iter(mini.values())).shape[0]
-            index = torch.arange(n)
+            share = torch.arange(n).chunk(dp)[dp_rank]
             mini_tokens = float(mini["response_mask"].sum().clamp(min=1)) if token_mean else n
-            for micro_index in index.split(engine.spec.micro_batch_samples_per_device):
+            for micro_index in share.split(micro_size):
                 micro = {k: v[micro_index.to(v.device)] for k, v in mini.items()}
                 w = None
                 if weights is not None:
                     w = SliceWeights(weights[micro_index.to(weights.device)], mini_tokens, n)
                 loss, m = loss_fn(engine.module, micro, w)
                 if w is not None:
-                    loss = loss * engine.gas
-                elif token_mean and engine.gas > 1:
+                    loss = loss * (engine.gas * dp)
+                elif token_mean and (engine.gas > 1 or dp > 1):
                     micro_tokens = float(micro["response_mask"].sum())
-                    loss = loss * (micro_tokens / mini_tokens * engine.gas)
+                    loss = loss * (micro_tokens / mini_tokens * engine.gas * dp)
                 if weights is not None:
                     m["train/sample_weight_max"] = float(weights.max()) * n
                 engine.backward(loss)

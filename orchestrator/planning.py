@@ -178,41 +178,53 @@ def _no_plan_rule(ctx: Context, mode: str) -> str:
     return f"no {mode} plan of {ctx.workload.graph} fits the memory of {where}"
 
 
-def runtime_problems(result: PlanResult) -> list[Problem]:
-    """Why this runtime cannot execute the plan: it runs each role in one worker on one
-    device of its own (sharded layouts and per-call meshes are the runtime issue's work)."""
-    ctx, plan = result.ctx, result.plan
-    out: list[Problem] = []
-    device_of: dict[str, int] = {}
-    for c in ctx.topo:
-        a = plan[c.name]
-        lay = a.layout
-        if lay.pp > 1:
-            out.append(Problem(f"plan ({result.mode}): {c.name}", f"{a.mesh} {lay}",
+def _pp_problems(result: PlanResult) -> list[Problem]:
+    out = []
+    for c in result.ctx.topo:
+        a = result.plan[c.name]
+        if a.layout.pp > 1:
+            out.append(Problem(f"plan ({result.mode}): {c.name}", f"{a.mesh} {a.layout}",
                                "pipeline-parallel layouts (pp > 1) are simulation-only: the "
                                "planner costs them, Relay's runtime does not execute them",
-                               "use a plan without pp > 1 (edit the plan file, or plan=per_role); "
-                               "`relay plan` still shows its estimate"))  # fmt: skip
-            continue
-        if a.mesh.size != 1 or (lay.dp, lay.tp, lay.pp) != (1, 1, 1):
-            out.append(Problem(f"plan ({result.mode}): {c.name}", f"{a.mesh} {lay}",
-                               "this runtime runs every call on one device (dp=tp=pp=1); "
-                               "sharded layouts are planned, not yet executed",
-                               "use plan=per_role (the default), or plan=file with one device "
-                               "per role; "
-                               "`relay plan` shows any plan's estimate"))  # fmt: skip
-            continue
+                               "use a plan without pp > 1 (edit the plan file, plan=symmetric, "
+                               "or plan=per_role); `relay plan` still shows its estimate"))  # fmt: skip
+    return out
+
+
+def is_per_role(result: PlanResult) -> bool:
+    """Whether the plan is the per-role placement: every role on one device of its own,
+    every call unsharded. Such plans run on one model worker per role (vLLM and PMOE
+    policies included); any other plan runs on one worker per device."""
+    device_of: dict[str, int] = {}
+    for c in result.ctx.topo:
+        a = result.plan[c.name]
+        if a.mesh.size != 1 or (a.layout.dp, a.layout.tp, a.layout.pp) != (1, 1, 1):
+            return False
         if device_of.setdefault(c.role, a.mesh.start) != a.mesh.start:
-            out.append(Problem(f"plan ({result.mode}): {c.name}", str(a.mesh),
-                               f"this runtime keeps each role on one device; {c.role} is "
-                               f"on d{device_of[c.role]}", "put all of a role's calls on "
-                               "one device"))  # fmt: skip
-    roles_on: dict[int, list[str]] = {}
-    for role, d in device_of.items():
-        roles_on.setdefault(d, []).append(role)
-    for d, roles in roles_on.items():
-        if len(roles) > 1:
-            out.append(Problem(f"plan ({result.mode})", f"d{d}: {roles}",
-                               "this runtime gives each role a device of its own",
-                               "put the roles on different devices"))  # fmt: skip
+            return False
+    return len(set(device_of.values())) == len(device_of)
+
+
+def runtime_problems(result: PlanResult, cfg: RelayConfig) -> list[Problem]:
+    """Why this runtime cannot execute the plan for the config's run (empty: it can).
+    (`validate` has checked that each call's dp ranks split its batch.)"""
+    out = _pp_problems(result)
+    if out or is_per_role(result):
+        return out
+    where = f"plan ({result.mode})"
+    fix = "use plan=per_role (each role on one device of its own, unsharded)"
+    if cfg.cluster.device != "cpu":
+        out.append(Problem(where, cfg.cluster.device, "plans with sharded layouts or shared "
+                           "devices run on CPU workers (gloo) so far", fix))  # fmt: skip
+    if cfg.generate.backend == "vllm":
+        out.append(Problem("generate.backend", "vllm", f"{where}: calls under a plan generate "
+                           "with transformers on the call's own layout",
+                           f"pass generate.backend=hf (or auto), or {fix}"))  # fmt: skip
+    if cfg.policy.kind != "plain":
+        out.append(Problem("policy", cfg.policy.kind, f"{where}: a PMOE policy runs only "
+                           "in the per-role placement", fix))  # fmt: skip
+    t = cfg.train
+    if t.zero_stage == 3:
+        out.append(Problem("train.zero_stage", 3, f"{where}: ZeRO-3 partitions the weights a "
+                           "reallocation reads", "use train.zero_stage 0, 1 or 2"))  # fmt: skip
     return out

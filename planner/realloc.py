@@ -74,11 +74,14 @@ def edge_tensors(shape: ModelShape) -> list[TensorSpec]:
     h = shape.hidden
     head_split = None if shape.value_head else 0
     head = "score.weight" if shape.value_head else "lm_head.weight"
-    return [
+    out = [
         TensorSpec("model.embed_tokens.weight", (shape.vocab, h), 0, None, first_stage=True),
         TensorSpec("model.norm.weight", (h,), None, None),
         TensorSpec(head, (shape.head_out, h), head_split, None),
     ]
+    if shape.value_head:  # the scalar head's bias
+        out.append(TensorSpec("score.bias", (1,), None, None))
+    return out
 
 
 def model_tensors(shape: ModelShape) -> list[TensorSpec]:

@@ -77,15 +77,34 @@ def test_edited_plan_file_is_validated(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "x.json").exists()
 
 
-def test_train_refuses_a_plan_this_runtime_cannot_run(tmp_path: Path, capsys) -> None:
-    """The symmetric plan puts every call on all 4 devices: refused before Ray starts
+def test_train_refuses_what_planned_calls_cannot_run(tmp_path: Path, capsys) -> None:
+    """A sharded plan runs on device workers, which generate with transformers, keep
+    plain policies and read whole weights: each conflict is refused before Ray starts
     and before the run folder exists."""
-    rc = main(["train", "plan=symmetric", f"run.output_dir={tmp_path}", "train.steps=1"])
+    rc = main(["train", "plan=symmetric", f"run.output_dir={tmp_path}",
+               "generate.backend=vllm", "train.zero_stage=3"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2
-    assert "plan (symmetric): actor_gen" in err and "one device" in err
+    assert "generate.backend" in err and "transformers" in err
+    assert "train.zero_stage" in err and "ZeRO-3" in err
     assert "Fix:" in err
+    rc = main(["train", "plan=symmetric", f"run.output_dir={tmp_path}", "policy=pmoe"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "policy = 'pmoe'" in err and "per-role placement" in err
     assert not (tmp_path / "ppo-sort").exists()
+
+
+def test_per_role_shaped_plans_keep_one_worker_per_role() -> None:
+    """per_role is the one-worker-per-role placement; symmetric (all calls on all
+    devices) is not, and runs on device workers."""
+    from orchestrator.config import load_config
+    from orchestrator.planning import is_per_role, make_plan, runtime_problems
+
+    cfg = load_config(["generate.backend=hf"], for_run=False)
+    per_role = make_plan(cfg, "per_role")
+    assert is_per_role(per_role) and not runtime_problems(per_role, cfg)
+    sym = make_plan(cfg, "symmetric")
+    assert not is_per_role(sym) and not runtime_problems(sym, cfg)
 
 
 def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:

@@ -1,0 +1,229 @@
+"""How the controller runs an RL graph's calls: on one worker per role (`RoleWorkers`,
+the per-role placement), or on the devices of an execution plan (`PlannedRoles`).
+
+Both give the controller the same four things: `dispatch` a call (Ray references to its
+outputs and metrics), `evaluate` the actor, `save` and `load` the trained roles.
+
+`PlannedRoles` keeps one DeviceWorker per device of the plan's cluster
+(orchestrator.device_workers). Each call runs on its own mesh under its own layout; a
+role holds one replica per layout its calls use. The replica of a role's train call is
+the one that learns: before any other call of that role runs, its replica receives the
+current weights by the planner's comm plan (parameter reallocation), unless it holds
+them already. Every call is sent as one block of tasks to the workers of its mesh, in
+dispatch order, so the collective operations of two calls never interleave in opposite
+orders on two workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from algos.graph import MFC, CallKind, DataflowGraph
+from orchestrator.device_workers import DeviceCluster, Sharding, sharding_key
+from planner.layout import Layout, Mesh
+
+
+class RoleWorkers:
+    """One ModelWorker (a Ray actor) per role: the per-role placement."""
+
+    def __init__(self, workers: dict[str, Any]) -> None:
+        self.workers = workers
+
+    def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> tuple[Any, Any]:
+        return self.workers[call.role].run.options(num_returns=2).remote(call, options, *inputs)
+
+    def evaluate(self, prompts: list[str], params: Any) -> Any:
+        """A reference to {'accuracy', 'reward'} of the actor's responses."""
+        return self.workers["actor"].evaluate.remote(prompts, params)
+
+    def save(self, folder: Path, roles: list[str]) -> None:
+        ray.get([self.workers[r].save.remote(str(folder)) for r in roles])
+
+    def load(self, folder: Path, roles: list[str]) -> None:
+        ray.get([self.workers[r].load.remote(str(folder)) for r in roles])
+
+    def stop(self) -> None:
+        for w in self.workers.values():
+            ray.kill(w)
+
+
+@ray.remote(num_cpus=0)
+def _merge(
+    call: str, n_ranks: int, n_realloc: int, *parts: Any
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One call's result from its ranks: outputs concatenated in data-parallel order,
+    metrics averaged over the ranks (times: the slowest rank), with the reallocation
+    that preceded the call (its slowest device's seconds, the bytes sent)."""
+    import torch
+
+    outs, metrics = parts[:n_ranks], parts[n_ranks : 2 * n_ranks]
+    reallocs = parts[2 * n_ranks : 2 * n_ranks + n_realloc]
+    pieces = sorted((o for o in outs if o is not None), key=lambda o: o[0])
+    merged: dict[str, Any] = {}
+    if pieces and pieces[0][1]:
+        merged = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
+    m: dict[str, float] = {}
+    for key in {k for r in metrics for k in r}:
+        vals = [r[key] for r in metrics if key in r]
+        m[key] = max(vals) if key.startswith(("time/", "perf/")) else sum(vals) / len(vals)
+    if reallocs:
+        m[f"time/realloc_{call}_s"] = max(r["seconds"] for r in reallocs)
+        m[f"realloc/{call}_bytes"] = float(sum(r["sent"] + r["local"] for r in reallocs))
+    return merged, m
+
+
+@dataclass
+class _Role:
+    spec: Any  # RoleSpec
+    folder: str  # the Hugging Face folder its weights start from
+    kind: str  # causal | value
+    train: Sharding | None = None  # the replica that learns (its train call's)
+    version: int = 0  # train calls dispatched (and checkpoints loaded)
+    held: dict[str, int] = field(default_factory=dict)  # replica key -> version it holds
+
+
+class PlannedRoles:
+    """The RL graph's calls on the plan's devices (see the module's docstring). Roles the
+    plan does not place (a Python reward function) run on a ModelWorker of their own."""
+
+    def __init__(
+        self,
+        graph: DataflowGraph,
+        plan: dict[str, Any],  # call name -> planner Assignment
+        specs: list[Any],  # RoleSpecs of the graph's roles
+        num_nodes: int,
+        devices_per_node: int,
+        threads: int,
+        start_side_workers: Any,  # (specs) -> {role: ModelWorker}, for unplaced roles
+    ) -> None:
+        self.graph = graph
+        self.sharding: dict[str, Sharding] = {
+            c.name: (plan[c.name].mesh, plan[c.name].layout) for c in graph.calls if c.name in plan
+        }
+        placed = {c.role for c in graph.calls if c.name in self.sharding}
+        by_name = {s.name: s for s in specs}
+        self.cluster = DeviceCluster(num_nodes, devices_per_node, list(self.sharding.values()),
+                                     threads=threads)  # fmt: skip
+        self.workers = self.cluster.workers
+        self.side: dict[str, Any] = {}
+        try:
+            self.side = start_side_workers([by_name[r] for r in by_name if r not in placed])
+            ray.get([w.host.remote([by_name[r] for r in placed]) for w in self.workers])
+            self.roles: dict[str, _Role] = {}
+            for role in placed:
+                spec = by_name[role]
+                self.roles[role] = _Role(spec, spec.init_path, spec.model_kind)
+            for c in graph.calls:
+                if c.name in self.sharding and c.kind is CallKind.TRAIN:
+                    self.roles[c.role].train = self.sharding[c.name]
+            # every replica starts from the role's folder: the same weights everywhere
+            loads = []
+            for c in graph.calls:
+                if c.name not in self.sharding:
+                    continue
+                r, sh = self.roles[c.role], self.sharding[c.name]
+                if sharding_key(sh) not in r.held:
+                    r.held[sharding_key(sh)] = 0
+                    loads += [w.load.remote(c.role, r.folder, sh, r.kind) for w in self.workers]
+            ray.get(loads)
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- calls ----------------------------------------------------------------------
+
+    def _refresh(self, role: str, sh: Sharding) -> list[Any]:
+        """Reallocation tasks that bring the replica `sh` of `role` up to date (none if
+        it holds the current weights)."""
+        r = self.roles[role]
+        key = sharding_key(sh)
+        if r.held.get(key) == r.version or r.train is None:
+            return []
+        src = r.train
+        devices = sorted(set(src[0].devices) | set(sh[0].devices))
+        dpn = self.cluster.devices_per_node
+        r.held[key] = r.version
+        return [self.workers[d].reallocate.remote(role, src, sh, dpn) for d in devices]
+
+    def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> tuple[Any, Any]:
+        if call.name not in self.sharding:
+            return self.side[call.role].run.options(num_returns=2).remote(call, options, *inputs)
+        sh = self.sharding[call.name]
+        reallocs = self._refresh(call.role, sh)
+        parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
+                 for w in self.cluster.on(sh[0])]  # fmt: skip
+        if call.kind is CallKind.TRAIN:
+            r = self.roles[call.role]
+            r.version += 1
+            r.held[sharding_key(sh)] = r.version
+        outs, metrics = [p[0] for p in parts], [p[1] for p in parts]
+        return _merge.options(num_returns=2).remote(
+            call.name, len(parts), len(reallocs), *outs, *metrics, *reallocs
+        )
+
+    # -- evaluation and checkpoints ---------------------------------------------------
+
+    def _generate_sharding(self) -> Sharding:
+        gen = [c for c in self.graph.calls if c.role == "actor" and c.kind is CallKind.GENERATE]
+        return self.sharding[gen[0].name]
+
+    def evaluate(self, prompts: list[str], params: Any) -> Any:
+        """A reference to {'accuracy', 'reward'} of the actor's responses, generated on
+        the replica (and layout) of its rollout call."""
+        sh = self._generate_sharding()
+        reallocs = self._refresh("actor", sh)
+        if reallocs:
+            ray.get(reallocs)
+        parts = [w.evaluate.remote("actor", sh, prompts, params) for w in self.cluster.on(sh[0])]
+        return _merge_evaluation.remote(*parts)
+
+    def _checkpoint_sharding(self, role: str) -> Sharding:
+        """One device of the train mesh holding whole tensors: it writes the weights."""
+        train = self.roles[role].train
+        assert train is not None
+        return Mesh(train[0].start, 1), Layout(1, 1, 1, 1)
+
+    def save(self, folder: Path, roles: list[str]) -> None:
+        """Each trained role as folder/<role>: a Hugging Face folder of its full weights,
+        and optim/rank<device>.pt with each train rank's optimizer and scheduler state."""
+        tasks = []
+        for role in roles:
+            r = self.roles[role]
+            assert r.train is not None
+            one = self._checkpoint_sharding(role)
+            if sharding_key(one) != sharding_key(r.train):
+                ray.get(self._refresh(role, one))
+            tasks.append(self.workers[one[0].start].write_model.remote(role, one, str(folder)))
+            tasks += [w.save_rank.remote(role, r.train, str(folder))
+                      for w in self.cluster.on(r.train[0])]  # fmt: skip
+        ray.get(tasks)
+
+    def load(self, folder: Path, roles: list[str]) -> None:
+        """Restore the trained roles from `save`'s folder (under the same plan); every
+        other replica of those roles is refreshed before its next call."""
+        tasks = []
+        for role in roles:
+            r = self.roles[role]
+            assert r.train is not None
+            tasks += [w.load_rank.remote(role, r.train, str(folder))
+                      for w in self.cluster.on(r.train[0])]  # fmt: skip
+            r.version += 1
+            r.held[sharding_key(r.train)] = r.version
+        ray.get(tasks)
+
+    def stop(self) -> None:
+        for w in getattr(self, "side", {}).values():
+            ray.kill(w)
+        self.cluster.shutdown()
+
+
+@ray.remote(num_cpus=0)
+def _merge_evaluation(*parts: Any) -> dict[str, float]:
+    rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
+    correct = [c for _, cs, _ in rows for c in cs]
+    rewards = [r for _, _, rs in rows for r in rs]
+    return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards)}
