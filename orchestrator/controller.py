@@ -554,7 +554,8 @@ class Controller:
 
         def evaluate(workers: dict[str, Any], step: int) -> dict[str, float]:
             data = self.encode_pairs(self.data.eval_pref_pairs)
-            return run_graph(eval_graph, workers, data, {})["reward_eval"]
+            m = run_graph(eval_graph, workers, data, {})["reward_eval"]
+            return {k: v for k, v in m.items() if not k.startswith("span/")}
 
         return self.run_stage("reward_model", reward_model_graph(), spec, r.steps, batch,
                               evaluate, self.paths.reward_model)  # fmt: skip
@@ -603,6 +604,7 @@ class Controller:
                     "reweight": cfg.reweight,
                 }
                 m = run_graph(graph, workers, batch(step), {call.name: options})[call.name]
+                m = {k: v for k, v in m.items() if not k.startswith("span/")}
                 m["time/step_s"] = time.perf_counter() - t0
                 if step == steps:
                     m.update(evaluate(workers, step))
@@ -818,6 +820,7 @@ class Controller:
                 m["perf/samples_per_s"] = n_samples / m["time/step_s"]
                 if per_call:
                     m.update(self.plan_metrics(graph, m))
+                m = {k: v for k, v in m.items() if not k.startswith("span/")}
                 tokens = m.get("rollout/response_length_mean", 0.0) * n_samples
                 m["perf/response_tokens_per_s"] = tokens / m["time/step_s"]
                 if step % t.eval_every_steps == 0 or step == t.steps:
@@ -860,14 +863,22 @@ class Controller:
 
     def plan_metrics(self, graph: DataflowGraph, m: dict[str, float]) -> dict[str, float]:
         """The planner's estimates beside the measured times (plan/ next to time/), and
-        the step's orchestration overhead: wall time minus the calls' compute times and
-        the reallocations (on their slowest device each)."""
-        out: dict[str, float] = {}
-        measured = sum(m.get(f"time/{c.name}_s", 0.0) for c in graph.calls)
-        measured += sum(v for k, v in m.items() if k.startswith("time/realloc_"))
-        out["time/calls_s"] = measured
-        out["time/overhead_s"] = m["time/step_s"] - measured
-        out["perf/overhead_share"] = max(out["time/overhead_s"], 0.0) / m["time/step_s"]
+        the step's orchestration overhead: its wall time minus the time during which some
+        call or reallocation computed (the union of their spans, which `m` loses here)."""
+        from orchestrator.plan_runtime import busy_seconds
+
+        busy = busy_seconds(m)
+        for k in [k for k in m if k.startswith("span/")]:
+            del m[k]
+        step = m["time/step_s"]
+        realloc = sum(v for k, v in m.items() if k.startswith("time/realloc_"))
+        out: dict[str, float] = {
+            "time/busy_s": busy,
+            "time/reallocation_s": realloc,
+            "time/overhead_s": step - busy,
+            "perf/overhead_share": max(step - busy, 0.0) / step,
+            "perf/realloc_share": realloc / step,
+        }
         if self.plan is None:
             return out
         est = self.plan.estimate

@@ -238,7 +238,7 @@ class DeviceWorker:
         dtype = getattr(torch, source.config.get("torch_dtype") or source.config.get("dtype")
                         or "float32")  # fmt: skip
         stats = ReallocStats()
-        start = time.perf_counter()
+        wall, start = time.time(), time.perf_counter()
         got = reallocate(mine, source.shape, src, dst, self.device,
                          devices_per_node=devices_per_node, dtype=dtype, stats=stats)  # fmt: skip
         if rep is None:
@@ -252,7 +252,8 @@ class DeviceWorker:
         else:
             rep.shards = got
         return {"sent": stats.sent_bytes, "received": stats.received_bytes,
-                "local": stats.local_bytes, "seconds": time.perf_counter() - start}  # fmt: skip
+                "local": stats.local_bytes, "seconds": time.perf_counter() - start,
+                "start": wall, "end": wall + time.perf_counter() - start}  # fmt: skip
 
     def _module(self, rep: Replica) -> torch.nn.Module:
         if rep.module is not None:
@@ -436,6 +437,24 @@ class DeviceWorker:
             ctx.generator = HFGenerateEngine(ctx.module, tok.eos_token_id, tok.pad_token_id)
         return ctx
 
+    def prepare(self, call: Any, sharding: Sharding) -> None:
+        """Build what `call` needs under `sharding` (the model, a trainer, a generator)."""
+        from algos.graph import CallKind
+
+        rep = self.replicas[(call.role, sharding_key(sharding))]
+        self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
+
+    def merge(self, call: str, n_ranks: int, n_realloc: int, *parts: Any) -> tuple[Any, Any]:
+        """A call's result from its ranks' parts (orchestrator.plan_runtime.merge_call)."""
+        from orchestrator.plan_runtime import merge_call
+
+        return merge_call(call, n_ranks, n_realloc, *parts)
+
+    def merge_evaluation(self, *parts: Any) -> dict[str, float]:
+        from orchestrator.plan_runtime import merge_evaluation
+
+        return merge_evaluation(*parts)
+
     def run(
         self, call: Any, sharding: Sharding, options: Mapping[str, Any], *inputs: Any
     ) -> tuple[tuple[int, dict[str, torch.Tensor]] | None, dict[str, float]]:
@@ -461,9 +480,11 @@ class DeviceWorker:
             if rows % dp:
                 raise ValueError(f"call '{call.name}': {rows} rows do not split over dp = {dp}")
             batch = {k: v.chunk(dp)[dp_i] for k, v in batch.items()}
-        start = time.perf_counter()
+        wall, start = time.time(), time.perf_counter()
         outputs, metrics = get_interface(call.interface)(ctx, batch, options)
         metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+        metrics[f"span/{call.name}/start"] = wall
+        metrics[f"span/{call.name}/end"] = wall + metrics[f"time/{call.name}_s"]
         outputs = {k: v.cpu() for k, v in outputs.items()}
         check_outputs(call, outputs)
         return ((dp_i, outputs) if first else None), metrics

@@ -51,13 +51,13 @@ class RoleWorkers:
             ray.kill(w)
 
 
-@ray.remote(num_cpus=0)
-def _merge(
+def merge_call(
     call: str, n_ranks: int, n_realloc: int, *parts: Any
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One call's result from its ranks: outputs concatenated in data-parallel order,
-    metrics averaged over the ranks (times: the slowest rank), with the reallocation
-    that preceded the call (its slowest device's seconds, the bytes sent)."""
+    metrics averaged over the ranks (times: the slowest rank; spans: the earliest start,
+    the latest end), with the reallocation that preceded the call (its slowest device's
+    seconds and span, the bytes sent)."""
     import torch
 
     outs, metrics = parts[:n_ranks], parts[n_ranks : 2 * n_ranks]
@@ -69,11 +69,39 @@ def _merge(
     m: dict[str, float] = {}
     for key in {k for r in metrics for k in r}:
         vals = [r[key] for r in metrics if key in r]
-        m[key] = max(vals) if key.startswith(("time/", "perf/")) else sum(vals) / len(vals)
+        if key.endswith("/start"):
+            m[key] = min(vals)
+        elif key.startswith(("time/", "perf/", "span/")):
+            m[key] = max(vals)
+        else:
+            m[key] = sum(vals) / len(vals)
     if reallocs:
         m[f"time/realloc_{call}_s"] = max(r["seconds"] for r in reallocs)
+        m[f"span/realloc_{call}/start"] = min(r["start"] for r in reallocs)
+        m[f"span/realloc_{call}/end"] = max(r["end"] for r in reallocs)
         m[f"realloc/{call}_bytes"] = float(sum(r["sent"] + r["local"] for r in reallocs))
     return merged, m
+
+
+def merge_evaluation(*parts: Any) -> dict[str, float]:
+    """{'accuracy', 'reward'} over the ranks' (dp index, correct, rewards)."""
+    rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
+    correct = [c for _, cs, _ in rows for c in cs]
+    rewards = [r for _, _, rs in rows for r in rs]
+    return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards)}
+
+
+def busy_seconds(metrics: dict[str, float]) -> float:
+    """The wall time during which some call or reallocation ran: the union of the
+    `span/<name>/start` .. `span/<name>/end` intervals (calls on disjoint meshes overlap)."""
+    spans = sorted((metrics[k], metrics[k[: -len("start")] + "end"])
+                   for k in metrics if k.startswith("span/") and k.endswith("/start"))  # fmt: skip
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 @dataclass
@@ -130,6 +158,9 @@ class PlannedRoles:
                     r.held[sharding_key(sh)] = 0
                     loads += [w.load.remote(c.role, r.folder, sh, r.kind) for w in self.workers]
             ray.get(loads)
+            # models, trainers and generators built now, not inside the first step
+            ray.get([w.prepare.remote(c, self.sharding[c.name]) for c in graph.calls
+                     if c.name in self.sharding for w in self.cluster.on(self.sharding[c.name][0])])  # fmt: skip
         except BaseException:
             self.stop()
             raise
@@ -161,8 +192,11 @@ class PlannedRoles:
             r.version += 1
             r.held[sharding_key(sh)] = r.version
         outs, metrics = [p[0] for p in parts], [p[1] for p in parts]
-        return _merge.options(num_returns=2).remote(
-            call.name, len(parts), len(reallocs), *outs, *metrics, *reallocs
+        # merged on the mesh's first worker, after its part (no extra process)
+        return (
+            self.workers[sh[0].start]
+            .merge.options(num_returns=2)
+            .remote(call.name, len(parts), len(reallocs), *outs, *metrics, *reallocs)
         )
 
     # -- evaluation and checkpoints ---------------------------------------------------
@@ -179,7 +213,7 @@ class PlannedRoles:
         if reallocs:
             ray.get(reallocs)
         parts = [w.evaluate.remote("actor", sh, prompts, params) for w in self.cluster.on(sh[0])]
-        return _merge_evaluation.remote(*parts)
+        return self.workers[sh[0].start].merge_evaluation.remote(*parts)
 
     def _checkpoint_sharding(self, role: str) -> Sharding:
         """One device of the train mesh holding whole tensors: it writes the weights."""
@@ -219,11 +253,3 @@ class PlannedRoles:
         for w in getattr(self, "side", {}).values():
             ray.kill(w)
         self.cluster.shutdown()
-
-
-@ray.remote(num_cpus=0)
-def _merge_evaluation(*parts: Any) -> dict[str, float]:
-    rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
-    correct = [c for _, cs, _ in rows for c in cs]
-    rewards = [r for _, _, rs in rows for r in rs]
-    return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards)}

@@ -145,7 +145,7 @@ class ModelWorker:
         # weights changed since the last push (a train call without push_weights, a
         # checkpoint loaded) reach the engine first
         synced = self._sync_generator() if call.kind is CallKind.GENERATE else None
-        start = time.perf_counter()
+        wall, start = time.time(), time.perf_counter()
         options = {**options, "inputs": call.inputs, "outputs": call.outputs}
         outputs, metrics = get_interface(call.interface)(self.ctx, batch, options)
         elapsed = time.perf_counter() - start
@@ -156,6 +156,8 @@ class ModelWorker:
         outputs = {k: v.cpu() for k, v in outputs.items()}  # the object store holds CPU tensors
         check_outputs(call, outputs)
         metrics[f"time/{call.name}_s"] = elapsed
+        metrics[f"span/{call.name}/start"] = wall
+        metrics[f"span/{call.name}/end"] = wall + elapsed
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         metrics[f"perf/peak_rss_bytes_{self.spec.name}"] = float(peak_kib * 1024)
         metrics[f"perf/model_rss_bytes_{self.spec.name}"] = (

@@ -76,7 +76,9 @@ def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> 
     assert len(layouts) > 1 or next(iter(layouts))[0] != "d0"  # not everything on d0
 
     rows = {name: rl_rows(folder) for name, folder in runs.items()}
-    assert all(sorted(r) == [1, 2, 3] for r in rows.values()), {n: sorted(r) for n, r in rows.items()}
+    assert all(sorted(r) == [1, 2, 3] for r in rows.values()), {
+        n: sorted(r) for n, r in rows.items()
+    }
     for step in (1, 2, 3):
         for key in ("loss/policy", "loss/value", "rollout/reward_mean", "train/grad_norm_actor"):
             ref = rows["dp1"][step][key]
