@@ -13,6 +13,11 @@ already holds the whole model: those pairs are local copies only and are reporte
 
     .venv/bin/python benchmarks/realloc.py [--repeats 3] [--hidden 768 --layers 12]
 
+It also runs the default job under plan=search (`--job-steps` RL steps) and reports the
+share of RL step time spent in reallocation and orchestration: `overhead_share` (goal at
+most 0.10), the mean over steps 2.. of perf/non_compute_share, the step's wall time minus
+the union of its calls' compute spans, over the step's wall time.
+
 Writes benchmarks/results/realloc.json.
 """
 
@@ -133,6 +138,49 @@ def _worker(rank: int, store: str, args: argparse.Namespace, out: str) -> None:
         Path(out).write_text(json.dumps(rows))
 
 
+JOB = (  # the default job (SFT, reward model, PPO) with short SFT and reward stages
+    "plan=search", "sft.steps=20", "reward.steps=20", "logger.wandb_mode=disabled",
+    "logger.progress=false", "generate.backend=hf", "run.name=bench-overhead",
+)  # fmt: skip
+
+
+def default_job_overhead(steps: int) -> dict:
+    """`relay train` on the default job under plan=search: per RL step, the shares of
+    wall time spent in reallocation and in orchestration (the time no call computes),
+    averaged over steps 2.. (step 1 includes first-call costs and is reported apart)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "launch.cli", "train", *JOB, f"train.steps={steps}",
+               f"run.output_dir={out}"]  # fmt: skip
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        subprocess.run(cmd, cwd=REPO, env=env, check=True)
+        folder = Path(out) / "bench-overhead"
+        plan = json.loads((folder / "plan.json").read_text())
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("stage") == "rl" and "time/step_s" in r and r.get("step")]
+
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in rows if r["step"] > 1)
+
+    return {
+        "overhead_share": mean("perf/non_compute_share"),  # reallocation + orchestration
+        "orchestration_share": mean("perf/overhead_share"),
+        "realloc_share": mean("perf/realloc_share"),
+        "job": {
+            "overrides": list(JOB),
+            "rl_steps": steps,
+            "step_s_mean": mean("time/step_s"),
+            "first_step": {k: rows[0][k] for k in ("time/step_s", "perf/non_compute_share")},
+            "plan_calls": {
+                n: f"{c['mesh']} dp{c['dp']} tp{c['tp']} pp{c['pp']}"
+                for n, c in plan["calls"].items()
+            },  # fmt: skip
+            "reallocations": plan["reallocations"],
+        },
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=768)
@@ -141,8 +189,19 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--job-steps", type=int, default=12,
+                    help="RL steps of the default job under plan=search (0: skip it)")  # fmt: skip
+    ap.add_argument("--only-job", action="store_true",
+                    help="rerun the job part only, keeping the pairs of the existing results")  # fmt: skip
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "realloc.json"))
     args = ap.parse_args()
+    if args.only_job:
+        result = json.loads(Path(args.out).read_text())
+        result.update(default_job_overhead(args.job_steps))
+        result["command_job"] = "python " + " ".join(sys.argv)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"overhead_share {result['overhead_share']:.3f} -> {args.out}")
+        return
     shape = shape_of(args)
     print(f"model: {shape.params / 1e6:.1f}M parameters, {shape.params * 4 / 1e6:.0f} MB fp32; "
           f"{WORLD} processes, gloo", flush=True)  # fmt: skip
@@ -177,11 +236,13 @@ def main() -> None:
         ),  # fmt: skip
         "throughput_vs_limit": statistics.median(ratios),
         "throughput_vs_limit_min": min(ratios),
-        "overhead_share": None,  # needs the default job under a multi-device plan (issue 5)
     }
+    if args.job_steps:
+        result.update(default_job_overhead(args.job_steps))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"throughput_vs_limit: median {result['throughput_vs_limit']:.2f}, "
-          f"min {result['throughput_vs_limit_min']:.2f} -> {args.out}")  # fmt: skip
+          f"min {result['throughput_vs_limit_min']:.2f}; overhead_share "
+          f"{result.get('overhead_share')} -> {args.out}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Shape legend: B = sequences, P = prompt tokens, T = response tokens, V = vocabul
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -71,3 +72,23 @@ def minibatches(
 def repeat_interleave(batch: Mapping[str, torch.Tensor], n: int) -> Batch:
     """Repeat every sample n times in place (a, a, b, b, ...)."""
     return {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
+
+
+def gather_inputs(parts: Iterable[Any]) -> Batch:
+    """A call's input batch from its inputs: whole batches (dicts), and the parts of calls
+    run data-parallel under a plan, (dp index, outputs) from each rank that returns some
+    (None from the others), concatenated in dp order."""
+    merged: Batch = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for part in parts:
+        if part is None:
+            continue
+        if isinstance(part, tuple):
+            dp_i, outputs = part
+            for k, v in outputs.items():
+                pieces.setdefault(k, []).append((dp_i, v))
+        else:
+            merged.update(part)
+    for k, ranked in pieces.items():
+        merged[k] = torch.cat([v for _, v in sorted(ranked, key=lambda p: p[0])])
+    return merged

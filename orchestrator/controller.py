@@ -37,7 +37,7 @@ from orchestrator.config import (
     to_yaml,
 )
 from orchestrator.engines import OptimSpec, SamplingParams
-from orchestrator.plan_runtime import PlannedRoles, RoleWorkers
+from orchestrator.plan_runtime import Dispatched, PlannedRoles, RoleWorkers
 from orchestrator.planning import PlanResult, is_per_role
 from orchestrator.tracking import Tracker, plot_learning_curves
 from orchestrator.user_data import RewardError
@@ -213,6 +213,9 @@ def stop_workers(workers: dict[str, Any]) -> None:
         ray.kill(w)
 
 
+RUNNING_CALLS_WAIT_S = 300.0
+
+
 def run_graph(
     graph: DataflowGraph,
     workers: dict[str, Any] | RoleWorkers | PlannedRoles,
@@ -229,26 +232,41 @@ def run_graph(
 
     runtime = RoleWorkers(workers) if isinstance(workers, dict) else workers
     data_ref = ray.put(dataset)
-    outputs: dict[str, Any] = {}
-    pending: dict[Any, str] = {}
+    outputs: dict[str, list[Any]] = {}
+    running: dict[str, Dispatched] = {}
+    waiting: dict[Any, str] = {}  # reference -> the call it belongs to
+    left: dict[str, int] = {}  # call -> references not ready yet
     done: set[str] = set()
     metrics: dict[str, dict[str, float]] = {}
+    # A plan's device workers take the whole step at once, producers first: each call
+    # starts on its workers as soon as its inputs exist, without a round trip through
+    # this loop. One worker per role: each call is dispatched when its inputs are ready.
+    eager = isinstance(runtime, PlannedRoles)
     while len(done) < len(graph.calls):
-        for call in graph.ready(done, set(pending.values())):
-            parents = graph.parents(call)
-            inputs = [data_ref] + [outputs[p] for p in parents]
-            out_ref, metrics_ref = runtime.dispatch(call, options.get(call.name, {}), inputs)
-            outputs[call.name] = out_ref
-            pending[metrics_ref] = call.name
-        finished, _ = ray.wait(list(pending), num_returns=1)
+        ready = graph.ready(done, set(running))
+        while ready:
+            for call in ready:
+                inputs = [data_ref] + [r for p in graph.parents(call) for r in outputs[p]]
+                d = runtime.dispatch(call, options.get(call.name, {}), inputs)
+                outputs[call.name], running[call.name] = d.outputs, d
+                waiting.update({ref: call.name for ref in d.waits})
+                left[call.name] = len(d.waits)
+            ready = graph.ready(done | set(running), set(running)) if eager else []
+        finished, _ = ray.wait(list(waiting), num_returns=1)
         for ref in finished:
-            name = pending.pop(ref)
+            name = waiting.pop(ref)
             try:
-                metrics[name] = ray.get(ref)
+                ray.get(ref)  # raises the call's error at once
             except Exception:
                 # let the calls still in flight end first, so the next step starts clean
-                ray.wait(list(pending), num_returns=len(pending))
+                # (bounded: ranks of a failed call may wait on it in a collective forever)
+                ray.wait(list(waiting), num_returns=len(waiting), timeout=RUNNING_CALLS_WAIT_S)
                 raise
+            left[name] -= 1
+            if left[name]:
+                continue
+            d = running.pop(name)
+            metrics[name] = d.finish(ray.get(d.waits))
             done.add(name)
     return metrics
 
@@ -867,7 +885,7 @@ class Controller:
         call or reallocation computed (the union of their spans, which `m` loses here)."""
         from orchestrator.plan_runtime import busy_seconds
 
-        busy = busy_seconds(m)
+        busy, computing = busy_seconds(m), busy_seconds(m, reallocations=False)
         for k in [k for k in m if k.startswith("span/")]:
             del m[k]
         step = m["time/step_s"]
@@ -876,8 +894,9 @@ class Controller:
             "time/busy_s": busy,
             "time/reallocation_s": realloc,
             "time/overhead_s": step - busy,
-            "perf/overhead_share": max(step - busy, 0.0) / step,
+            "perf/overhead_share": max(step - busy, 0.0) / step,  # orchestration alone
             "perf/realloc_share": realloc / step,
+            "perf/non_compute_share": max(step - computing, 0.0) / step,  # both
         }
         if self.plan is None:
             return out

@@ -444,12 +444,6 @@ class DeviceWorker:
         rep = self.replicas[(call.role, sharding_key(sharding))]
         self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
 
-    def merge(self, call: str, n_ranks: int, n_realloc: int, *parts: Any) -> tuple[Any, Any]:
-        """A call's result from its ranks' parts (orchestrator.plan_runtime.merge_call)."""
-        from orchestrator.plan_runtime import merge_call
-
-        return merge_call(call, n_ranks, n_realloc, *parts)
-
     def merge_evaluation(self, *parts: Any) -> dict[str, float]:
         from orchestrator.plan_runtime import merge_evaluation
 
@@ -467,9 +461,9 @@ class DeviceWorker:
 
         rep = self.replicas[(call.role, sharding_key(sharding))]
         ctx = self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
-        merged: dict[str, torch.Tensor] = {}
-        for part in inputs:
-            merged.update(part)
+        from orchestrator.batch import gather_inputs
+
+        merged = gather_inputs(inputs)
         batch = {k: merged[k] for k in call.inputs}
         dp_i, dp, first = self._ranks(sharding)
         options = {**options, "inputs": call.inputs, "outputs": call.outputs}

@@ -11,11 +11,13 @@ the one that learns: before any other call of that role runs, its replica receiv
 current weights by the planner's comm plan (parameter reallocation), unless it holds
 them already. Every call is sent as one block of tasks to the workers of its mesh, in
 dispatch order, so the collective operations of two calls never interleave in opposite
-orders on two workers.
+orders on two workers. A call's consumers take the parts its ranks return and join them
+themselves (orchestrator.batch.gather_inputs): no extra hop between two calls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,27 @@ from orchestrator.device_workers import DeviceCluster, Sharding, sharding_key
 from planner.layout import Layout, Mesh
 
 
+@dataclass
+class Dispatched:
+    """A dispatched call: what its consumers take as inputs (Ray references to batches,
+    or to each rank's part), what to wait for, and how those values become its metrics."""
+
+    outputs: list[Any]
+    waits: list[Any]
+    finish: Callable[[list[Any]], dict[str, float]]
+
+
 class RoleWorkers:
     """One ModelWorker (a Ray actor) per role: the per-role placement."""
 
     def __init__(self, workers: dict[str, Any]) -> None:
         self.workers = workers
 
-    def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> tuple[Any, Any]:
-        return self.workers[call.role].run.options(num_returns=2).remote(call, options, *inputs)
+    def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> Dispatched:
+        out, metrics = (
+            self.workers[call.role].run.options(num_returns=2).remote(call, options, *inputs)
+        )
+        return Dispatched([out], [metrics], lambda values: values[0])
 
     def evaluate(self, prompts: list[str], params: Any) -> Any:
         """A reference to {'accuracy', 'reward'} of the actor's responses."""
@@ -51,24 +66,15 @@ class RoleWorkers:
             ray.kill(w)
 
 
-def merge_call(
-    call: str, n_ranks: int, n_realloc: int, *parts: Any
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """One call's result from its ranks: outputs concatenated in data-parallel order,
-    metrics averaged over the ranks (times: the slowest rank; spans: the earliest start,
-    the latest end), with the reallocation that preceded the call (its slowest device's
-    seconds and span, the bytes sent)."""
-    import torch
-
-    outs, metrics = parts[:n_ranks], parts[n_ranks : 2 * n_ranks]
-    reallocs = parts[2 * n_ranks : 2 * n_ranks + n_realloc]
-    pieces = sorted((o for o in outs if o is not None), key=lambda o: o[0])
-    merged: dict[str, Any] = {}
-    if pieces and pieces[0][1]:
-        merged = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
+def merge_metrics(
+    call: str, ranks: list[dict[str, float]], reallocs: list[dict[str, float]]
+) -> dict[str, float]:
+    """One call's metrics from its ranks': averaged (times: the slowest rank; spans: the
+    earliest start, the latest end), with the reallocation that preceded the call (its
+    slowest device's seconds and span, the bytes it moved)."""
     m: dict[str, float] = {}
-    for key in {k for r in metrics for k in r}:
-        vals = [r[key] for r in metrics if key in r]
+    for key in {k for r in ranks for k in r}:
+        vals = [r[key] for r in ranks if key in r]
         if key.endswith("/start"):
             m[key] = min(vals)
         elif key.startswith(("time/", "perf/", "span/")):
@@ -80,7 +86,7 @@ def merge_call(
         m[f"span/realloc_{call}/start"] = min(r["start"] for r in reallocs)
         m[f"span/realloc_{call}/end"] = max(r["end"] for r in reallocs)
         m[f"realloc/{call}_bytes"] = float(sum(r["sent"] + r["local"] for r in reallocs))
-    return merged, m
+    return m
 
 
 def merge_evaluation(*parts: Any) -> dict[str, float]:
@@ -91,11 +97,12 @@ def merge_evaluation(*parts: Any) -> dict[str, float]:
     return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards)}
 
 
-def busy_seconds(metrics: dict[str, float]) -> float:
-    """The wall time during which some call or reallocation ran: the union of the
+def busy_seconds(metrics: dict[str, float], reallocations: bool = True) -> float:
+    """The wall time during which some call (or reallocation) ran: the union of the
     `span/<name>/start` .. `span/<name>/end` intervals (calls on disjoint meshes overlap)."""
     spans = sorted((metrics[k], metrics[k[: -len("start")] + "end"])
-                   for k in metrics if k.startswith("span/") and k.endswith("/start"))  # fmt: skip
+                   for k in metrics if k.startswith("span/") and k.endswith("/start")
+                   and (reallocations or not k.startswith("span/realloc_")))  # fmt: skip
     total, reach = 0.0, float("-inf")
     for start, end in spans:
         if end > reach:
@@ -180,9 +187,14 @@ class PlannedRoles:
         r.held[key] = r.version
         return [self.workers[d].reallocate.remote(role, src, sh, dpn) for d in devices]
 
-    def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> tuple[Any, Any]:
+    def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> Dispatched:
+        """The call's tasks on its mesh, after any reallocation its replica needs; the
+        consumers get every rank's part (they concatenate them in dp order)."""
         if call.name not in self.sharding:
-            return self.side[call.role].run.options(num_returns=2).remote(call, options, *inputs)
+            out, metrics = (
+                self.side[call.role].run.options(num_returns=2).remote(call, options, *inputs)
+            )
+            return Dispatched([out], [metrics], lambda values: values[0])
         sh = self.sharding[call.name]
         reallocs = self._refresh(call.role, sh)
         parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
@@ -191,12 +203,11 @@ class PlannedRoles:
             r = self.roles[call.role]
             r.version += 1
             r.held[sharding_key(sh)] = r.version
-        outs, metrics = [p[0] for p in parts], [p[1] for p in parts]
-        # merged on the mesh's first worker, after its part (no extra process)
-        return (
-            self.workers[sh[0].start]
-            .merge.options(num_returns=2)
-            .remote(call.name, len(parts), len(reallocs), *outs, *metrics, *reallocs)
+        n = len(parts)
+        return Dispatched(
+            [p[0] for p in parts],
+            [p[1] for p in parts] + reallocs,
+            lambda values: merge_metrics(call.name, values[:n], values[n:]),
         )
 
     # -- evaluation and checkpoints ---------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from algos.graph import MFC, CallKind, check_outputs
+from orchestrator.batch import gather_inputs
 from orchestrator.engines import HFGenerateEngine, OptimSpec, SamplingParams, TrainEngine
 from orchestrator.interfaces import Batch, Metrics, WorkerContext, get_interface
 from orchestrator.vllm_engine import VLLMSpec
@@ -135,9 +136,7 @@ class ModelWorker:
 
     def run(self, call: MFC, options: Mapping[str, Any], *inputs: Batch) -> tuple[Batch, Metrics]:
         """Run one call on the merged input batches; returns (outputs, metrics)."""
-        merged: Batch = {}
-        for part in inputs:
-            merged.update(part)
+        merged = gather_inputs(inputs)
         missing = [k for k in call.inputs if k not in merged]
         if missing:
             raise KeyError(f"call '{call.name}' is missing inputs {missing}")
