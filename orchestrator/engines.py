@@ -11,6 +11,7 @@ Shape legend: B = sequences, P = prompt tokens, T = response tokens.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -267,15 +268,28 @@ class TrainEngine:
         """This rank's optimizer (its ZeRO partition) and scheduler state, written by each
         rank of a planned call's group on its own (DeepSpeed's save_checkpoint waits on a
         barrier of the whole world, which a plan's meshes do not span)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "version": self.version}  # fmt: skip
+        if self.spec.zero_stage > 0:  # the torch optimizer over this rank's fp32 partition
+            zero = self.optimizer
+            optimizer: Any = {
+                "base": zero.optimizer.state_dict(),
+                "fp32": list(zero.single_partition_of_fp32_groups),
+            }
+        else:
+            optimizer = self.optimizer.state_dict()
+        # copies: state_dict() holds the live tensors, which later steps change in place
+        return copy.deepcopy({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                              "version": self.version})  # fmt: skip
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         """Restore `rank_state()` of the same rank under the same layout, after the
         module's weights are in place."""
-        if self.spec.zero_stage > 0:  # ZeRO picks its own partition by data-parallel rank
-            self.optimizer.load_state_dict([state["optimizer"]] * self.dp,
-                                           load_from_fp32_weights=True)  # fmt: skip
+        if self.spec.zero_stage > 0:
+            zero = self.optimizer
+            zero.optimizer.load_state_dict(state["optimizer"]["base"])
+            with torch.no_grad():
+                for mine, saved in zip(zero.single_partition_of_fp32_groups,
+                                       state["optimizer"]["fp32"]):  # fmt: skip
+                    mine.copy_(saved)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -373,8 +387,9 @@ class TensorParallelTrainEngine:
         opt = self.optimizer.state_dict()
         opt["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v
                             for k, v in st.items()} for i, st in opt["state"].items()}  # fmt: skip
-        return {"optimizer": opt, "scheduler": self.scheduler.state_dict(),
-                "version": self.version}  # fmt: skip
+        # copies: state_dict() holds the live tensors, which later steps change in place
+        return copy.deepcopy({"optimizer": opt, "scheduler": self.scheduler.state_dict(),
+                              "version": self.version})  # fmt: skip
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         from torch.distributed.tensor import DTensor

@@ -91,13 +91,18 @@ def workload(cfg: RelayConfig) -> Workload:
 
 
 def cluster(cfg: RelayConfig) -> Cluster:
-    """The config's cluster; a CPU device slot gets its share of this host's memory."""
+    """The config's cluster. A CPU device slot gets its share of this host's memory and,
+    when the node's slots run more threads than the host has cores, its share of the
+    cores: the profile measures one thread alone, and slots that compute at once share
+    the cores (4 one-thread slots on 2 cores: each computes at half the rate)."""
     c = cfg.cluster
     name = c.device_kind or ("cpu" if c.device == "cpu" else "h100-sxm")
     kind = device_kind(name, c.profile)
     if name == "cpu":
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        kind = replace(kind, memory_bytes=host / c.devices_per_node)
+        share = min(1.0, (os.cpu_count() or 1) / (c.devices_per_node * c.threads_per_device))
+        kind = replace(kind, memory_bytes=host / c.devices_per_node,
+                       flops_s=kind.flops_s * share, mem_bytes_s=kind.mem_bytes_s * share)  # fmt: skip
     return Cluster(c.num_nodes, c.devices_per_node, kind)
 
 
