@@ -92,6 +92,10 @@ def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> 
     for call in searched["calls"]:
         assert last[f"time/{call}_s"] > 0 and f"plan/est_{call}_s" in last
     assert last["plan/est_step_s"] > 0 and 0 <= last["perf/overhead_share"] < 1
+    from tests.unit.test_docs import undocumented
+
+    keys = {k for r in rows["search"].values() for k in r} - {"stage", "step"}
+    assert undocumented(keys) == [], "metrics missing from docs/metrics.md"
     if searched["reallocations"]:  # a call whose replica lags the trained one
         before = {r["before"] for r in searched["reallocations"]}
         assert any(f"time/realloc_{c}_s" in last for c in before)
