@@ -13,6 +13,9 @@ reads are:
                   fp32 + KV cache bytes read) / decode_step_s.
   link_bytes_s    one-way gloo send/recv bandwidth between two processes of this machine.
   link_latency_s  one-way gloo send/recv time of a one-element tensor.
+  tp_collective_s one tensor-parallel collective as a sharded model pays it (DTensor over
+                  gloo, dispatch included), from a 2-layer model's forward+backward at
+                  tp=2 against tp=1 (measure_tp_collective).
 
 matmul_flops_s (square fp32 matmul) and copy_bytes_s (tensor copy, bytes read + written)
 are the machine's raw rates, kept for comparison.
@@ -136,6 +139,58 @@ def measure_link(nbytes: int, threads: int, repeats: int) -> tuple[float, float]
     mp.spawn(_link_worker, args=(port, threads, runs, queue), nprocs=2)
     big_s, tiny_s = queue.get()
     return nbytes / big_s, tiny_s
+
+
+def _tp_worker(rank: int, port: int, threads: int, shape: dict[str, int], seqs: int,
+               tokens: int, repeats: int, out) -> None:  # fmt: skip
+    """tp=1 (rank 0 alone) and tp=2 forward+backward of a 2-layer model of `shape`."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestrator.parallel import parallelize
+
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", f"tcp://127.0.0.1:{port}", timedelta(seconds=60), world_size=2, rank=rank
+    )
+    config = LlamaConfig(**{HF_NAMES[k]: v for k, v in shape.items()}, num_hidden_layers=2,
+                         vocab_size=32, tie_word_embeddings=False)  # fmt: skip
+    ids = torch.randint(0, 32, (seqs, tokens), generator=torch.Generator().manual_seed(0))
+
+    def step(model: torch.nn.Module) -> Callable[[], None]:
+        return lambda: model(input_ids=ids, labels=ids).loss.backward()
+
+    with torch.random.fork_rng():
+        whole = _median_s(step(LlamaForCausalLM(config)), repeats) if rank == 0 else 0.0
+    dist.barrier()
+    model = LlamaForCausalLM(config)
+    parallelize(model, DeviceMesh("cpu", [0, 1]))
+    sharded = _median_s(step(model), repeats)
+    dist.barrier()  # both ranks done with every collective before either leaves
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put((whole, sharded))
+
+
+def measure_tp_collective(shape: dict[str, int], threads: int, repeats: int) -> dict[str, float]:
+    """The cost of one tensor-parallel collective as the runtime's sharded models pay it
+    (orchestrator.parallel: DTensor over gloo, dispatch included): a 2-layer model's
+    forward+backward at tp=2 in two processes against tp=1 in one; the time tp=2 takes
+    beyond half of tp=1, over its collectives (2 per layer and pass, 1 each for the
+    embedding and the head: 4 x 2 + 4 = 12); at least 1 us."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    seqs, tokens = 16, 32
+    mp.spawn(_tp_worker, args=(port, threads, shape, seqs, tokens, max(repeats, 5), queue),
+             nprocs=2)  # fmt: skip
+    whole, sharded = queue.get()
+    return {"tp1_s": whole, "tp2_s": sharded, "tokens": seqs * tokens,
+            "tp_collective_s": max(sharded - whole / 2, 1e-6 * 12) / 12}  # fmt: skip
 
 
 class _FixedKV:
@@ -309,6 +364,11 @@ def profile(argv: list[str]) -> int:
         _say(f"gloo send/recv {args.link_bytes // MIB} MiB: {link[0] / 1e9:.2f} GB/s one-way")
         _say(f"gloo send/recv 1 float: {link[1] * 1e6:.1f} us one-way")
         shape = {k: getattr(args, k) for k in HF_NAMES}
+        tp = measure_tp_collective(shape, args.threads, repeats)
+        prof["tp_collective_s"], prof["tensor_parallel"] = tp["tp_collective_s"], tp
+        _say(f"tensor parallel (2 layers, {tp['tokens']} tokens): tp1 {tp['tp1_s'] * 1e3:.1f} ms, "
+             f"tp2 {tp['tp2_s'] * 1e3:.1f} ms: {tp['tp_collective_s'] * 1e3:.2f} ms per "
+             "collective")  # fmt: skip
         layers = []
         for tokens in args.tokens:
             row = measure_layer(shape, tokens, args.decode_batch, args.kv_len, repeats)

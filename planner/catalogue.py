@@ -41,6 +41,9 @@ class DeviceKind:
     param_bytes: int = 2  # bytes of one weight as the engines keep it (bf16 on GPU)
     collective_latency_s: float = 10e-6  # one collective call (a ring all-reduce step)
     layer_overhead_s: float = 15e-6  # per layer per decode step: kernel launches
+    # one tensor-parallel collective of a layer as the runtime pays it (None: a plain
+    # collective, collective_latency_s)
+    tp_collective_s: float | None = None
     source: str = "catalogue"
 
     @property
@@ -65,8 +68,10 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
     # One CPU device slot (one torch thread, fp32), as `relay profile` measured it on the
     # 2-core development machine (2026-11-27): a decoder layer's forward + backward at
     # 75 GFLOP/s, its decode step at 8.4 GB/s, gloo between two processes 3.5 GB/s and
-    # 60 us one way. `relay profile` measures your machine (profiles/cpu.json is then
-    # used instead). Memory: a slot's share of 24 GiB.
+    # 60 us one way; a tensor-parallel collective of a sharded model (DTensor over gloo,
+    # dispatch included) 5.7 ms (`relay profile`, 2026-11-27). `relay profile` measures
+    # your machine (profiles/cpu.json is then used instead). Memory: a slot's share of
+    # 24 GiB.
     "cpu": DeviceKind(
         "cpu",
         flops_s=75e9,
@@ -80,6 +85,7 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
         param_bytes=4,
         collective_latency_s=60e-6,
         layer_overhead_s=20e-6,
+        tp_collective_s=5.7e-3,
     ),
 }
 
@@ -105,6 +111,9 @@ def apply_profile(kind: DeviceKind, prof: dict[str, Any], source: str) -> Device
         mem_bytes_s=float(prof["bytes_s"]),
         intra_node_bytes_s=float(prof["link_bytes_s"]),
         collective_latency_s=float(prof["link_latency_s"]),
+        tp_collective_s=float(prof["tp_collective_s"])
+        if "tp_collective_s" in prof
+        else kind.tp_collective_s,
         mfu=1.0,
         mbu=1.0,
         source=f"profile {source} ({prof.get('measured_at', '?')})",

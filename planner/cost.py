@@ -110,7 +110,8 @@ def _stage_pass_s(
     nbytes = weight_bytes(shape, lay, k.param_bytes) * comm_passes + kv_bytes
     t = max(flops / k.compute_flops_s, nbytes / k.stream_bytes_s)
     act = tokens * shape.hidden * k.param_bytes
-    allreduce = _allreduce_s(act, lay.tp, k.intra_node_bytes_s, k.collective_latency_s)
+    tp_latency = k.collective_latency_s if k.tp_collective_s is None else k.tp_collective_s
+    allreduce = _allreduce_s(act, lay.tp, k.intra_node_bytes_s, tp_latency)
     t += 2 * layers * comm_passes * allreduce  # after attention and after the MLP
     if lay.pp > 1:
         t += comm_passes * (act / p.pp_bw + k.collective_latency_s)

@@ -12,12 +12,14 @@ from launch.profile import profile
 TOP_KEYS = {
     "device_kind", "threads_per_device", "measured_at", "host", "torch", "matmul_flops_s",
     "copy_bytes_s", "link_bytes_s", "link_latency_s", "flops_s", "bytes_s", "layers", "command",
+    "tp_collective_s", "tensor_parallel",
 }  # fmt: skip
 LAYER_KEYS = {
     "hidden", "intermediate", "heads", "kv_heads", "tokens", "seq_len", "forward_s",
     "forward_backward_s", "decode_batch", "kv_len", "decode_step_s",
 }  # fmt: skip
-FIGURES = ["matmul_flops_s", "copy_bytes_s", "link_bytes_s", "link_latency_s", "flops_s", "bytes_s"]
+FIGURES = ["matmul_flops_s", "copy_bytes_s", "link_bytes_s", "link_latency_s", "flops_s", "bytes_s",
+           "tp_collective_s"]  # fmt: skip
 
 
 def _positive_finite(x: object) -> bool:
@@ -37,6 +39,11 @@ def test_quick_profile_writes_sane_figures(tmp_path):
         assert _positive_finite(prof[key]), (key, prof[key])
     # A decoder layer's forward+backward cannot beat a plain square matmul by much.
     assert prof["flops_s"] < 1.5 * prof["matmul_flops_s"]
+    tp = prof["tensor_parallel"]
+    assert tp["tp_collective_s"] == prof["tp_collective_s"] and tp["tp2_s"] > 0 < tp["tp1_s"]
+    from planner.catalogue import device_kind
+
+    assert device_kind("cpu", out).tp_collective_s == prof["tp_collective_s"]
     assert len(prof["layers"]) == 2
     for row in prof["layers"]:
         assert set(row) == LAYER_KEYS
