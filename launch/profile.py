@@ -13,6 +13,8 @@ reads are:
                   fp32 + KV cache bytes read) / decode_step_s.
   link_bytes_s    one-way gloo send/recv bandwidth between two processes of this machine.
   link_latency_s  one-way gloo send/recv time of a one-element tensor.
+  decode_step_overhead_s  seconds per token of transformers' generate at batch 1 on a
+                  2-layer model: the sampler loop's fixed cost per decode step.
   tp_collective_s one tensor-parallel collective as a sharded model pays it (DTensor over
                   gloo, dispatch included), from a 2-layer model's forward+backward at
                   tp=2 against tp=1 (measure_tp_collective).
@@ -193,6 +195,27 @@ def measure_tp_collective(shape: dict[str, int], threads: int, repeats: int) -> 
             "tp_collective_s": max(sharded - whole / 2, 1e-6 * 12) / 12}  # fmt: skip
 
 
+def measure_decode_overhead(shape: dict[str, int], repeats: int, steps: int = 32) -> float:
+    """Seconds per generated token of transformers' generate on a 2-layer model of
+    `shape` with a 32-token vocabulary at batch 1, where the layers' own work is small:
+    the sampler loop's fixed cost per decode step (the planner adds it to every step)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{HF_NAMES[k]: v for k, v in shape.items()}, num_hidden_layers=2,
+                         vocab_size=32, tie_word_embeddings=False)  # fmt: skip
+    with torch.random.fork_rng():
+        model = LlamaForCausalLM(config).eval()
+    prompt = torch.zeros((1, 4), dtype=torch.long)
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                           max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                           pad_token_id=0, eos_token_id=1)  # fmt: skip
+
+    return _median_s(generate, max(repeats, 3)) / steps
+
+
 class _FixedKV:
     """Stands in for a KV cache holding kv_len positions: `update` ignores the new token's
     keys and values and returns the stored ones, so attention reads exactly kv_len cached
@@ -369,6 +392,9 @@ def profile(argv: list[str]) -> int:
         _say(f"tensor parallel (2 layers, {tp['tokens']} tokens): tp1 {tp['tp1_s'] * 1e3:.1f} ms, "
              f"tp2 {tp['tp2_s'] * 1e3:.1f} ms: {tp['tp_collective_s'] * 1e3:.2f} ms per "
              "collective")  # fmt: skip
+        prof["decode_step_overhead_s"] = measure_decode_overhead(shape, repeats)
+        _say(f"generate loop (2 layers, batch 1): {prof['decode_step_overhead_s'] * 1e3:.2f} ms "
+             "per token")  # fmt: skip
         layers = []
         for tokens in args.tokens:
             row = measure_layer(shape, tokens, args.decode_batch, args.kv_len, repeats)

@@ -102,7 +102,8 @@ def cluster(cfg: RelayConfig) -> Cluster:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         share = min(1.0, (os.cpu_count() or 1) / (c.devices_per_node * c.threads_per_device))
         kind = replace(kind, memory_bytes=host / c.devices_per_node,
-                       flops_s=kind.flops_s * share, mem_bytes_s=kind.mem_bytes_s * share)  # fmt: skip
+                       flops_s=kind.flops_s * share, mem_bytes_s=kind.mem_bytes_s * share,
+                       decode_step_overhead_s=kind.decode_step_overhead_s / share)  # fmt: skip
     return Cluster(c.num_nodes, c.devices_per_node, kind)
 
 

@@ -44,6 +44,9 @@ class DeviceKind:
     # one tensor-parallel collective of a layer as the runtime pays it (None: a plain
     # collective, collective_latency_s)
     tp_collective_s: float | None = None
+    # per decode step of generation, beyond the layers: the sampler's loop (transformers'
+    # generate on CPU; GPU engines overlap it with the kernels)
+    decode_step_overhead_s: float = 0.0
     source: str = "catalogue"
 
     @property
@@ -69,9 +72,9 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
     # 2-core development machine (2026-11-27): a decoder layer's forward + backward at
     # 75 GFLOP/s, its decode step at 8.4 GB/s, gloo between two processes 3.5 GB/s and
     # 60 us one way; a tensor-parallel collective of a sharded model (DTensor over gloo,
-    # dispatch included) 5.7 ms (`relay profile`, 2026-11-27). `relay profile` measures
-    # your machine (profiles/cpu.json is then used instead). Memory: a slot's share of
-    # 24 GiB.
+    # dispatch included) 5.7 ms, transformers' generate loop 1.6 ms per token. `relay
+    # profile` measures your machine (profiles/cpu.json is then used instead). Memory: a
+    # slot's share of 24 GiB.
     "cpu": DeviceKind(
         "cpu",
         flops_s=75e9,
@@ -86,6 +89,7 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
         collective_latency_s=60e-6,
         layer_overhead_s=20e-6,
         tp_collective_s=5.7e-3,
+        decode_step_overhead_s=1.6e-3,
     ),
 }
 
@@ -113,7 +117,10 @@ def apply_profile(kind: DeviceKind, prof: dict[str, Any], source: str) -> Device
         collective_latency_s=float(prof["link_latency_s"]),
         tp_collective_s=float(prof["tp_collective_s"])
         if "tp_collective_s" in prof
-        else kind.tp_collective_s,
+        else kind.tp_collective_s,  # fmt: skip
+        decode_step_overhead_s=float(
+            prof.get("decode_step_overhead_s", kind.decode_step_overhead_s)
+        ),
         mfu=1.0,
         mbu=1.0,
         source=f"profile {source} ({prof.get('measured_at', '?')})",

@@ -3,7 +3,8 @@
 The model is a roofline per pipeline stage and micro-batch: a pass over a stage takes
 max(FLOPs / achieved FLOP/s, weight and KV bytes / achieved bandwidth), plus the
 tensor-parallel all-reduces (two per layer and pass), the pipeline's point-to-point
-sends, and on decode a fixed launch overhead per layer and step. Pipelines pay their
+sends, and on decode a fixed launch overhead per layer and step (and the sampler's own
+per-step cost, measured on CPU). Pipelines pay their
 bubble: m micro-batches over pp stages take (m + pp - 1) stage passes; a decode step
 takes max(m, pp) of them (a token needs every stage before its successor can start).
 Training adds the backward pass (2x the forward FLOPs), the data-parallel gradient
@@ -156,6 +157,7 @@ def generate_s(
     context = prompt_tokens + gen_tokens / 2
     kv = batch * context * shape.kv_bytes_per_token(k.param_bytes) / (lay.tp * lay.pp)
     step = _stage_pass_s(shape, p, batch, context, kv_bytes=kv, decode=True)
+    step += k.decode_step_overhead_s  # the sampler's loop: once per step, whatever the model
     return prefill + gen_tokens * max(lay.micro_batches, lay.pp) * step
 
 
