@@ -13,6 +13,8 @@ reads are:
                   fp32 + KV cache bytes read) / decode_step_s.
   link_bytes_s    one-way gloo send/recv bandwidth between two processes of this machine.
   link_latency_s  one-way gloo send/recv time of a one-element tensor.
+  allreduce_bytes_s  bytes per second of a gloo all-reduce over 4 processes at once (a
+                  node's device slots reducing gradients together).
   decode_step_overhead_s  seconds per token of transformers' generate at batch 1 on a
                   2-layer model: the sampler loop's fixed cost per decode step.
   tp_collective_s one tensor-parallel collective as a sharded model pays it (DTensor over
@@ -141,6 +143,36 @@ def measure_link(nbytes: int, threads: int, repeats: int) -> tuple[float, float]
     mp.spawn(_link_worker, args=(port, threads, runs, queue), nprocs=2)
     big_s, tiny_s = queue.get()
     return nbytes / big_s, tiny_s
+
+
+def _allreduce_worker(rank: int, port: int, world: int, threads: int, n: int, repeats: int,
+                      out) -> None:  # fmt: skip
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", f"tcp://127.0.0.1:{port}", timedelta(seconds=60), world_size=world, rank=rank
+    )
+    x = torch.zeros(n)
+    seconds = _median_s(lambda: dist.all_reduce(x), repeats)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put(seconds)
+
+
+def measure_allreduce(nbytes: int, world: int, threads: int, repeats: int) -> float:
+    """Bytes per second of a gloo all-reduce of an nbytes tensor over `world` processes
+    at once (a node's device slots reducing gradients together): nbytes / median time."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_allreduce_worker, args=(port, world, threads, nbytes // 4, max(repeats, 5), queue),
+             nprocs=world)  # fmt: skip
+    return nbytes / queue.get()
 
 
 def _tp_worker(rank: int, port: int, threads: int, shape: dict[str, int], seqs: int,
@@ -386,6 +418,9 @@ def profile(argv: list[str]) -> int:
         prof["link_bytes_s"], prof["link_latency_s"] = link
         _say(f"gloo send/recv {args.link_bytes // MIB} MiB: {link[0] / 1e9:.2f} GB/s one-way")
         _say(f"gloo send/recv 1 float: {link[1] * 1e6:.1f} us one-way")
+        prof["allreduce_bytes_s"] = measure_allreduce(args.link_bytes, 4, args.threads, repeats)
+        _say(f"gloo all-reduce {args.link_bytes // MIB} MiB over 4 processes: "
+             f"{prof['allreduce_bytes_s'] / 1e9:.2f} GB/s")  # fmt: skip
         shape = {k: getattr(args, k) for k in HF_NAMES}
         tp = measure_tp_collective(shape, args.threads, repeats)
         prof["tp_collective_s"], prof["tensor_parallel"] = tp["tp_collective_s"], tp

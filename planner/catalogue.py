@@ -47,6 +47,9 @@ class DeviceKind:
     # per decode step of generation, beyond the layers: the sampler's loop (transformers'
     # generate on CPU; GPU engines overlap it with the kernels)
     decode_step_overhead_s: float = 0.0
+    # a data-parallel gradient all-reduce within a node as measured (bytes reduced per
+    # second, every rank of the node at once; None: the ring model on intra_node_bytes_s)
+    allreduce_bytes_s: float | None = None
     source: str = "catalogue"
 
     @property
@@ -72,7 +75,8 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
     # 2-core development machine (2026-11-27): a decoder layer's forward + backward at
     # 75 GFLOP/s, its decode step at 8.4 GB/s, gloo between two processes 3.5 GB/s and
     # 60 us one way; a tensor-parallel collective of a sharded model (DTensor over gloo,
-    # dispatch included) 5.7 ms, transformers' generate loop 1.6 ms per token. `relay
+    # dispatch included) 5.7 ms, transformers' generate loop 1.6 ms per token, a 4-rank
+    # gloo all-reduce of 9.6 MB at 0.58 GB/s (17 ms; the ring model says 4 ms). `relay
     # profile` measures your machine (profiles/cpu.json is then used instead). Memory: a
     # slot's share of 24 GiB.
     "cpu": DeviceKind(
@@ -90,6 +94,7 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
         layer_overhead_s=20e-6,
         tp_collective_s=5.7e-3,
         decode_step_overhead_s=1.6e-3,
+        allreduce_bytes_s=0.58e9,
     ),
 }
 
@@ -121,6 +126,9 @@ def apply_profile(kind: DeviceKind, prof: dict[str, Any], source: str) -> Device
         decode_step_overhead_s=float(
             prof.get("decode_step_overhead_s", kind.decode_step_overhead_s)
         ),
+        allreduce_bytes_s=float(prof["allreduce_bytes_s"])
+        if "allreduce_bytes_s" in prof
+        else kind.allreduce_bytes_s,  # fmt: skip
         mfu=1.0,
         mbu=1.0,
         source=f"profile {source} ({prof.get('measured_at', '?')})",

@@ -12,14 +12,14 @@ from launch.profile import profile
 TOP_KEYS = {
     "device_kind", "threads_per_device", "measured_at", "host", "torch", "matmul_flops_s",
     "copy_bytes_s", "link_bytes_s", "link_latency_s", "flops_s", "bytes_s", "layers", "command",
-    "tp_collective_s", "tensor_parallel", "decode_step_overhead_s",
+    "tp_collective_s", "tensor_parallel", "decode_step_overhead_s", "allreduce_bytes_s",
 }  # fmt: skip
 LAYER_KEYS = {
     "hidden", "intermediate", "heads", "kv_heads", "tokens", "seq_len", "forward_s",
     "forward_backward_s", "decode_batch", "kv_len", "decode_step_s",
 }  # fmt: skip
 FIGURES = ["matmul_flops_s", "copy_bytes_s", "link_bytes_s", "link_latency_s", "flops_s", "bytes_s",
-           "tp_collective_s", "decode_step_overhead_s"]  # fmt: skip
+           "tp_collective_s", "decode_step_overhead_s", "allreduce_bytes_s"]  # fmt: skip
 
 
 def _positive_finite(x: object) -> bool:
