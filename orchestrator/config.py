@@ -190,6 +190,7 @@ class PlanConfig:
     seed: int = 0  # the search's random seed
     search_time_s: float = 10.0  # the search's time budget
     iterations: int = 3  # iterations the simulator unrolls
+    max_pp: int = 1  # the largest pipeline degree plans may use (1: what the runtime runs)
     actor_shape: str | None = (
         None  # planning only: a catalogue shape (llama2-7b, ...) for actor/ref
     )
@@ -732,7 +733,7 @@ def _plan_rules(p: list[Problem], cfg: RelayConfig) -> None:
     if c.profile is not None and not Path(c.profile).is_file():
         p.append(Problem("cluster.profile", c.profile, "the profile file does not exist",
                          "measure one with `relay profile --out <file>`"))  # fmt: skip
-    _positive(p, pl, "plan", ["search_time_s", "iterations"])
+    _positive(p, pl, "plan", ["search_time_s", "iterations", "max_pp"])
     if pl.prompt_tokens is not None and pl.prompt_tokens <= 0:
         p.append(Problem("plan.prompt_tokens", pl.prompt_tokens, "must be > 0", "use 128"))
 

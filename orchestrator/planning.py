@@ -108,7 +108,8 @@ def cluster(cfg: RelayConfig) -> Cluster:
 
 
 def context(cfg: RelayConfig) -> Context:
-    return Context(workload(cfg), cluster(cfg), iterations=cfg.plan.iterations)
+    return Context(workload(cfg), cluster(cfg), iterations=cfg.plan.iterations,
+                   max_pp=cfg.plan.max_pp)  # fmt: skip
 
 
 @dataclass

@@ -92,6 +92,7 @@ class Context:
     workload: Workload
     cluster: Cluster
     iterations: int = 3
+    max_pp: int | None = None  # layouts with a larger pipeline degree are not candidates
     _call_s: dict[tuple, float] = field(default_factory=dict, repr=False)
     _act: dict[tuple, float] = field(default_factory=dict, repr=False)
     _realloc: dict[tuple, float] = field(default_factory=dict, repr=False)

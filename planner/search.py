@@ -65,6 +65,8 @@ def layout_options(ctx: Context, call: str, size: int) -> list[Layout]:
                               shape.kv_heads, shape.layers):  # fmt: skip
         if size > ctx.cluster.devices_per_node and ctx.cluster.devices_per_node % tp:
             continue
+        if ctx.max_pp is not None and pp > ctx.max_pp:
+            continue
         for m in _micro_batch_options(ctx, call, dp, pp):
             lay = Layout(dp, tp, pp, m)
             if (

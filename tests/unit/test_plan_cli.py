@@ -21,6 +21,7 @@ PAPER = [
     "train.mini_batch_samples=128",
     "plan.prompt_tokens=128",
     "generate.max_new_tokens=128",
+    "plan.max_pp=8",  # cost pipeline layouts too (the runtime runs pp = 1 only)
 ]
 
 
@@ -168,3 +169,21 @@ def test_train_refuses_pipeline_parallel_calls_as_simulation_only(tmp_path: Path
     assert rc == 2
     assert "plan (file): actor_gen" in err and "simulation-only" in err
     assert not (tmp_path / "ppo-sort").exists()
+
+
+def test_plans_keep_pp_1_unless_max_pp_allows_more(tmp_path: Path) -> None:
+    """plan.max_pp = 1 (the default) keeps every mode's layouts executable; a what-if
+    with plan.max_pp = 8 may pipeline."""
+    from orchestrator.config import load_config
+    from orchestrator.planning import make_plan
+
+    cfg = load_config([*PAPER[:-1], f"run.output_dir={tmp_path}", "plan.search_time_s=1"],
+                      for_run=False)  # fmt: skip
+    for mode in ("symmetric", "search"):
+        assert all(a.layout.pp == 1 for a in make_plan(cfg, mode).plan.values()), mode
+    from orchestrator.planning import context
+    from planner.search import layout_options
+
+    deep = load_config([*PAPER, f"run.output_dir={tmp_path}"], for_run=False)
+    assert any(lay.pp > 1 for lay in layout_options(context(deep), "actor_train", 16))
+    assert all(lay.pp == 1 for lay in layout_options(context(cfg), "actor_train", 16))
