@@ -213,7 +213,7 @@ def stop_workers(workers: dict[str, Any]) -> None:
         ray.kill(w)
 
 
-RUNNING_CALLS_WAIT_S = 300.0
+RUNNING_CALLS_WAIT_S = 60.0
 
 
 def run_graph(
