@@ -187,3 +187,32 @@ def test_plans_keep_pp_1_unless_max_pp_allows_more(tmp_path: Path) -> None:
     deep = load_config([*PAPER, f"run.output_dir={tmp_path}"], for_run=False)
     assert any(lay.pp > 1 for lay in layout_options(context(deep), "actor_train", 16))
     assert all(lay.pp == 1 for lay in layout_options(context(cfg), "actor_train", 16))
+
+
+def test_a_checkpoint_resumes_only_under_its_plan(tmp_path: Path) -> None:
+    """Per-rank optimizer files are split as the plan splits them: a checkpoint written
+    under one plan is refused under another, naming the calls and the fix; the plan=search
+    of a resumed run is the one in its run folder."""
+    from launch.cli import plan_for_run
+    from orchestrator.config import load_config
+    from orchestrator.controller import Controller, RunError
+    from orchestrator.planning import make_plan
+    from planner.plan import to_dict
+
+    cfg = load_config([f"run.output_dir={tmp_path}", "generate.backend=hf"], for_run=False)
+    per_role, symmetric = make_plan(cfg, "per_role"), make_plan(cfg, "symmetric")
+    ckpt = tmp_path / "step_2"
+    ckpt.mkdir()
+    calls = to_dict(per_role.ctx, per_role.plan, "per_role", None)["calls"]
+    (ckpt / "controller.json").write_text(json.dumps({"step": 2, "plan": calls}))
+    Controller(cfg, per_role).check_plan(ckpt)  # the same plan: fine
+    with pytest.raises(RunError, match="written under another plan") as e:
+        Controller(cfg, symmetric).check_plan(ckpt)
+    assert "actor_gen" in str(e.value) and "plan=file plan.path=" in str(e.value)
+
+    run_dir = tmp_path / "ppo-sort"
+    run_dir.mkdir()
+    (run_dir / "plan.json").write_text(json.dumps(to_dict(symmetric.ctx, symmetric.plan,
+                                                          "search", None)))  # fmt: skip
+    searched = load_config([f"run.output_dir={tmp_path}", "plan=search", "generate.backend=hf"])
+    assert plan_for_run(searched).plan == symmetric.plan
