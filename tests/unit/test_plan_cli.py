@@ -51,7 +51,8 @@ def test_paper_scale_plan_and_file_round_trip(tmp_path: Path, capsys) -> None:
     assert searched <= first["modes"]["symmetric"] + 1e-12
     capsys.readouterr()
     again = tmp_path / "again.json"
-    rc = main(["plan", "plan=file", f"plan.path={out_file}", f"plan.out={again}", *PAPER])
+    rc = main(["plan", "plan=file", f"plan.path={out_file}", f"plan.out={again}",
+               "plan.search_time_s=0.5", *PAPER])  # fmt: skip
     assert rc == 0
     second = json.loads(again.read_text())
     assert second["calls"] == first["calls"]
@@ -70,7 +71,8 @@ def test_edited_plan_file_is_validated(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     capsys.readouterr()
-    rc = main(["plan", "plan=file", f"plan.path={bad}", f"plan.out={tmp_path / 'x.json'}", *PAPER])
+    rc = main(["plan", "plan=file", f"plan.path={bad}", f"plan.out={tmp_path / 'x.json'}",
+               "plan.search_time_s=0.5", *PAPER])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2
     assert "calls.actor_train.layout" in err and "mesh's 8 devices" in err
@@ -141,10 +143,11 @@ def test_verifier_reward_takes_no_device(tmp_path: Path) -> None:
 def test_unreadable_plan_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text("{not json")
-    rc = main(["plan", "plan=file", f"plan.path={bad}", f"plan.out={tmp_path / 'o.json'}"])
+    rc = main(["plan", "plan=file", f"plan.path={bad}", f"plan.out={tmp_path / 'o.json'}",
+               "plan.search_time_s=0.5"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "cannot read the plan file" in err and "plan.path" in err
-    rc = main(["plan", f"plan.path={tmp_path / 'missing.json'}"])
+    rc = main(["plan", f"plan.path={tmp_path / 'missing.json'}", "plan.search_time_s=0.5"])
     assert rc == 2 and "the plan file does not exist" in capsys.readouterr().err
 
 
@@ -158,7 +161,7 @@ def test_relay_help_lists_plan_and_profile(capsys) -> None:
 
 def test_train_refuses_pipeline_parallel_calls_as_simulation_only(tmp_path: Path, capsys) -> None:
     out_file = tmp_path / "p.json"
-    assert main(["plan", f"plan.out={out_file}"]) == 0  # the default job's per_role plan
+    assert main(["plan", f"plan.out={out_file}", "plan.search_time_s=0.5"]) == 0  # per_role
     data = json.loads(out_file.read_text())
     data["calls"]["actor_gen"].update(mesh="d0-1", dp=1, tp=1, pp=2)
     edited = tmp_path / "pp.json"
