@@ -101,9 +101,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     assert straight.returncode == 0, out[-3000:]
     for role in ("actor", "critic"):
         a = load_file(run_dir / "checkpoints" / "step_8" / role / "model.safetensors")
-        b = load_file(
-            tmp_path / "straight" / "checkpoints" / "step_8" / role / "model.safetensors"
-        )
+        b = load_file(tmp_path / "straight" / "checkpoints" / "step_8" / role / "model.safetensors")
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{role} {k} differs from the uninterrupted run's"
