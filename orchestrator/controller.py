@@ -37,7 +37,7 @@ from orchestrator.config import (
     to_yaml,
 )
 from orchestrator.engines import OptimSpec, SamplingParams
-from orchestrator.plan_runtime import Dispatched, PlannedRoles, RoleWorkers
+from orchestrator.plan_runtime import Dispatched, PlannedRoles, RoleWorkers, without_spans
 from orchestrator.planning import PlanResult, is_per_role
 from orchestrator.tracking import Tracker, plot_learning_curves
 from orchestrator.user_data import RewardError
@@ -572,8 +572,7 @@ class Controller:
 
         def evaluate(workers: dict[str, Any], step: int) -> dict[str, float]:
             data = self.encode_pairs(self.data.eval_pref_pairs)
-            m = run_graph(eval_graph, workers, data, {})["reward_eval"]
-            return {k: v for k, v in m.items() if not k.startswith("span/")}
+            return without_spans(run_graph(eval_graph, workers, data, {})["reward_eval"])
 
         return self.run_stage("reward_model", reward_model_graph(), spec, r.steps, batch,
                               evaluate, self.paths.reward_model)  # fmt: skip
@@ -621,8 +620,9 @@ class Controller:
                     "step": step - 1,
                     "reweight": cfg.reweight,
                 }
-                m = run_graph(graph, workers, batch(step), {call.name: options})[call.name]
-                m = {k: v for k, v in m.items() if not k.startswith("span/")}
+                m = without_spans(
+                    run_graph(graph, workers, batch(step), {call.name: options})[call.name]
+                )
                 m["time/step_s"] = time.perf_counter() - t0
                 if step == steps:
                     m.update(evaluate(workers, step))
@@ -838,7 +838,7 @@ class Controller:
                 m["perf/samples_per_s"] = n_samples / m["time/step_s"]
                 if per_call:
                     m.update(self.plan_metrics(graph, m))
-                m = {k: v for k, v in m.items() if not k.startswith("span/")}
+                m = without_spans(m)
                 tokens = m.get("rollout/response_length_mean", 0.0) * n_samples
                 m["perf/response_tokens_per_s"] = tokens / m["time/step_s"]
                 if step % t.eval_every_steps == 0 or step == t.steps:
@@ -882,12 +882,10 @@ class Controller:
     def plan_metrics(self, graph: DataflowGraph, m: dict[str, float]) -> dict[str, float]:
         """The planner's estimates beside the measured times (plan/ next to time/), and
         the step's orchestration overhead: its wall time minus the time during which some
-        call or reallocation computed (the union of their spans, which `m` loses here)."""
+        call or reallocation computed (the union of their spans)."""
         from orchestrator.plan_runtime import busy_seconds
 
         busy, computing = busy_seconds(m), busy_seconds(m, reallocations=False)
-        for k in [k for k in m if k.startswith("span/")]:
-            del m[k]
         step = m["time/step_s"]
         realloc = sum(v for k, v in m.items() if k.startswith("time/realloc_"))
         out: dict[str, float] = {

@@ -119,6 +119,13 @@ def model_config(folder: str, kind: str) -> dict[str, Any]:
     return config.to_dict()
 
 
+def load_full(folder: str, kind: str) -> torch.nn.Module:
+    """A role's whole model from a Hugging Face folder (orchestrator.modeling's loaders)."""
+    from orchestrator.modeling import load_causal_lm, load_value_model
+
+    return load_value_model(folder) if kind == "value" else load_causal_lm(folder)
+
+
 def build_model(config: dict[str, Any], kind: str) -> torch.nn.Module:
     """An fp32 model of `kind` from its config (values to be overwritten by shards)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
@@ -195,9 +202,7 @@ class DeviceWorker:
         shape = replace(shape_from_hf_config(role, config), value_head=kind == "value")
         shards: dict[str, torch.Tensor] = {}
         if self.device in sharding[0].devices:
-            from orchestrator.modeling import load_causal_lm, load_value_model
-
-            model = load_value_model(folder) if kind == "value" else load_causal_lm(folder)
+            model = load_full(folder, kind)
             shards = shard_state(model.state_dict(), shape, sharding, self.device)
             del model
         key = (role, sharding_key(sharding))
@@ -281,12 +286,11 @@ class DeviceWorker:
 
     def _share(self, batch: Mapping[str, torch.Tensor], sharding: Sharding) -> torch.Tensor:
         """This device's data-parallel share of the batch's rows (dp ranks in order)."""
-        mesh, lay = sharding
+        _, lay = sharding
         rows = batch["input_ids"].shape[0]
         if rows % lay.dp:
             raise ValueError(f"a batch of {rows} rows does not split over dp = {lay.dp} ranks")
-        dp_i = next(d for dev, d, _, _ in lay.ranks(mesh) if dev == self.device)
-        return batch["input_ids"].chunk(lay.dp)[dp_i]
+        return batch["input_ids"].chunk(lay.dp)[self._ranks(sharding)[0]]
 
     def _group_mean(self, loss: torch.Tensor, dp: list[int]) -> float:
         """The mean of each dp rank's loss."""
@@ -541,10 +545,7 @@ class DeviceWorker:
 
         rep = self.replicas[(role, sharding_key(sharding))]
         ctx = self._context(rep, train=True, generates=False)
-        from orchestrator.modeling import load_causal_lm, load_value_model
-
-        where = str(Path(folder) / role)
-        model = load_value_model(where) if rep.kind == "value" else load_causal_lm(where)
+        model = load_full(str(Path(folder) / role), rep.kind)
         load_shards(ctx.module, shard_state(model.state_dict(), rep.shape, sharding, self.device))
         state = torch.load(Path(folder) / role / "optim" / f"rank{self.device}.pt",
                            weights_only=False)  # fmt: skip

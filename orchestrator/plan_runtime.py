@@ -97,6 +97,11 @@ def merge_evaluation(*parts: Any) -> dict[str, float]:
     return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards)}
 
 
+def without_spans(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics to log: the `span/` timestamps (busy_seconds reads them) left out."""
+    return {k: v for k, v in metrics.items() if not k.startswith("span/")}
+
+
 def busy_seconds(metrics: dict[str, float], reallocations: bool = True) -> float:
     """The wall time during which some call (or reallocation) ran: the union of the
     `span/<name>/start` .. `span/<name>/end` intervals (calls on disjoint meshes overlap)."""
@@ -144,9 +149,11 @@ class PlannedRoles:
         self.cluster = DeviceCluster(num_nodes, devices_per_node, list(self.sharding.values()),
                                      threads=threads)  # fmt: skip
         self.workers = self.cluster.workers
-        self.side: dict[str, Any] = {}
+        self.side = RoleWorkers({})
         try:
-            self.side = start_side_workers([by_name[r] for r in by_name if r not in placed])
+            self.side = RoleWorkers(
+                start_side_workers([by_name[r] for r in by_name if r not in placed])
+            )
             ray.get([w.host.remote([by_name[r] for r in placed]) for w in self.workers])
             self.roles: dict[str, _Role] = {}
             for role in placed:
@@ -191,10 +198,7 @@ class PlannedRoles:
         """The call's tasks on its mesh, after any reallocation its replica needs; the
         consumers get every rank's part (they concatenate them in dp order)."""
         if call.name not in self.sharding:
-            out, metrics = (
-                self.side[call.role].run.options(num_returns=2).remote(call, options, *inputs)
-            )
-            return Dispatched([out], [metrics], lambda values: values[0])
+            return self.side.dispatch(call, options, inputs)
         sh = self.sharding[call.name]
         reallocs = self._refresh(call.role, sh)
         parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
@@ -261,6 +265,5 @@ class PlannedRoles:
         ray.get(tasks)
 
     def stop(self) -> None:
-        for w in getattr(self, "side", {}).values():
-            ray.kill(w)
+        self.side.stop()
         self.cluster.shutdown()
