@@ -191,6 +191,9 @@ class PlanConfig:
     search_time_s: float = 10.0  # the search's time budget
     iterations: int = 3  # iterations the simulator unrolls
     max_pp: int = 1  # the largest pipeline degree plans may use (1: what the runtime runs)
+    offload: str = (
+        "auto"  # frozen roles sharing devices: auto (if memory needs it) | always | never
+    )
     actor_shape: str | None = (
         None  # planning only: a catalogue shape (llama2-7b, ...) for actor/ref
     )
@@ -709,6 +712,7 @@ def _prompt_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
 
 
 PLAN_MODES = ("per_role", "search", "symmetric", "heuristic", "file")
+OFFLOAD_MODES = ("auto", "always", "never")
 PLAN_GRAPHS = ("sft", "reward_model")
 
 
@@ -717,6 +721,7 @@ def _plan_rules(p: list[Problem], cfg: RelayConfig) -> None:
 
     pl, c = cfg.plan, cfg.cluster
     check_choice(p, "plan.mode", pl.mode, PLAN_MODES, "plan mode")
+    check_choice(p, "plan.offload", pl.offload, OFFLOAD_MODES, "offload rule")
     if pl.graph is not None:
         check_choice(p, "plan.graph", pl.graph, PLAN_GRAPHS, "graph to plan (null: the RL graph)")
     if c.device_kind is not None:

@@ -875,9 +875,11 @@ class Controller:
         assert self.plan is not None
         specs = [replace(s, generation_backend="hf" if s.generation_backend else None, vllm=None)
                  for s in specs]  # fmt: skip
+        from planner.plan import offloaded_roles
+
         return PlannedRoles(graph, self.plan.plan, specs, c.num_nodes, c.devices_per_node,
-                            c.threads_per_device,
-                            lambda side: start_workers(side, c.device))  # fmt: skip
+                            c.threads_per_device, lambda side: start_workers(side, c.device),
+                            offloaded_roles(self.plan.ctx, self.plan.plan))  # fmt: skip
 
     def plan_metrics(self, graph: DataflowGraph, m: dict[str, float]) -> dict[str, float]:
         """The planner's estimates beside the measured times (plan/ next to time/), and

@@ -150,6 +150,8 @@ class DeviceWorker:
         self.specs: dict[str, Any] = {}  # role -> RoleSpec, for the MFC interfaces (`run`)
         self.tokenizer: Any = None
         self.task: Any = None
+        self.offload_roles: set[str] = set()  # frozen roles kept in host memory between calls
+        self.parked: dict[tuple[str, str], Any] = {}  # replica key -> its offload.Offloaded
 
     # -- the world ------------------------------------------------------------------
 
@@ -216,13 +218,15 @@ class DeviceWorker:
             self.replicas[key] = Replica(role, sharding, shape, config, shards, kind)
         return sum(t.numel() * t.element_size() for t in shards.values())
 
-    def shards(self, role: str, sharding: Sharding) -> dict[str, torch.Tensor]:
-        """This device's current slices of a replica (the trained values if it trained)."""
+    def shards(self, role: str, sharding: Sharding, copy: bool = True) -> dict[str, torch.Tensor]:
+        """This device's current slices of a replica (the trained values if it trained);
+        copy=False: the replica's own tensors, to read before its next call."""
         rep = self.replicas[(role, sharding_key(sharding))]
         if rep.module is not None:
             from orchestrator.parallel import local_shards
 
-            return {k: v.detach().clone() for k, v in local_shards(rep.module).items()}
+            held = local_shards(rep.module)
+            return {k: v.detach().clone() for k, v in held.items()} if copy else held
         return dict(rep.shards)
 
     def reallocate(self, role: str, src: Sharding, dst: Sharding, devices_per_node: int) -> dict:
@@ -239,7 +243,7 @@ class DeviceWorker:
                 f"replica {role} under {sharding_key(dst)} trains (it has optimizer state): "
                 "reallocate from a trained replica, not into it"
             )
-        mine = self.shards(role, src) if self.device in src[0].devices else {}
+        mine = self.shards(role, src, copy=False) if self.device in src[0].devices else {}
         dtype = getattr(torch, source.config.get("torch_dtype") or source.config.get("dtype")
                         or "float32")  # fmt: skip
         stats = ReallocStats()
@@ -389,8 +393,9 @@ class DeviceWorker:
 
     # -- MFC calls of a plan ----------------------------------------------------------
 
-    def host(self, specs: list[Any]) -> None:
-        """The roles (RoleSpecs) whose calls this worker may run (`run`)."""
+    def host(self, specs: list[Any], offload: list[str] | tuple[str, ...] = ()) -> None:
+        """The roles (RoleSpecs) whose calls this worker may run (`run`); the frozen roles
+        of `offload` keep their weights in host memory between calls (orchestrator.offload)."""
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -398,6 +403,10 @@ class DeviceWorker:
 
         hf_logging.set_verbosity_error()
         self.specs = {s.name: s for s in specs}
+        trained = [r for r in offload if self.specs[r].optim is not None]
+        if trained:
+            raise ValueError(f"roles {trained} train: only frozen roles are offloaded")
+        self.offload_roles = set(offload)
         first = specs[0]
         self.tokenizer = AutoTokenizer.from_pretrained(first.tokenizer_path)
         self.task = make_task(first.task_name, first.task_digits)
@@ -445,8 +454,13 @@ class DeviceWorker:
         """Build what `call` needs under `sharding` (the model, a trainer, a generator)."""
         from algos.graph import CallKind
 
-        rep = self.replicas[(call.role, sharding_key(sharding))]
+        key = (call.role, sharding_key(sharding))
+        rep = self.replicas[key]
         self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
+        if rep.role in self.offload_roles and key not in self.parked:
+            from orchestrator.offload import offload
+
+            self.parked[key] = offload(self._module(rep))
 
     def merge_evaluation(self, *parts: Any) -> dict[str, float]:
         from orchestrator.plan_runtime import merge_evaluation
@@ -463,7 +477,8 @@ class DeviceWorker:
         from algos.graph import CallKind, check_outputs
         from orchestrator.interfaces import get_interface
 
-        rep = self.replicas[(call.role, sharding_key(sharding))]
+        key = (call.role, sharding_key(sharding))
+        rep = self.replicas[key]
         ctx = self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
         from orchestrator.batch import gather_inputs
 
@@ -478,14 +493,31 @@ class DeviceWorker:
             if rows % dp:
                 raise ValueError(f"call '{call.name}': {rows} rows do not split over dp = {dp}")
             batch = {k: v.chunk(dp)[dp_i] for k, v in batch.items()}
-        wall, start = time.time(), time.perf_counter()
+        wall, t0 = time.time(), time.perf_counter()
+        moved = self._reload(key)
+        start = time.perf_counter()
         outputs, metrics = get_interface(call.interface)(ctx, batch, options)
         metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+        if key in self.parked:  # reload before, offload after; the span covers both
+            from orchestrator.offload import offload
+
+            self.parked[key] = offload(self._module(rep))
+            metrics[f"time/offload_{call.name}_s"] = (
+                time.perf_counter() - t0 - metrics[f"time/{call.name}_s"]
+            )
+            metrics[f"offload/{call.name}_bytes"] = float(moved)
         metrics[f"span/{call.name}/start"] = wall
-        metrics[f"span/{call.name}/end"] = wall + metrics[f"time/{call.name}_s"]
+        metrics[f"span/{call.name}/end"] = wall + time.perf_counter() - t0
         outputs = {k: v.cpu() for k, v in outputs.items()}
         check_outputs(call, outputs)
         return ((dp_i, outputs) if first else None), metrics
+
+    def _reload(self, key: tuple[str, str]) -> int:
+        """Bring an offloaded replica's weights back from host memory (its bytes; 0 if
+        it was not offloaded)."""
+        from orchestrator.offload import reload
+
+        return reload(self.parked[key]) if key in self.parked else 0
 
     def evaluate(
         self, role: str, sharding: Sharding, prompts: list[str], params: Any

@@ -9,9 +9,11 @@ outputs and metrics), `evaluate` the actor, `save` and `load` the trained roles.
 role holds one replica per layout its calls use. The replica of a role's train call is
 the one that learns: before any other call of that role runs, its replica receives the
 current weights by the planner's comm plan (parameter reallocation), unless it holds
-them already. Every call is sent as one block of tasks to the workers of its mesh, in
-dispatch order, so the collective operations of two calls never interleave in opposite
-orders on two workers. A call's consumers take the parts its ranks return and join them
+them already. A frozen role the plan offloads (planner.plan.offloaded_roles) keeps its
+weights in host memory between its calls: each of its calls reloads them first and
+offloads them after (orchestrator.offload). Every call is sent as one block of tasks to
+the workers of its mesh, in dispatch order, so the collective operations of two calls
+never interleave in opposite orders on two workers. A call's consumers take the parts its ranks return and join them
 themselves (orchestrator.batch.gather_inputs): no extra hop between two calls.
 """
 
@@ -139,6 +141,7 @@ class PlannedRoles:
         devices_per_node: int,
         threads: int,
         start_side_workers: Any,  # (specs) -> {role: ModelWorker}, for unplaced roles
+        offload: list[str] | tuple[str, ...] = (),  # frozen roles kept in host memory
     ) -> None:
         self.graph = graph
         self.sharding: dict[str, Sharding] = {
@@ -154,7 +157,8 @@ class PlannedRoles:
             self.side = RoleWorkers(
                 start_side_workers([by_name[r] for r in by_name if r not in placed])
             )
-            ray.get([w.host.remote([by_name[r] for r in placed]) for w in self.workers])
+            parked = [r for r in offload if r in placed]
+            ray.get([w.host.remote([by_name[r] for r in placed], parked) for w in self.workers])
             self.roles: dict[str, _Role] = {}
             for role in placed:
                 spec = by_name[role]

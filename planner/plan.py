@@ -8,8 +8,10 @@ From a plan follow:
   replica's, the weights move from the home layout to the call's layout (the comm plan of
   planner.realloc); after the call that replica is dropped;
 - offload hooks: a frozen role whose home mesh overlaps a mesh another role computes on
-  keeps its weights in host memory between calls: reloaded before each call, offloaded
-  after it.
+  may keep its weights in host memory between calls: reloaded before each call,
+  offloaded after it. `Context.offload` says when: "auto" (the default) offloads those
+  roles only if the plan does not fit the devices' memory with them resident, "always"
+  whenever they share devices, "never" not at all.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Context:
     cluster: Cluster
     iterations: int = 3
     max_pp: int | None = None  # layouts with a larger pipeline degree are not candidates
+    offload: str = "auto"  # frozen roles sharing devices: auto | always | never (above)
     _call_s: dict[tuple, float] = field(default_factory=dict, repr=False)
     _act: dict[tuple, float] = field(default_factory=dict, repr=False)
     _realloc: dict[tuple, float] = field(default_factory=dict, repr=False)
@@ -174,7 +177,8 @@ def realloc_hooks(ctx: Context, assign: dict[str, Assignment]) -> list[ReallocHo
     ]
 
 
-def offloaded_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
+def sharing_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
+    """Frozen roles whose home mesh overlaps a mesh another role computes on."""
     home = homes(ctx, assign)
     out = []
     for role, r in ctx.workload.roles.items():
@@ -184,6 +188,20 @@ def offloaded_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
         if any(c.role != role and assign[c.name].mesh.overlaps(mesh) for c in ctx.topo):
             out.append(role)
     return out
+
+
+def offloaded_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
+    """The frozen roles the plan keeps in host memory between their calls (the module's
+    docstring gives the rule of each `Context.offload` mode)."""
+    share = sharing_roles(ctx, assign)
+    if ctx.offload == "always" or not share:
+        return share
+    if ctx.offload == "never":
+        return []
+    cap = ctx.cluster.kind.memory_bytes * MEMORY_HEADROOM
+    if _memory(ctx, assign, set()).max() <= cap:
+        return []
+    return share
 
 
 @dataclass
@@ -200,11 +218,17 @@ class Estimate:
         return bool(self.memory_bytes.max() <= cluster.kind.memory_bytes * MEMORY_HEADROOM)
 
 
-def memory_per_device(ctx: Context, assign: dict[str, Assignment]) -> np.ndarray:
+def memory_per_device(
+    ctx: Context, assign: dict[str, Assignment], offloaded: list[str] | None = None
+) -> np.ndarray:
     """Peak bytes per device: resident states plus the largest call's transient needs."""
+    off = offloaded_roles(ctx, assign) if offloaded is None else offloaded
+    return _memory(ctx, assign, set(off))
+
+
+def _memory(ctx: Context, assign: dict[str, Assignment], off: set[str]) -> np.ndarray:
     wl, b = ctx.workload, ctx.cluster.kind.param_bytes
     home = homes(ctx, assign)
-    off = set(offloaded_roles(ctx, assign))
     resident = np.zeros(ctx.cluster.num_devices)
     transient = np.zeros(ctx.cluster.num_devices)
     for role, r in wl.roles.items():
@@ -225,12 +249,15 @@ def memory_per_device(ctx: Context, assign: dict[str, Assignment]) -> np.ndarray
     return resident + transient
 
 
-def tasks(ctx: Context, assign: dict[str, Assignment]) -> list[Task]:
+def tasks(
+    ctx: Context, assign: dict[str, Assignment], offloaded: list[str] | None = None
+) -> list[Task]:
     """The unrolled iterations as tasks: each call, preceded by its reallocation where the
-    plan has one; a role's calls of iteration i+1 wait for its train call of iteration i."""
+    plan has one; a role's calls of iteration i+1 wait for its train call of iteration i.
+    `offloaded`: the plan's offloaded roles, if the caller has them already."""
     wl, k = ctx.workload, ctx.cluster.kind
     home = homes(ctx, assign)
-    off = set(offloaded_roles(ctx, assign))
+    off = set(offloaded_roles(ctx, assign) if offloaded is None else offloaded)
     hooks = {h.before: h for h in realloc_hooks(ctx, assign)}
     out: list[Task] = []
     index: dict[tuple[int, str], int] = {}

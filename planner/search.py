@@ -24,9 +24,11 @@ from planner.plan import (
     Assignment,
     Context,
     divides_batch,
-    evaluate,
     memory_per_device,
+    offloaded_roles,
+    tasks,
 )
+from planner.simulate import list_schedule, makespan
 
 Plan = dict[str, Assignment]
 
@@ -116,9 +118,10 @@ def search_space(ctx: Context, keep: int = 4) -> tuple[dict[str, list[Assignment
 def cost(ctx: Context, plan: Plan) -> float:
     """Simulated time per iteration, or infinity if some device's memory is exceeded."""
     cap = ctx.cluster.kind.memory_bytes * MEMORY_HEADROOM
-    if memory_per_device(ctx, plan).max() > cap:
+    off = offloaded_roles(ctx, plan)
+    if memory_per_device(ctx, plan, off).max() > cap:
         return math.inf
-    return evaluate(ctx, plan).time_per_iteration_s
+    return makespan(list_schedule(tasks(ctx, plan, off), ctx.cluster.num_devices)) / ctx.iterations
 
 
 def symmetric(ctx: Context) -> Plan | None:

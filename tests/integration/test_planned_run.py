@@ -60,9 +60,19 @@ def rl_rows(folder: Path) -> dict[int, dict[str, float]]:
 
 def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> None:
     runs: dict[str, Path] = {}
-    for name, mesh, dp, tp in (("dp1", "d0", 1, 1), ("dp2", "d0-1", 2, 1)):
-        runs[name] = run(tmp_path, name, "plan=file",
-                         f"plan.path={plan_file(tmp_path, name, mesh, dp, tp)}")  # fmt: skip
+    # dp=2 also offloads the frozen reference between its calls (it shares d0-1 with the
+    # actor and critic): the round trip through host memory must be exact
+    for name, mesh, dp, tp, extra in (
+        ("dp1", "d0", 1, 1, ()),
+        ("dp2", "d0-1", 2, 1, ("plan.offload=always",)),
+    ):
+        runs[name] = run(
+            tmp_path,
+            name,
+            "plan=file",
+            f"plan.path={plan_file(tmp_path, name, mesh, dp, tp)}",
+            *extra,
+        )
     # tp=2, stopped after step 2 and resumed from its checkpoint for step 3
     tp2 = plan_file(tmp_path, "tp2", "d0-1", 1, 2)
     run(tmp_path, "tp2", "plan=file", f"plan.path={tp2}", "train.steps=2")
@@ -86,6 +96,12 @@ def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> 
                 assert rows[name][step][key] == pytest.approx(ref, rel=1e-4, abs=1e-6), (
                     f"step {step} {key}: {name} {rows[name][step][key]} vs dp1 {ref}"
                 )
+
+    offloaded = json.loads((runs["dp2"] / "plan.json").read_text())["offloaded_roles"]
+    assert offloaded == ["ref"]  # the reward is a verifier here: no model
+    assert rows["dp2"][3]["offload/ref_inf_bytes"] > 0
+    assert rows["dp2"][3]["time/offload_ref_inf_s"] >= 0
+    assert not any(k.startswith("offload/") for k in rows["dp1"][3])  # auto: memory fits
 
     # the planner's estimates beside the measured times
     last = rows["search"][3]

@@ -16,10 +16,12 @@ from planner.catalogue import DEVICE_KINDS, MODEL_SHAPES, Cluster, DeviceKind, M
 from planner.cost import Placement, forward_s, stage_params, train_state_bytes
 from planner.layout import Layout, Mesh, is_valid_mesh, meshes
 from planner.plan import (
+    MEMORY_HEADROOM,
     Assignment,
     Context,
     evaluate,
     from_dict,
+    memory_per_device,
     offloaded_roles,
     realloc_hooks,
     replicas,
@@ -112,7 +114,41 @@ def test_plan_simulation_hand_worked() -> None:
         ("reward_inf", 1, 14.0, 16.0), ("actor_train", 1, 16.0, 20.0),
     ]  # fmt: skip
     assert est.time_per_iteration_s == 10.0
-    assert sorted(offloaded_roles(ctx, plan)) == ["ref", "reward"]
+    assert sorted(offloaded_roles(ctx, plan)) == ["ref", "reward"]  # d0 does not fit else
+
+
+def test_offload_modes_follow_memory() -> None:
+    """auto offloads the frozen roles that share devices only when the plan does not fit
+    with them resident; always offloads them, never keeps them (and a plan that then does
+    not fit costs infinity). Offloading adds 2 x weights / host bandwidth to each call."""
+    one = Layout(1, 1, 1, 1)
+    plan = {
+        "actor_gen": Assignment(Mesh(0, 1), one),
+        "ref_inf": Assignment(Mesh(1, 1), one),
+        "reward_inf": Assignment(Mesh(1, 1), one),
+        "actor_train": Assignment(Mesh(0, 1), Layout(1, 1, 1, 4)),
+    }
+    g = group_baseline_graph("grpo")
+    big = MODEL_SHAPES["llama2-7b"]  # frozen roles larger than the (small) actor
+    wl = workload_from_graph(g, {"actor": SMALL, "ref": big, "reward": big.as_critic()},
+                             prompts=8, samples_per_prompt=1, prompt_tokens=64,
+                             gen_tokens=64, mini_batches=1)  # fmt: skip
+
+    def ctx_of(kind: DeviceKind, mode: str) -> Context:
+        return Context(wl, Cluster(1, 2, kind), offload=mode)
+
+    peaks = {m: memory_per_device(ctx_of(H100, m), plan) for m in ("never", "always")}
+    assert peaks["always"][1] < peaks["never"][1]  # d1 holds ref and reward
+    cap = (peaks["always"][1] + peaks["never"][1]) / 2
+    assert max(peaks["never"][0], peaks["always"][0]) < cap  # d0 (the actor) fits either way
+    tight = replace(H100, memory_bytes=cap / MEMORY_HEADROOM)
+    for mode, off in (("auto", ["ref", "reward"]), ("always", ["ref", "reward"]), ("never", [])):
+        assert sorted(offloaded_roles(ctx_of(tight, mode), plan)) == off, mode
+    assert cost(ctx_of(tight, "never"), plan) == math.inf
+    assert offloaded_roles(ctx_of(H100, "auto"), plan) == []  # fits resident
+    extra = cost(ctx_of(tight, "auto"), plan) - cost(ctx_of(H100, "auto"), plan)
+    moved = 2 * big.params * H100.param_bytes  # reload + offload of ref and of reward
+    assert extra == pytest.approx(2 * moved / H100.host_bytes_s, rel=0.01)
 
 
 def test_reallocation_task_precedes_the_call_on_both_meshes() -> None:
