@@ -144,8 +144,12 @@ def main() -> None:
             f"{r['algo']} {r['actor']} {r['gpus']}" for r in rows if not r["speedup_vs_symmetric"]
         ],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.out)
+    if out.exists():  # keep what benchmarks/calibration.py added
+        old = json.loads(out.read_text())
+        result.update({k: old[k] for k in ("calibration", "max_rel_error") if k in old})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"mean speedup vs symmetric {result['mean_speedup_vs_symmetric']:.3f} "
         f"(min {result['min_speedup_vs_symmetric']:.3f}); max search {result['max_search_s']:.1f} s"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,24 +33,31 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def relay(args: list[str], **kw) -> subprocess.Popen:
+def relay(args: list[str], log: Any = subprocess.PIPE) -> subprocess.Popen:
+    """`relay train` in its own process group; its output to a pipe or the file `log`."""
     return subprocess.Popen(
         [sys.executable, "-m", "launch.cli", "train", *args],
         cwd=REPO,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        **kw,
     )
 
 
-def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
+def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     overrides = tiny_overrides(
         tmp_path, "killed", 8, "run.save_every_steps=1", "logger.wandb_mode=offline", *RL_ONLY
     )
     run_dir = tmp_path / "killed"
     ckpts = CheckpointManager(run_dir, keep=2)
+    # the same run, never killed, alongside (its final weights are the reference)
+    straight_log = tmp_path / "straight.log"
+    with straight_log.open("w") as log:
+        straight = relay(
+            tiny_overrides(tmp_path, "straight", 8, "run.save_every_steps=1",
+                           "logger.wandb_mode=offline", *RL_ONLY), log)  # fmt: skip
+    request.addfinalizer(lambda: kill_group(straight))
     proc = relay(overrides)
     try:
         deadline = time.time() + 240
@@ -84,21 +92,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path) -> None:
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2 and all(r.endswith(wandb_id) for r in runs), runs
     # and the final weights are those of a run that was never killed (same config, seed)
-    straight = relay(
-        tiny_overrides(
-            tmp_path,
-            "straight",
-            8,
-            "run.save_every_steps=1",
-            "logger.wandb_mode=offline",
-            *RL_ONLY,
-        )  # fmt: skip
-    )
-    try:
-        out, _ = straight.communicate(timeout=400)
-    finally:
-        kill_group(straight)
-    assert straight.returncode == 0, out[-3000:]
+    assert straight.wait(timeout=400) == 0, straight_log.read_text()[-3000:]
     for role in ("actor", "critic"):
         a = load_file(run_dir / "checkpoints" / "step_8" / role / "model.safetensors")
         b = load_file(tmp_path / "straight" / "checkpoints" / "step_8" / role / "model.safetensors")
