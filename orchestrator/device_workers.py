@@ -152,6 +152,7 @@ class DeviceWorker:
         self.task: Any = None
         self.offload_roles: set[str] = set()  # frozen roles kept in host memory between calls
         self.parked: dict[tuple[str, str], Any] = {}  # replica key -> its offload.Offloaded
+        self.produced: dict[str, dict[str, torch.Tensor]] = {}  # call -> this rank's outputs
 
     # -- the world ------------------------------------------------------------------
 
@@ -475,24 +476,40 @@ class DeviceWorker:
         (each rank trains on its share of every mini-batch). Returns ((dp index,
         outputs) from the first rank of each tp group, else None; metrics)."""
         from algos.graph import CallKind, check_outputs
+        from orchestrator.batch import gather_inputs
         from orchestrator.interfaces import get_interface
+        from orchestrator.plan_runtime import REALLOC_KEY
 
+        self.produced.pop(call.name, None)
+        options = dict(options)
+        folded: dict[str, float] = {}
+        if "reallocate" in options:  # this replica lags the trained one: refresh it first
+            src, dpn = options.pop("reallocate")
+            stats = self.reallocate(call.role, src, sharding, dpn)
+            folded = {REALLOC_KEY + k: float(v) for k, v in stats.items()}
+        local = options.pop("local_inputs", None)
         key = (call.role, sharding_key(sharding))
         rep = self.replicas[key]
         ctx = self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
-        from orchestrator.batch import gather_inputs
-
         merged = gather_inputs(inputs)
-        batch = {k: merged[k] for k in call.inputs}
         dp_i, dp, first = self._ranks(sharding)
-        options = {**options, "inputs": call.inputs, "outputs": call.outputs}
+        options.update(inputs=call.inputs, outputs=call.outputs)
         if call.kind is CallKind.TRAIN:
+            batch = {k: merged[k] for k in call.inputs}
             options.update(dp_rank=dp_i, dp_size=dp)
         else:
-            rows = next(iter(batch.values())).shape[0]
+            own: dict[str, torch.Tensor] = {}
+            for name in local or []:  # producers under this sharding: their part is ours
+                if name not in self.produced:
+                    raise RuntimeError(f"call '{call.name}': no output of '{name}' on device "
+                                       f"{self.device} (did '{name}' fail?)")  # fmt: skip
+                own.update(self.produced[name])
+            batch = {k: merged[k] for k in call.inputs if k not in own}
+            rows = next(iter(batch.values())).shape[0] if batch else dp
             if rows % dp:
                 raise ValueError(f"call '{call.name}': {rows} rows do not split over dp = {dp}")
             batch = {k: v.chunk(dp)[dp_i] for k, v in batch.items()}
+            batch.update({k: own[k] for k in call.inputs if k in own})
         wall, t0 = time.time(), time.perf_counter()
         moved = self._reload(key)
         start = time.perf_counter()
@@ -510,6 +527,9 @@ class DeviceWorker:
         metrics[f"span/{call.name}/end"] = wall + time.perf_counter() - t0
         outputs = {k: v.cpu() for k, v in outputs.items()}
         check_outputs(call, outputs)
+        if call.kind is not CallKind.TRAIN:  # consumers under this sharding read it here
+            self.produced[call.name] = outputs
+        metrics.update(folded)
         return ((dp_i, outputs) if first else None), metrics
 
     def _reload(self, key: tuple[str, str]) -> int:

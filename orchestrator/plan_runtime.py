@@ -68,12 +68,22 @@ class RoleWorkers:
             ray.kill(w)
 
 
+REALLOC_KEY = "_realloc/"  # a rank's stats of the reallocation its call task ran first
+
+
 def merge_metrics(
     call: str, ranks: list[dict[str, float]], reallocs: list[dict[str, float]]
 ) -> dict[str, float]:
     """One call's metrics from its ranks': averaged (times: the slowest rank; spans: the
     earliest start, the latest end), with the reallocation that preceded the call (its
-    slowest device's seconds and span, the bytes it moved)."""
+    slowest device's seconds and span, the bytes it moved), from its own tasks or from
+    the ranks' `_realloc/` keys when the call's task ran it."""
+    reallocs = list(reallocs)
+    ranks = [dict(r) for r in ranks]
+    for r in ranks:  # a reallocation run inside the call's task
+        folded = {k[len(REALLOC_KEY) :]: r.pop(k) for k in list(r) if k.startswith(REALLOC_KEY)}
+        if folded:
+            reallocs.append(folded)
     m: dict[str, float] = {}
     for key in {k for r in ranks for k in r}:
         vals = [r[key] for r in ranks if key in r]
@@ -185,26 +195,56 @@ class PlannedRoles:
 
     # -- calls ----------------------------------------------------------------------
 
-    def _refresh(self, role: str, sh: Sharding) -> list[Any]:
-        """Reallocation tasks that bring the replica `sh` of `role` up to date (none if
-        it holds the current weights)."""
+    def _stale(self, role: str, sh: Sharding) -> Sharding | None:
+        """The trained replica the replica `sh` of `role` must be refreshed from (None if
+        it holds the current weights); it counts as refreshed from here on."""
         r = self.roles[role]
         key = sharding_key(sh)
         if r.held.get(key) == r.version or r.train is None:
+            return None
+        r.held[key] = r.version
+        return r.train
+
+    def _refresh(self, role: str, sh: Sharding) -> list[Any]:
+        """Reallocation tasks that bring the replica `sh` of `role` up to date (none if
+        it holds the current weights), on every device of both meshes."""
+        src = self._stale(role, sh)
+        if src is None:
             return []
-        src = r.train
         devices = sorted(set(src[0].devices) | set(sh[0].devices))
         dpn = self.cluster.devices_per_node
-        r.held[key] = r.version
         return [self.workers[d].reallocate.remote(role, src, sh, dpn) for d in devices]
 
     def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> Dispatched:
         """The call's tasks on its mesh, after any reallocation its replica needs; the
-        consumers get every rank's part (they concatenate them in dp order)."""
+        consumers get every rank's part (they concatenate them in dp order).
+
+        Two shortcuts save a round trip through Ray per call: the call's own devices run
+        the reallocation its replica needs at the start of the call's task (devices of
+        the source mesh alone get a task of their own, first); and an inference or
+        generate call whose producers all ran under its own mesh and layout reads each
+        producer's part from its device's memory (each device's share of the rows is
+        then the part it produced) instead of waiting for every rank's part."""
         if call.name not in self.sharding:
             return self.side.dispatch(call, options, inputs)
         sh = self.sharding[call.name]
-        reallocs = self._refresh(call.role, sh)
+        mine = set(sh[0].devices)
+        src = self._stale(call.role, sh)
+        reallocs = []
+        if src is not None:
+            dpn = self.cluster.devices_per_node
+            reallocs = [self.workers[d].reallocate.remote(call.role, src, sh, dpn)
+                        for d in sorted(set(src[0].devices) - mine)]  # fmt: skip
+            options = {**options, "reallocate": (src, dpn)}
+        parents = self.graph.parents(call)
+        if (
+            call.kind is not CallKind.TRAIN
+            and parents
+            and all(p in self.sharding and sharding_key(self.sharding[p]) == sharding_key(sh)
+                    for p in parents)
+        ):  # fmt: skip
+            options = {**options, "local_inputs": list(parents)}
+            inputs = inputs[:1]  # the step's dataset; the producers' parts stay local
         parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
                  for w in self.cluster.on(sh[0])]  # fmt: skip
         if call.kind is CallKind.TRAIN:
