@@ -32,8 +32,11 @@ def run(tmp_path: Path, name: str, *extra: str) -> Path:
     return tmp_path / name
 
 
-def plan_file(tmp_path: Path, name: str, mesh: str, dp: int, tp: int) -> Path:
-    """Every call of the default job's PPO graph on `mesh` under (dp, tp)."""
+def plan_file(
+    tmp_path: Path, name: str, mesh: str, dp: int, tp: int, **calls: tuple[str, int, int]
+) -> Path:
+    """Every call of the default job's PPO graph on `mesh` under (dp, tp), but the calls
+    named in `calls` (call=(mesh, dp, tp))."""
     from orchestrator.config import load_config
     from orchestrator.planning import make_plan
     from planner.plan import to_dict
@@ -41,8 +44,9 @@ def plan_file(tmp_path: Path, name: str, mesh: str, dp: int, tp: int) -> Path:
     cfg = load_config(tiny_overrides(tmp_path, "x", STEPS, *RL_ONLY), for_run=False)
     result = make_plan(cfg, "symmetric")
     data = to_dict(result.ctx, result.plan, "file", None)
-    for call in data["calls"].values():
-        call.update(mesh=mesh, dp=dp, tp=tp, pp=1, micro_batches=1)
+    for call_name, call in data["calls"].items():
+        m, d, t = calls.get(call_name, (mesh, dp, tp))
+        call.update(mesh=m, dp=d, tp=t, pp=1, micro_batches=1)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(data))
     return path
@@ -60,20 +64,17 @@ def rl_rows(folder: Path) -> dict[int, dict[str, float]]:
 
 def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> None:
     runs: dict[str, Path] = {}
-    # dp=2 also offloads the frozen reference between its calls (it shares d0-1 with the
-    # actor and critic): the round trip through host memory must be exact
-    for name, mesh, dp, tp, extra in (
-        ("dp1", "d0", 1, 1, ()),
-        ("dp2", "d0-1", 2, 1, ("plan.offload=always",)),
-    ):
-        runs[name] = run(
-            tmp_path,
-            name,
-            "plan=file",
-            f"plan.path={plan_file(tmp_path, name, mesh, dp, tp)}",
-            *extra,
-        )
-    # tp=2, stopped after step 2 and resumed from its checkpoint for step 3
+    runs["dp1"] = run(
+        tmp_path, "dp1", "plan=file", f"plan.path={plan_file(tmp_path, 'dp1', 'd0', 1, 1)}"
+    )
+    # dp=2 generates on d1 alone: the actor's trained weights are reallocated there before
+    # every generate call (d1 runs its part inside the call's task, d0 in a task of its
+    # own). It also offloads the frozen reference between its calls (it shares d0-1 with
+    # the actor and critic): the round trip through host memory must be exact.
+    dp2 = plan_file(tmp_path, "dp2", "d0-1", 2, 1, actor_gen=("d1", 1, 1))
+    runs["dp2"] = run(tmp_path, "dp2", "plan=file", f"plan.path={dp2}", "plan.offload=always")
+    # tp=2, stopped after step 2 and resumed from its checkpoint for step 3 (the reference
+    # and critic inference read the generated part on their own device: same sharding)
     tp2 = plan_file(tmp_path, "tp2", "d0-1", 1, 2)
     run(tmp_path, "tp2", "plan=file", f"plan.path={tp2}", "train.steps=2")
     ckpt = tmp_path / "tp2" / "checkpoints" / "step_2"
@@ -102,6 +103,12 @@ def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> 
     assert rows["dp2"][3]["offload/ref_inf_bytes"] > 0
     assert rows["dp2"][3]["time/offload_ref_inf_s"] >= 0
     assert not any(k.startswith("offload/") for k in rows["dp1"][3])  # auto: memory fits
+    moved = json.loads((runs["dp2"] / "plan.json").read_text())["reallocations"]
+    assert [(r["role"], r["before"]) for r in moved] == [("actor", "actor_gen")]
+    assert "time/realloc_actor_gen_s" not in rows["dp2"][1]  # all replicas start alike
+    for step in (2, 3):  # after each train call
+        assert rows["dp2"][step]["realloc/actor_gen_bytes"] > 0
+        assert rows["dp2"][step]["time/realloc_actor_gen_s"] > 0
 
     # the planner's estimates beside the measured times
     last = rows["search"][3]
