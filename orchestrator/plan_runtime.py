@@ -13,8 +13,9 @@ them already. A frozen role the plan offloads (planner.plan.offloaded_roles) kee
 weights in host memory between its calls: each of its calls reloads them first and
 offloads them after (orchestrator.offload). Every call is sent as one block of tasks to
 the workers of its mesh, in dispatch order, so the collective operations of two calls
-never interleave in opposite orders on two workers. A call's consumers take the parts its ranks return and join them
-themselves (orchestrator.batch.gather_inputs): no extra hop between two calls.
+never interleave in opposite orders on two workers. A call's consumers take the parts
+its ranks return and join them themselves (orchestrator.batch.gather_inputs): no extra
+hop between two calls (`PlannedRoles.dispatch` names two more shortcuts).
 """
 
 from __future__ import annotations
