@@ -152,7 +152,9 @@ class DeviceWorker:
         self.task: Any = None
         self.offload_roles: set[str] = set()  # frozen roles kept in host memory between calls
         self.parked: dict[tuple[str, str], Any] = {}  # replica key -> its offload.Offloaded
-        self.produced: dict[str, dict[str, torch.Tensor]] = {}  # call -> this rank's outputs
+        self.produced: dict[
+            str, tuple[Any, dict[str, torch.Tensor]]
+        ] = {}  # call -> (step, outputs)
 
     # -- the world ------------------------------------------------------------------
 
@@ -239,6 +241,9 @@ class DeviceWorker:
         source = next(r for (name, _), r in self.replicas.items() if name == role)
         key = (role, sharding_key(dst))
         rep = self.replicas.get(key)
+        if key in self.parked:
+            raise ValueError(f"replica {role} under {sharding_key(dst)} is offloaded (a frozen "
+                             "role): nothing trains it, so nothing is reallocated into it")  # fmt: skip
         if rep is not None and rep.trains:
             raise ValueError(
                 f"replica {role} under {sharding_key(dst)} trains (it has optimizer state): "
@@ -500,10 +505,11 @@ class DeviceWorker:
         else:
             own: dict[str, torch.Tensor] = {}
             for name in local or []:  # producers under this sharding: their part is ours
-                if name not in self.produced:
-                    raise RuntimeError(f"call '{call.name}': no output of '{name}' on device "
-                                       f"{self.device} (did '{name}' fail?)")  # fmt: skip
-                own.update(self.produced[name])
+                step, part = self.produced.get(name, (None, None))
+                if part is None or step != options.get("step"):
+                    raise RuntimeError(f"call '{call.name}': no output of '{name}' of this step "
+                                       f"on device {self.device} (did '{name}' fail?)")  # fmt: skip
+                own.update(part)
             batch = {k: merged[k] for k in call.inputs if k not in own}
             rows = next(iter(batch.values())).shape[0] if batch else dp
             if rows % dp:
@@ -513,12 +519,15 @@ class DeviceWorker:
         wall, t0 = time.time(), time.perf_counter()
         moved = self._reload(key)
         start = time.perf_counter()
-        outputs, metrics = get_interface(call.interface)(ctx, batch, options)
-        metrics[f"time/{call.name}_s"] = time.perf_counter() - start
-        if key in self.parked:  # reload before, offload after; the span covers both
-            from orchestrator.offload import offload
+        try:
+            outputs, metrics = get_interface(call.interface)(ctx, batch, options)
+            metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+        finally:  # reload before, offload after (a failed call too); the span covers both
+            if key in self.parked:
+                from orchestrator.offload import offload
 
-            self.parked[key] = offload(self._module(rep))
+                self.parked[key] = offload(self._module(rep))
+        if key in self.parked:
             metrics[f"time/offload_{call.name}_s"] = (
                 time.perf_counter() - t0 - metrics[f"time/{call.name}_s"]
             )
@@ -528,7 +537,7 @@ class DeviceWorker:
         outputs = {k: v.cpu() for k, v in outputs.items()}
         check_outputs(call, outputs)
         if call.kind is not CallKind.TRAIN:  # consumers under this sharding read it here
-            self.produced[call.name] = outputs
+            self.produced[call.name] = (options.get("step"), outputs)
         metrics.update(folded)
         return ((dp_i, outputs) if first else None), metrics
 

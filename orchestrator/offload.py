@@ -62,7 +62,10 @@ def offload(module: torch.nn.Module) -> Offloaded:
 
 
 def reload(done: Offloaded) -> int:
-    """Refill the storages `offload` emptied with their host bytes; returns the bytes."""
+    """Refill the storages `offload` emptied with their host bytes; returns the bytes
+    (0 if they were refilled already)."""
+    if not done.host:
+        return 0
     for s, h in zip(done.storages, done.host, strict=True):
         s.resize_(h.nbytes())
         s.copy_(h, non_blocking=False)

@@ -220,23 +220,16 @@ class PlannedRoles:
         """The call's tasks on its mesh, after any reallocation its replica needs; the
         consumers get every rank's part (they concatenate them in dp order).
 
-        Two shortcuts save a round trip through Ray per call: the call's own devices run
-        the reallocation its replica needs at the start of the call's task (devices of
-        the source mesh alone get a task of their own, first); and an inference or
-        generate call whose producers all ran under its own mesh and layout reads each
-        producer's part from its device's memory (each device's share of the rows is
-        then the part it produced) instead of waiting for every rank's part."""
+        Two shortcuts save a round trip through Ray per call: an inference or generate
+        call whose producers all ran under its own mesh and layout reads each producer's
+        part from its device's memory (each device's share of the rows is then the part
+        it produced) instead of waiting for every rank's part; and a call that then
+        waits for no other call (only the step's dataset) has its own devices run the
+        reallocation its replica needs at the start of its task (devices of the source
+        mesh alone get a task of their own, first)."""
         if call.name not in self.sharding:
             return self.side.dispatch(call, options, inputs)
         sh = self.sharding[call.name]
-        mine = set(sh[0].devices)
-        src = self._stale(call.role, sh)
-        reallocs = []
-        if src is not None:
-            dpn = self.cluster.devices_per_node
-            reallocs = [self.workers[d].reallocate.remote(call.role, src, sh, dpn)
-                        for d in sorted(set(src[0].devices) - mine)]  # fmt: skip
-            options = {**options, "reallocate": (src, dpn)}
         parents = self.graph.parents(call)
         if (
             call.kind is not CallKind.TRAIN
@@ -246,6 +239,19 @@ class PlannedRoles:
         ):  # fmt: skip
             options = {**options, "local_inputs": list(parents)}
             inputs = inputs[:1]  # the step's dataset; the producers' parts stay local
+        reallocs = []
+        src = self._stale(call.role, sh)
+        if src is not None:
+            dpn = self.cluster.devices_per_node
+            # Folded into the call's task only if that task waits for no other call: a
+            # task whose input failed never runs, and the source devices would then wait
+            # for their peers' part of the reallocation forever.
+            fold = len(inputs) == 1
+            mine = set(sh[0].devices) if fold else set()
+            reallocs = [self.workers[d].reallocate.remote(call.role, src, sh, dpn)
+                        for d in sorted((set(src[0].devices) | set(sh[0].devices)) - mine)]  # fmt: skip
+            if fold:
+                options = {**options, "reallocate": (src, dpn)}
         parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
                  for w in self.cluster.on(sh[0])]  # fmt: skip
         if call.kind is CallKind.TRAIN:

@@ -9,9 +9,9 @@ From a plan follow:
   planner.realloc); after the call that replica is dropped;
 - offload hooks: a frozen role whose home mesh overlaps a mesh another role computes on
   may keep its weights in host memory between calls: reloaded before each call,
-  offloaded after it. `Context.offload` says when: "auto" (the default) offloads those
-  roles only if the plan does not fit the devices' memory with them resident, "always"
-  whenever they share devices, "never" not at all.
+  offloaded after it. `Context.offload` says when: "auto" (the default) offloads the
+  fewest of those roles that make the plan fit the devices' memory (none if it fits with
+  all resident), "always" all of them, "never" none.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -192,15 +193,22 @@ def sharing_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
 
 def offloaded_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
     """The frozen roles the plan keeps in host memory between their calls (the module's
-    docstring gives the rule of each `Context.offload` mode)."""
+    docstring gives the rule of each `Context.offload` mode). auto: the fewest of the
+    roles that share devices, the ones with the fewest weights first, that make the
+    plan fit; all of them if none does."""
     share = sharing_roles(ctx, assign)
     if ctx.offload == "always" or not share:
         return share
     if ctx.offload == "never":
         return []
+    if ctx.offload != "auto":
+        raise ValueError(f"Context.offload = {ctx.offload!r}: use auto, always or never")
     cap = ctx.cluster.kind.memory_bytes * MEMORY_HEADROOM
-    if _memory(ctx, assign, set()).max() <= cap:
-        return []
+    size = {r: ctx.workload.roles[r].shape.params for r in share}
+    for k in range(len(share)):
+        for subset in combinations(sorted(share, key=lambda r: (size[r], r)), k):
+            if _memory(ctx, assign, set(subset)).max() <= cap:
+                return list(subset)
     return share
 
 

@@ -28,6 +28,7 @@ def test_offload_frees_the_weights_and_reload_restores_them_exactly() -> None:
         assert parked.nbytes == held
         assert reload(parked) == held
         assert resident_bytes(model) == held
+        assert reload(parked) == 0  # resident already: nothing to do
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k

@@ -19,6 +19,7 @@ from planner.plan import (
     MEMORY_HEADROOM,
     Assignment,
     Context,
+    _memory,
     evaluate,
     from_dict,
     memory_per_device,
@@ -118,9 +119,10 @@ def test_plan_simulation_hand_worked() -> None:
 
 
 def test_offload_modes_follow_memory() -> None:
-    """auto offloads the frozen roles that share devices only when the plan does not fit
-    with them resident; always offloads them, never keeps them (and a plan that then does
-    not fit costs infinity). Offloading adds 2 x weights / host bandwidth to each call."""
+    """auto offloads the fewest frozen roles that share devices that make the plan fit
+    (none if it fits with all resident); always offloads them all, never keeps them (and a
+    plan that then does not fit costs infinity). Offloading adds 2 x weights / host
+    bandwidth to each offloaded call."""
     one = Layout(1, 1, 1, 1)
     plan = {
         "actor_gen": Assignment(Mesh(0, 1), one),
@@ -146,6 +148,14 @@ def test_offload_modes_follow_memory() -> None:
         assert sorted(offloaded_roles(ctx_of(tight, mode), plan)) == off, mode
     assert cost(ctx_of(tight, "never"), plan) == math.inf
     assert offloaded_roles(ctx_of(H100, "auto"), plan) == []  # fits resident
+    # room for one of the two: auto offloads the smaller (the reward model's head is one
+    # value, the reference's is the vocabulary)
+    one = _memory(ctx_of(H100, "auto"), plan, {"reward"})[1]
+    assert peaks["always"][1] < one < peaks["never"][1]
+    roomier = replace(H100, memory_bytes=(one + peaks["never"][1]) / 2 / MEMORY_HEADROOM)
+    assert offloaded_roles(ctx_of(roomier, "auto"), plan) == ["reward"]
+    with pytest.raises(ValueError, match="offload"):
+        offloaded_roles(ctx_of(tight, "sometimes"), plan)
     extra = cost(ctx_of(tight, "auto"), plan) - cost(ctx_of(H100, "auto"), plan)
     moved = 2 * big.params * H100.param_bytes  # reload + offload of ref and of reward
     assert extra == pytest.approx(2 * moved / H100.host_bytes_s, rel=0.01)
