@@ -19,7 +19,7 @@ from orchestrator.tracking import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = 120
+STEPS = 80
 
 
 def action_probability(model_dir: Path) -> float:
@@ -51,10 +51,11 @@ def test_bandit_settles_at_the_kl_regularised_optimum(
         f"train.steps={STEPS}",
         f"run.save_every_steps={STEPS}",
         "train.eval_every_steps=1000",
-        "train.actor_lr=3e-4",
+        "train.actor_lr=4.5e-4",
         "train.warmup_steps=0",
         # with a constant lr the final iterate, which the test reads, keeps moving around
-        # the optimum (by up to 0.06 in p(a*) at lr 3e-4); the cosine decay lets it settle
+        # the optimum (by up to 0.06 in p(a*) at lr 3e-4); the cosine decay lets it settle.
+        # 80 steps at 4.5e-4 (was 120 at 3e-4): the same lr sum, 40 s less per algorithm
         "train.lr_schedule=cosine",
         "logger.wandb_mode=disabled",
         "logger.progress=false",
