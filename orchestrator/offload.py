@@ -76,12 +76,4 @@ def reload(done: Offloaded) -> int:
 
 def resident_bytes(module: torch.nn.Module) -> int:
     """Bytes the module's parameters and buffers hold on their device now."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for t in [*module.parameters(), *module.buffers()]:
-        s = _local(t.data).untyped_storage()
-        key = (str(s.device), s.data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += s.nbytes()
-    return total
+    return sum(s.nbytes() for s in _storages(module))

@@ -206,15 +206,20 @@ class PlannedRoles:
         r.held[key] = r.version
         return r.train
 
+    def _reallocations(
+        self, role: str, src: Sharding, sh: Sharding, skip: frozenset[int] = frozenset()
+    ) -> list[Any]:
+        """Reallocation tasks from replica `src` to replica `sh` of `role`, on every device
+        of both meshes but `skip`."""
+        devices = sorted((set(src[0].devices) | set(sh[0].devices)) - skip)
+        dpn = self.cluster.devices_per_node
+        return [self.workers[d].reallocate.remote(role, src, sh, dpn) for d in devices]
+
     def _refresh(self, role: str, sh: Sharding) -> list[Any]:
         """Reallocation tasks that bring the replica `sh` of `role` up to date (none if
         it holds the current weights), on every device of both meshes."""
         src = self._stale(role, sh)
-        if src is None:
-            return []
-        devices = sorted(set(src[0].devices) | set(sh[0].devices))
-        dpn = self.cluster.devices_per_node
-        return [self.workers[d].reallocate.remote(role, src, sh, dpn) for d in devices]
+        return [] if src is None else self._reallocations(role, src, sh)
 
     def dispatch(self, call: MFC, options: dict[str, Any], inputs: list[Any]) -> Dispatched:
         """The call's tasks on its mesh, after any reallocation its replica needs; the
@@ -242,16 +247,14 @@ class PlannedRoles:
         reallocs = []
         src = self._stale(call.role, sh)
         if src is not None:
-            dpn = self.cluster.devices_per_node
             # Folded into the call's task only if that task waits for no other call: a
             # task whose input failed never runs, and the source devices would then wait
             # for their peers' part of the reallocation forever.
             fold = len(inputs) == 1
-            mine = set(sh[0].devices) if fold else set()
-            reallocs = [self.workers[d].reallocate.remote(call.role, src, sh, dpn)
-                        for d in sorted((set(src[0].devices) | set(sh[0].devices)) - mine)]  # fmt: skip
+            mine = frozenset(sh[0].devices) if fold else frozenset()
+            reallocs = self._reallocations(call.role, src, sh, mine)
             if fold:
-                options = {**options, "reallocate": (src, dpn)}
+                options = {**options, "reallocate": (src, self.cluster.devices_per_node)}
         parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
                  for w in self.cluster.on(sh[0])]  # fmt: skip
         if call.kind is CallKind.TRAIN:

@@ -196,20 +196,28 @@ def offloaded_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
     docstring gives the rule of each `Context.offload` mode). auto: the fewest of the
     roles that share devices, the ones with the fewest weights first, that make the
     plan fit; all of them if none does."""
+    return offload_and_memory(ctx, assign)[0]
+
+
+def offload_and_memory(ctx: Context, assign: dict[str, Assignment]) -> tuple[list[str], np.ndarray]:
+    """The plan's offloaded roles (`offloaded_roles`) and its peak bytes per device with
+    them offloaded (`memory_per_device`), computed together: auto's rule already has the
+    memory of the roles it picks."""
     share = sharing_roles(ctx, assign)
     if ctx.offload == "always" or not share:
-        return share
+        return share, _memory(ctx, assign, set(share))
     if ctx.offload == "never":
-        return []
+        return [], _memory(ctx, assign, set())
     if ctx.offload != "auto":
         raise ValueError(f"Context.offload = {ctx.offload!r}: use auto, always or never")
     cap = ctx.cluster.kind.memory_bytes * MEMORY_HEADROOM
     size = {r: ctx.workload.roles[r].shape.params for r in share}
     for k in range(len(share)):
         for subset in combinations(sorted(share, key=lambda r: (size[r], r)), k):
-            if _memory(ctx, assign, set(subset)).max() <= cap:
-                return list(subset)
-    return share
+            mem = _memory(ctx, assign, set(subset))
+            if mem.max() <= cap:
+                return list(subset), mem
+    return share, _memory(ctx, assign, set(share))
 
 
 @dataclass
@@ -226,12 +234,9 @@ class Estimate:
         return bool(self.memory_bytes.max() <= cluster.kind.memory_bytes * MEMORY_HEADROOM)
 
 
-def memory_per_device(
-    ctx: Context, assign: dict[str, Assignment], offloaded: list[str] | None = None
-) -> np.ndarray:
+def memory_per_device(ctx: Context, assign: dict[str, Assignment]) -> np.ndarray:
     """Peak bytes per device: resident states plus the largest call's transient needs."""
-    off = offloaded_roles(ctx, assign) if offloaded is None else offloaded
-    return _memory(ctx, assign, set(off))
+    return offload_and_memory(ctx, assign)[1]
 
 
 def _memory(ctx: Context, assign: dict[str, Assignment], off: set[str]) -> np.ndarray:

@@ -24,8 +24,7 @@ from planner.plan import (
     Assignment,
     Context,
     divides_batch,
-    memory_per_device,
-    offloaded_roles,
+    offload_and_memory,
     tasks,
 )
 from planner.simulate import list_schedule, makespan
@@ -118,8 +117,8 @@ def search_space(ctx: Context, keep: int = 4) -> tuple[dict[str, list[Assignment
 def cost(ctx: Context, plan: Plan) -> float:
     """Simulated time per iteration, or infinity if some device's memory is exceeded."""
     cap = ctx.cluster.kind.memory_bytes * MEMORY_HEADROOM
-    off = offloaded_roles(ctx, plan)
-    if memory_per_device(ctx, plan, off).max() > cap:
+    off, mem = offload_and_memory(ctx, plan)
+    if mem.max() > cap:
         return math.inf
     return makespan(list_schedule(tasks(ctx, plan, off), ctx.cluster.num_devices)) / ctx.iterations
 
