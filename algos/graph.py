@@ -205,6 +205,17 @@ class DataflowGraph:
             and all(p in done for p in self.parents(c))
         ]
 
+    def waves(self) -> list[MFC]:
+        """Every call in the order an eager runtime dispatches them: the calls whose
+        producers are done, in the graph's order, then the next such wave."""
+        done: set[str] = set()
+        order: list[MFC] = []
+        while len(order) < len(self.calls):
+            wave = self.ready(done, set())
+            order += wave
+            done.update(c.name for c in wave)
+        return order
+
     @property
     def roles(self) -> tuple[str, ...]:
         seen: list[str] = []

@@ -111,7 +111,7 @@ def run_plan(cfg: RelayConfig) -> int:
     for h in hooks:
         print(f"  before {h.before}: {h.role} {h.src.mesh} dp{h.src.layout.dp} tp{h.src.layout.tp}"
               f" pp{h.src.layout.pp} -> {h.dst.mesh} dp{h.dst.layout.dp} tp{h.dst.layout.tp} "
-              f"pp{h.dst.layout.pp}: {chosen.estimate.realloc_s[h.before]:.3g} s, then dropped")  # fmt: skip
+              f"pp{h.dst.layout.pp}: {chosen.estimate.realloc_s[h.before]:.3g} s per iteration")  # fmt: skip
     off = offloaded_roles(ctx, chosen.plan)
     print("offloaded between calls (frozen, sharing devices): " + (", ".join(off) or "none"))
     mem = chosen.estimate.memory_bytes

@@ -242,6 +242,8 @@ def run_graph(
     # starts on its workers as soon as its inputs exist, without a round trip through
     # this loop. One worker per role: each call is dispatched when its inputs are ready.
     eager = isinstance(runtime, PlannedRoles)
+    if eager:
+        runtime.begin_step()  # the step's reallocations go first, in the planner's order
     while len(done) < len(graph.calls):
         ready = graph.ready(done, set(running))
         while ready:

@@ -164,6 +164,7 @@ class PlannedRoles:
                                      threads=threads)  # fmt: skip
         self.workers = self.cluster.workers
         self.side = RoleWorkers({})
+        self.ahead: dict[str, list[Any]] = {}  # call -> reallocations begin_step issued
         try:
             self.side = RoleWorkers(
                 start_side_workers([by_name[r] for r in by_name if r not in placed])
@@ -206,6 +207,28 @@ class PlannedRoles:
         r.held[key] = r.version
         return r.train
 
+    def begin_step(self) -> None:
+        """Issue the step's reallocations before its calls, in the order of the calls that
+        first use each stale replica (the planner's order, planner.plan.tasks): every
+        device runs them ahead of the step's calls, so a replica fills while another
+        call's replica is being filled, not after that call has run. A step whose only
+        reallocation is for its first call, which reads only the dataset, leaves it to
+        `dispatch` (folded into that call's task)."""
+        self.ahead = {}
+        placed = [c for c in self.graph.waves() if c.name in self.sharding]
+        stale, seen = [], set()
+        for c in placed:
+            r, key = self.roles[c.role], sharding_key(self.sharding[c.name])
+            if (c.role, key) in seen:
+                continue
+            seen.add((c.role, key))
+            if r.train is not None and r.held.get(key) != r.version:
+                stale.append(c)
+        if len(stale) == 1 and stale[0] is placed[0] and not self.graph.parents(stale[0]):
+            return
+        for c in stale:
+            self.ahead[c.name] = self._refresh(c.role, self.sharding[c.name])
+
     def _reallocations(
         self, role: str, src: Sharding, sh: Sharding, skip: frozenset[int] = frozenset()
     ) -> list[Any]:
@@ -244,7 +267,7 @@ class PlannedRoles:
         ):  # fmt: skip
             options = {**options, "local_inputs": list(parents)}
             inputs = inputs[:1]  # the step's dataset; the producers' parts stay local
-        reallocs = []
+        reallocs = self.ahead.pop(call.name, [])  # issued by begin_step
         src = self._stale(call.role, sh)
         if src is not None:
             # Folded into the call's task only if that task waits for no other call: a
@@ -252,7 +275,7 @@ class PlannedRoles:
             # for their peers' part of the reallocation forever.
             fold = len(inputs) == 1
             mine = frozenset(sh[0].devices) if fold else frozenset()
-            reallocs = self._reallocations(call.role, src, sh, mine)
+            reallocs += self._reallocations(call.role, src, sh, mine)
             if fold:
                 options = {**options, "reallocate": (src, self.cluster.devices_per_node)}
         parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)

@@ -20,6 +20,26 @@ from orchestrator.interfaces import Batch, Metrics, WorkerContext, get_interface
 from orchestrator.vllm_engine import VLLMSpec
 
 
+def reset_peak_rss() -> bool:
+    """Restart the process's peak resident set (Linux: VmHWM, reset through
+    /proc/self/clear_refs); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> float:
+    """Bytes: the largest resident set since `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
 @dataclass(frozen=True)
 class RoleSpec:
     """Everything a worker needs to build its role."""
@@ -105,6 +125,9 @@ class ModelWorker:
             self.ctx.reward_fn = load_reward_function(spec.reward_function)
         # the trainer's optimizer-step count the generation engine's weights are from
         self.synced_version = 0
+        # from here on the peak counts what running calls holds, not the load's transients
+        # (a state dict read beside the built model, the engine's start-up)
+        self.calls_peak_reset = reset_peak_rss()
 
     @staticmethod
     def _vllm_engine(spec: RoleSpec, tokenizer: Any) -> Any:
@@ -144,10 +167,11 @@ class ModelWorker:
         # weights changed since the last push (a train call without push_weights, a
         # checkpoint loaded) reach the engine first
         synced = self._sync_generator() if call.kind is CallKind.GENERATE else None
-        wall, start = time.time(), time.perf_counter()
+        wall, start, cpu = time.time(), time.perf_counter(), time.process_time()
         options = {**options, "inputs": call.inputs, "outputs": call.outputs}
         outputs, metrics = get_interface(call.interface)(self.ctx, batch, options)
         elapsed = time.perf_counter() - start
+        metrics[f"cpu/{call.name}_s"] = time.process_time() - cpu
         if options.get("push_weights"):  # the next call samples: push now, timed on its own
             synced = self._sync_generator()
         if synced is not None:
@@ -162,6 +186,12 @@ class ModelWorker:
         metrics[f"perf/model_rss_bytes_{self.spec.name}"] = (
             peak_kib * 1024 - self.baseline_rss_bytes
         )
+        if self.calls_peak_reset:
+            calls_peak = peak_rss_since_reset()
+            metrics[f"perf/calls_peak_rss_bytes_{self.spec.name}"] = calls_peak
+            metrics[f"perf/calls_model_rss_bytes_{self.spec.name}"] = (
+                calls_peak - self.baseline_rss_bytes
+            )
         return outputs, metrics
 
     def engine_logprobs(self, batch: Batch) -> torch.Tensor:

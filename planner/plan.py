@@ -4,9 +4,16 @@ validation, their estimated cost and their file format.
 From a plan follow:
 - each role's home replica: the layout of its train call (trainable roles) or of its
   first call (frozen roles); its weights live there between calls;
-- reallocation hooks: before a call whose mesh or parallel degrees differ from the home
-  replica's, the weights move from the home layout to the call's layout (the comm plan of
-  planner.realloc); after the call that replica is dropped;
+- the other replicas: one per distinct mesh and parallel degrees the role's calls run
+  under; like the runtime, every replica stays allocated for the whole run;
+- reallocation hooks: a trainable role's other replica is refreshed from the home replica
+  (the comm plan of planner.realloc) once per iteration, before the first call that uses
+  it; the runtime runs the iteration's reallocations before its calls, in call order, so
+  a replica's weights move while other calls' replicas are still being filled, not after
+  those calls (ReMax's sampled and greedy generation can then run on disjoint meshes at
+  once). A frozen role's replicas are all loaded at the start and never move;
+- the call order: the graph's calls in waves (those whose producers are done, in graph
+  order), as the runtime dispatches them; the simulator breaks ties in this order;
 - offload hooks: a frozen role whose home mesh overlaps a mesh another role computes on
   may keep its weights in host memory between calls: reloaded before each call,
   offloaded after it. `Context.offload` says when: "auto" (the default) offloads the
@@ -133,14 +140,15 @@ class Context:
 
     @cached_property
     def topo(self) -> tuple[CallWork, ...]:
+        """The calls in waves, as the runtime dispatches them: every call whose producers
+        are done, in the graph's order, then the next wave."""
         done: set[str] = set()
         order: list[CallWork] = []
         calls = list(self.workload.calls)
         while len(order) < len(calls):
-            for c in calls:
-                if c.name not in done and all(p in done for p in c.parents):
-                    order.append(c)
-                    done.add(c.name)
+            wave = [c for c in calls if c.name not in done and all(p in done for p in c.parents)]
+            order += wave
+            done.update(c.name for c in wave)
         return tuple(order)
 
 
@@ -170,12 +178,14 @@ def replicas(ctx: Context, assign: dict[str, Assignment]) -> dict[str, list[str]
 
 
 def realloc_hooks(ctx: Context, assign: dict[str, Assignment]) -> list[ReallocHook]:
+    """One per other replica of a trainable role, before the first call that uses it."""
     home = homes(ctx, assign)
-    return [
-        ReallocHook(c.role, c.name, home[c.role], assign[c.name])
-        for c in ctx.topo
-        if assign[c.name].replica != home[c.role].replica
-    ]
+    out: dict[tuple, ReallocHook] = {}
+    for c in ctx.topo:
+        a = assign[c.name]
+        if ctx.workload.roles[c.role].trainable and a.replica != home[c.role].replica:
+            out.setdefault((c.role, a.replica), ReallocHook(c.role, c.name, home[c.role], a))
+    return list(out.values())
 
 
 def sharing_roles(ctx: Context, assign: dict[str, Assignment]) -> list[str]:
@@ -251,11 +261,19 @@ def _memory(ctx: Context, assign: dict[str, Assignment], off: set[str]) -> np.nd
             resident[sl] += train_state_bytes(r.shape, h.layout, b, wl.zero_stage)
         elif role not in off:
             resident[sl] += weight_bytes(r.shape, h.layout, b)
+    others: set[tuple] = set()  # (role, replica): the other replicas stay allocated
+    for c in ctx.topo:
+        a = assign[c.name]
+        if c.role not in off and a.replica != home[c.role].replica:
+            if (c.role, a.replica) not in others:
+                others.add((c.role, a.replica))
+                sl = slice(a.mesh.start, a.mesh.start + a.mesh.size)
+                resident[sl] += weight_bytes(wl.roles[c.role].shape, a.layout, b)
     for c in ctx.topo:
         a = assign[c.name]
         shape = wl.roles[c.role].shape
         need = ctx.transient_bytes(c.name, a)
-        if a.replica != home[c.role].replica or c.role in off:
+        if c.role in off:  # reloaded for the call, offloaded after it
             need += weight_bytes(shape, a.layout, b)
         sl = slice(a.mesh.start, a.mesh.start + a.mesh.size)
         np.maximum(transient[sl], need, out=transient[sl])
@@ -265,39 +283,44 @@ def _memory(ctx: Context, assign: dict[str, Assignment], off: set[str]) -> np.nd
 def tasks(
     ctx: Context, assign: dict[str, Assignment], offloaded: list[str] | None = None
 ) -> list[Task]:
-    """The unrolled iterations as tasks: each call, preceded by its reallocation where the
-    plan has one; a role's calls of iteration i+1 wait for its train call of iteration i.
-    `offloaded`: the plan's offloaded roles, if the caller has them already."""
+    """The unrolled iterations as tasks: each iteration's reallocations (in the order of
+    the calls that first use their replicas), then its calls; a role's calls of iteration
+    i+1 wait for its train call of iteration i, and a call waits for the reallocation of
+    its replica. A reallocation waits for the role's train call of the previous iteration
+    and for the previous iteration's calls on the replica it overwrites. `offloaded`: the
+    plan's offloaded roles, if the caller has them already."""
     wl, k = ctx.workload, ctx.cluster.kind
     home = homes(ctx, assign)
     off = set(offloaded_roles(ctx, assign) if offloaded is None else offloaded)
-    hooks = {h.before: h for h in realloc_hooks(ctx, assign)}
+    hooks = realloc_hooks(ctx, assign)
     out: list[Task] = []
     index: dict[tuple[int, str], int] = {}
+    refreshed: dict[tuple, int] = {}  # (role, replica) -> this iteration's reallocation
     for it in range(ctx.iterations):
+        train_before = {}
+        for role in wl.roles:
+            train = wl.train_call(role)
+            if it > 0 and train is not None:
+                train_before[role] = (index[(it - 1, train.name)],)
+        for h in hooks:
+            users = tuple(index[(it - 1, c.name)] for c in ctx.topo
+                          if it > 0 and c.role == h.role and assign[c.name].replica == h.dst.replica)  # fmt: skip
+            out.append(
+                Task(
+                    f"realloc {h.role} -> {h.before}",
+                    (h.src.mesh.devices, h.dst.mesh.devices),
+                    ctx.realloc_s(h.role, h.src, h.dst),
+                    train_before.get(h.role, ()) + users,
+                    "realloc",
+                    it,
+                )
+            )
+            refreshed[(h.role, h.dst.replica)] = len(out) - 1
         for c in ctx.topo:
             a = assign[c.name]
-            after_train: tuple[int, ...] = ()
-            train = wl.train_call(c.role)
-            if it > 0 and train is not None:
-                after_train = (index[(it - 1, train.name)],)
-            deps = tuple(index[(it, p)] for p in c.parents) + after_train
-            if c.name in hooks:
-                # the new weights exist once the role's last train call ends, and the
-                # replica of the previous iteration's call is dropped when that call ends
-                h = hooks[c.name]
-                prev = (index[(it - 1, c.name)],) if it > 0 else ()
-                out.append(
-                    Task(
-                        f"realloc {c.role} -> {c.name}",
-                        (h.src.mesh.devices, h.dst.mesh.devices),
-                        ctx.realloc_s(c.role, h.src, h.dst),
-                        after_train + prev,
-                        "realloc",
-                        it,
-                    )
-                )
-                deps += (len(out) - 1,)
+            deps = tuple(index[(it, p)] for p in c.parents) + train_before.get(c.role, ())
+            if (c.role, a.replica) in refreshed:
+                deps += (refreshed[(c.role, a.replica)],)
             duration = ctx.call_s(c.name, a)
             if c.role in off:  # reload before, offload after
                 w = weight_bytes(wl.roles[c.role].shape, home[c.role].layout, k.param_bytes)
@@ -433,7 +456,7 @@ def to_dict(ctx: Context, assign: dict[str, Assignment], mode: str, est: Estimat
                 "before": h.before,
                 "from": _desc(h.src),
                 "to": _desc(h.dst),
-                "after": "drop",
+                "after": "keep",
             }  # fmt: skip
             for h in realloc_hooks(ctx, assign)
         ],

@@ -22,26 +22,32 @@ SAME_ROLLOUTS = ("generate.backend=hf", "generate.top_k=1", "train.zero_stage=1"
                  "train.eval_every_steps=100")  # fmt: skip
 
 
-def run(tmp_path: Path, name: str, *extra: str) -> Path:
+def run(tmp_path: Path, name: str, *extra: str, rollouts: tuple = SAME_ROLLOUTS) -> Path:
     from launch.cli import plan_for_run
     from orchestrator.config import load_config
     from orchestrator.controller import Controller
 
-    cfg = load_config(tiny_overrides(tmp_path, name, STEPS, *RL_ONLY, *SAME_ROLLOUTS, *extra))
+    cfg = load_config(tiny_overrides(tmp_path, name, STEPS, *RL_ONLY, *rollouts, *extra))
     Controller(cfg, plan_for_run(cfg)).run()
     return tmp_path / name
 
 
 def plan_file(
-    tmp_path: Path, name: str, mesh: str, dp: int, tp: int, **calls: tuple[str, int, int]
+    tmp_path: Path,
+    name: str,
+    mesh: str,
+    dp: int,
+    tp: int,
+    *overrides: str,
+    **calls: tuple[str, int, int],
 ) -> Path:
-    """Every call of the default job's PPO graph on `mesh` under (dp, tp), but the calls
-    named in `calls` (call=(mesh, dp, tp))."""
+    """Every call of the default job's graph (PPO, or what `overrides` choose) on `mesh`
+    under (dp, tp), but the calls named in `calls` (call=(mesh, dp, tp))."""
     from orchestrator.config import load_config
     from orchestrator.planning import make_plan
     from planner.plan import to_dict
 
-    cfg = load_config(tiny_overrides(tmp_path, "x", STEPS, *RL_ONLY), for_run=False)
+    cfg = load_config(tiny_overrides(tmp_path, "x", STEPS, *RL_ONLY, *overrides), for_run=False)
     result = make_plan(cfg, "symmetric")
     data = to_dict(result.ctx, result.plan, "file", None)
     for call_name, call in data["calls"].items():
@@ -74,8 +80,10 @@ def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> 
     dp2 = plan_file(tmp_path, "dp2", "d0-1", 2, 1, actor_gen=("d1", 1, 1))
     runs["dp2"] = run(tmp_path, "dp2", "plan=file", f"plan.path={dp2}", "plan.offload=always")
     # tp=2, stopped after step 2 and resumed from its checkpoint for step 3 (the reference
-    # and critic inference read the generated part on their own device: same sharding)
-    tp2 = plan_file(tmp_path, "tp2", "d0-1", 1, 2)
+    # reads the generated part on its own device: same sharding). The critic infers on d0
+    # alone: its replica there is refreshed ahead of the step's calls (begin_step), since
+    # its first call waits for another call
+    tp2 = plan_file(tmp_path, "tp2", "d0-1", 1, 2, critic_inf=("d0", 1, 1))
     run(tmp_path, "tp2", "plan=file", f"plan.path={tp2}", "train.steps=2")
     ckpt = tmp_path / "tp2" / "checkpoints" / "step_2"
     assert sorted(p.name for p in (ckpt / "actor" / "optim").iterdir()) == ["rank0.pt", "rank1.pt"]
@@ -109,6 +117,8 @@ def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> 
     for step in (2, 3):  # after each train call
         assert rows["dp2"][step]["realloc/actor_gen_bytes"] > 0
         assert rows["dp2"][step]["time/realloc_actor_gen_s"] > 0
+    for step in (2, 3):  # after a train call; after the resume, from the loaded replica
+        assert rows["tp2 resumed"][step]["realloc/critic_inf_bytes"] > 0
 
     # the planner's estimates beside the measured times
     last = rows["search"][3]
@@ -122,3 +132,34 @@ def test_losses_agree_across_plans_and_a_resume(ray_cluster, tmp_path: Path) -> 
     if searched["reallocations"]:  # a call whose replica lags the trained one
         before = {r["before"] for r in searched["reallocations"]}
         assert any(f"time/realloc_{c}_s" in last for c in before)
+
+
+def test_remax_refreshes_both_generation_replicas_ahead_of_the_step(
+    ray_cluster, tmp_path: Path
+) -> None:
+    """ReMax trained on d0-1 (dp2), sampling on d0 and decoding greedily on d1 (the
+    planner's ReMax plans at scale): at step 2 both replicas lag the trained weights and
+    are refreshed before the step's calls (begin_step), in the order of their calls, so
+    neither generation waits for the other's. The losses are those of the whole graph
+    on d0: sampling runs on d0 alone in both plans (top-k off: with top_k=1 the sampled
+    response is the greedy one and ReMax's advantage is 0). The gradient is compared,
+    not `loss/policy`: with responses of unequal lengths the logged loss under dp2 is
+    the mean of the ranks' token means, not the token mean over the batch."""
+    runs = {}
+    for name, mesh, dp, calls in (
+        ("one", "d0", 1, {}),
+        ("split", "d0-1", 2, {"actor_gen": ("d0", 1, 1), "actor_greedy_gen": ("d1", 1, 1)}),
+    ):
+        path = plan_file(tmp_path, name, mesh, dp, 1, "algo=remax", **calls)
+        runs[name] = run(tmp_path, name, "algo=remax", "plan=file", f"plan.path={path}",
+                         rollouts=SAME_ROLLOUTS[:1] + SAME_ROLLOUTS[2:])  # fmt: skip
+    rows = {name: rl_rows(folder) for name, folder in runs.items()}
+    for step in (1, 2, 3):
+        for key in ("rollout/reward_mean", "rollout/advantage_mean_raw", "train/grad_norm_actor"):
+            ref = rows["one"][step][key]
+            assert rows["split"][step][key] == pytest.approx(ref, rel=1e-4, abs=1e-6), key
+    moved = json.loads((runs["split"] / "plan.json").read_text())["reallocations"]
+    assert [r["before"] for r in moved] == ["actor_gen", "actor_greedy_gen"]
+    assert rows["one"][2]["loss/policy"] != 0  # samples differ from the greedy responses
+    for call in ("actor_gen", "actor_greedy_gen"):
+        assert rows["split"][2][f"realloc/{call}_bytes"] > 0

@@ -184,6 +184,40 @@ def test_reallocation_task_precedes_the_call_on_both_meshes() -> None:
     assert est.realloc_s["actor_gen"] > 0
 
 
+def test_reallocations_go_first_once_per_replica_and_let_generations_overlap() -> None:
+    """ReMax with the actor trained on d0-3 (dp4), sampling on d0-1 and decoding greedily
+    on d2-3 (dp2 each): calls go in waves (both generations first); each iteration's two
+    reallocations run before either generation, so the generations overlap. With both
+    generations on d0-1 they share one replica: one reallocation per iteration, and that
+    replica stays allocated (its weights count on d0-1 beside the actor's states)."""
+    ctx = ppo_ctx(1, 4, graph=remax_graph)
+    ctx.iterations = 2
+    four = Assignment(Mesh(0, 4), Layout(4, 1, 1, 1))
+    plan = {c.name: four for c in ctx.workload.calls}
+    plan["actor_gen"] = Assignment(Mesh(0, 2), Layout(2, 1, 1, 1))
+    plan["actor_greedy_gen"] = Assignment(Mesh(2, 2), Layout(2, 1, 1, 1))
+    assert [c.name for c in ctx.topo][:2] == ["actor_gen", "actor_greedy_gen"]
+    est = evaluate(ctx, plan)
+    first = [s for s in est.slots if s.task.iteration == 0]
+    got = {s.task.name: s for s in first}
+    moves = [s for s in first if s.task.kind == "realloc"]
+    assert [s.task.name for s in moves] == ["realloc actor -> actor_gen",
+                                            "realloc actor -> actor_greedy_gen"]  # fmt: skip
+    gen, greedy = got["actor_gen"], got["actor_greedy_gen"]
+    assert max(m.end_s for m in moves) <= min(gen.start_s, greedy.start_s)
+    assert gen.start_s < greedy.end_s and greedy.start_s < gen.end_s  # at once
+    assert gen.start_s == greedy.start_s == moves[1].end_s
+
+    plan["actor_greedy_gen"] = plan["actor_gen"]
+    assert [(h.role, h.before) for h in realloc_hooks(ctx, plan)] == [("actor", "actor_gen")]
+    est = evaluate(ctx, plan)
+    assert [s.task.iteration for s in est.slots if s.task.kind == "realloc"] == [0, 1]
+    # the dp2 replica holds all of llama2-7b's weights (2 bytes each) on each of d0-1
+    without = _memory(ctx, {**plan, "actor_gen": four, "actor_greedy_gen": four}, set())
+    extra = _memory(ctx, plan, set()) - without
+    assert extra[0] >= 2 * MODEL_SHAPES["llama2-7b"].params and extra[2] < extra[0]
+
+
 # ------------------------------------------------------------------ cost and memory
 
 
