@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# the repository first: this folder's planner.py would shadow the planner package
+sys.path.insert(0, str(REPO))
 VARIANTS = {
     "PPO": ["algo=ppo"],
     "ReMax": ["algo=remax"],

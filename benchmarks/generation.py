@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# the repository first: this folder's planner.py would shadow the planner package
+sys.path.insert(0, str(REPO))
 PRESET = "large"
 BACKENDS = {"hf": ("hf", "float32"), "vllm": ("vllm", "float32"), "vllm_bf16": ("vllm", "bfloat16")}
 

@@ -26,11 +26,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# the repository first: this folder's planner.py would shadow the planner package
+sys.path.insert(0, str(REPO))
 
 
 def run_algo(algo: str, steps: int, out: str, overrides: list[str]) -> dict:
     import ray
 
+    from algos.ppo import ALGORITHM_GRAPHS
     from launch.cli import init_ray
     from orchestrator.config import load_config
     from orchestrator.controller import Controller
@@ -66,11 +69,8 @@ def run_algo(algo: str, steps: int, out: str, overrides: list[str]) -> dict:
     ]
     measured = [r for r in rows[1:] if "eval/greedy_accuracy" not in r]  # step 1: warm-up
     last = rows[-1]
-    calls = sorted(
-        k[len("time/") : -2]
-        for k in last
-        if k.startswith("time/") and k.endswith("_s") and k != "time/step_s"
-    )
+    graph = ALGORITHM_GRAPHS[algo]()
+    calls = sorted(c.name for c in graph.calls if f"time/{c.name}_s" in last)
     return {
         "steps_measured": len(measured),
         "step_s": statistics.mean(r["time/step_s"] for r in measured),

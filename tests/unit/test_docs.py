@@ -35,3 +35,17 @@ def test_readme_has_exactly_the_two_setup_commands() -> None:
     assert commands == ["make run", "make test"]
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_benchmark_scripts_put_the_repository_first_on_the_path() -> None:
+    """`python benchmarks/<name>.py` puts benchmarks/ first on sys.path, where planner.py
+    would shadow the planner package that the orchestrator imports: every script that
+    imports the project's packages must insert the repository before them."""
+    project = re.compile(r"^\s*(from|import) (orchestrator|planner|launch|algos)\b", re.M)
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        text = script.read_text()
+        first = project.search(text)
+        if first is None:
+            continue
+        insert = text.find("sys.path.insert(0, str(REPO))")
+        assert 0 <= insert < first.start(), f"{script.name}: insert REPO into sys.path first"
