@@ -87,7 +87,9 @@ def run_algo(algo: str, steps: int, out: str, overrides: list[str]) -> dict:
             k.rsplit("_", 1)[-1]: v for k, v in last.items() if k.startswith("perf/calls_model_rss")
         },
         # CPU seconds of each call's process: its work, whatever shared the cores
-        "per_call_cpu_s": {c: statistics.mean(r[f"cpu/{c}_s"] for r in measured) for c in calls},
+        "per_call_cpu_s": {
+            c: statistics.mean(r[f"perf/cpu_{c}_s"] for r in measured) for c in calls
+        },
         "job_s": time.perf_counter() - t0,
     }
 

@@ -171,7 +171,7 @@ class ModelWorker:
         options = {**options, "inputs": call.inputs, "outputs": call.outputs}
         outputs, metrics = get_interface(call.interface)(self.ctx, batch, options)
         elapsed = time.perf_counter() - start
-        metrics[f"cpu/{call.name}_s"] = time.process_time() - cpu
+        metrics[f"perf/cpu_{call.name}_s"] = time.process_time() - cpu
         if options.get("push_weights"):  # the next call samples: push now, timed on its own
             synced = self._sync_generator()
         if synced is not None:
