@@ -139,9 +139,9 @@ def test_remax_refreshes_both_generation_replicas_ahead_of_the_step(
 ) -> None:
     """ReMax trained on d0-1 (dp2), sampling on d0 and decoding greedily on d1 (the
     planner's ReMax plans at scale): at step 2 both replicas lag the trained weights and
-    are refreshed before the step's calls (begin_step), in the order of their calls, so
-    neither generation waits for the other's. The losses are those of the whole graph
-    on d0: sampling runs on d0 alone in both plans (top-k off: with top_k=1 the sampled
+    are refreshed, by the tasks `begin_step` issues ahead of the step's calls (two
+    reallocations: neither is folded into its call). The run's numbers are those of the
+    whole graph on d0: sampling runs on d0 alone in both plans (top-k off: with top_k=1 the sampled
     response is the greedy one and ReMax's advantage is 0). The gradient is compared,
     not `loss/policy`: with responses of unequal lengths the logged loss under dp2 is
     the mean of the ranks' token means, not the token mean over the batch."""
