@@ -197,14 +197,19 @@ class PlannedRoles:
 
     # -- calls ----------------------------------------------------------------------
 
+    def _lags(self, role: str, sh: Sharding) -> bool:
+        """Whether the replica `sh` of a trained `role` holds older weights than its train
+        replica's."""
+        r = self.roles[role]
+        return r.train is not None and r.held.get(sharding_key(sh)) != r.version
+
     def _stale(self, role: str, sh: Sharding) -> Sharding | None:
         """The trained replica the replica `sh` of `role` must be refreshed from (None if
         it holds the current weights); it counts as refreshed from here on."""
-        r = self.roles[role]
-        key = sharding_key(sh)
-        if r.held.get(key) == r.version or r.train is None:
+        if not self._lags(role, sh):
             return None
-        r.held[key] = r.version
+        r = self.roles[role]
+        r.held[sharding_key(sh)] = r.version
         return r.train
 
     def begin_step(self) -> None:
@@ -218,12 +223,10 @@ class PlannedRoles:
         placed = [c for c in self.graph.waves() if c.name in self.sharding]
         stale, seen = [], set()
         for c in placed:
-            r, key = self.roles[c.role], sharding_key(self.sharding[c.name])
-            if (c.role, key) in seen:
-                continue
-            seen.add((c.role, key))
-            if r.train is not None and r.held.get(key) != r.version:
+            key = (c.role, sharding_key(self.sharding[c.name]))
+            if key not in seen and self._lags(c.role, self.sharding[c.name]):
                 stale.append(c)
+            seen.add(key)
         if len(stale) == 1 and stale[0] is placed[0] and not self.graph.parents(stale[0]):
             return
         for c in stale:

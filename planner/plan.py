@@ -296,21 +296,23 @@ def tasks(
     out: list[Task] = []
     index: dict[tuple[int, str], int] = {}
     refreshed: dict[tuple, int] = {}  # (role, replica) -> this iteration's reallocation
+    # the calls on each hook's replica: the next iteration's reallocation overwrites it
+    users = [[c.name for c in ctx.topo if c.role == h.role and assign[c.name].replica == h.dst.replica]
+             for h in hooks]  # fmt: skip
     for it in range(ctx.iterations):
         train_before = {}
         for role in wl.roles:
             train = wl.train_call(role)
             if it > 0 and train is not None:
                 train_before[role] = (index[(it - 1, train.name)],)
-        for h in hooks:
-            users = tuple(index[(it - 1, c.name)] for c in ctx.topo
-                          if it > 0 and c.role == h.role and assign[c.name].replica == h.dst.replica)  # fmt: skip
+        for h, names in zip(hooks, users):
+            prev = tuple(index[(it - 1, n)] for n in names) if it > 0 else ()
             out.append(
                 Task(
                     f"realloc {h.role} -> {h.before}",
                     (h.src.mesh.devices, h.dst.mesh.devices),
                     ctx.realloc_s(h.role, h.src, h.dst),
-                    train_before.get(h.role, ()) + users,
+                    train_before.get(h.role, ()) + prev,
                     "realloc",
                     it,
                 )
