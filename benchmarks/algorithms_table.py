@@ -39,8 +39,8 @@ def run(overrides: list[str]) -> tuple[Path, float]:
     import ray
 
     from launch.cli import init_ray
-    from orchestrator.config import load_config
-    from orchestrator.controller import Controller
+    from orchestrator.config.schema import load_config
+    from orchestrator.run.controller import Controller
 
     cfg = load_config(overrides)
     init_ray(cfg)
@@ -53,7 +53,7 @@ def run(overrides: list[str]) -> tuple[Path, float]:
 
 
 def rl_result(run_dir: Path) -> dict[str, float]:
-    from orchestrator.tracking import read_metrics
+    from orchestrator.run.tracking import read_metrics
 
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "rl"]
     evals = [r for r in rows if "eval/greedy_accuracy" in r]

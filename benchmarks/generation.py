@@ -42,8 +42,8 @@ BACKENDS = {"hf": ("hf", "float32"), "vllm": ("vllm", "float32"), "vllm_bf16": (
 
 
 def build_model(folder: Path, context: int) -> None:
-    from orchestrator.modeling import build_model_folder, train_tokenizer
-    from orchestrator.tasks import make_task
+    from orchestrator.data.tasks import make_task
+    from orchestrator.models.hf import build_model_folder, train_tokenizer
 
     task = make_task("sort", 8)
     tok = train_tokenizer(task.alphabet(), folder / "tokenizer")
@@ -59,9 +59,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from orchestrator.engines import HFGenerateEngine, SamplingParams
-    from orchestrator.modeling import encode_prompts, load_causal_lm
-    from orchestrator.tasks import make_task
+    from orchestrator.data.tasks import make_task
+    from orchestrator.engines.generate import HFGenerateEngine, SamplingParams
+    from orchestrator.models.hf import encode_prompts, load_causal_lm
 
     folder = Path(args.folder) / "model"
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "hf":
         engine = HFGenerateEngine(module, tok.eos_token_id, tok.pad_token_id)
     else:
-        from orchestrator.vllm_engine import VLLMEngine, VLLMSpec, kv_cache_bytes_for
+        from orchestrator.engines.vllm_engine import VLLMEngine, VLLMSpec, kv_cache_bytes_for
 
         context = module.config.max_position_embeddings
         spec = VLLMSpec(
@@ -125,7 +125,7 @@ def run_worker(name: str, folder: Path, args: argparse.Namespace) -> dict:
 
 def sync_share(out: Path, steps: int) -> dict:
     """A short PPO run on the same model with the vLLM backend: weight push against step."""
-    from orchestrator.tracking import read_metrics
+    from orchestrator.run.tracking import read_metrics
 
     overrides = [
         f"model.preset={PRESET}", "sft.enabled=false", "reward=verifier",
@@ -173,7 +173,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from orchestrator.modeling import MODEL_PRESETS
+    from orchestrator.models.hf import MODEL_PRESETS
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

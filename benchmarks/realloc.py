@@ -3,7 +3,7 @@
 Four processes (one per device, gloo over loopback, one thread each) hold a Llama model of
 about 134M parameters (fp32) sharded under one of the six 4-device layouts
 (dp, tp, pp) = (4,1,1), (2,2,1), (1,4,1), (2,1,2), (1,2,2), (1,1,4), and reallocate it to
-every other layout with the runtime's executor (orchestrator.realloc), 30 ordered pairs.
+every other layout with the runtime's executor (orchestrator.workers.realloc), 30 ordered pairs.
 Per pair: the bytes that crossed between processes (local copies excluded), the wall time
 (barrier to barrier, the slowest rank), and the throughput. In the same run the limit:
 one tensor of the same size as the pair's moved bytes sent from one process to another
@@ -97,7 +97,7 @@ def p2p_limit_s(nbytes: int) -> float:
 
 
 def _worker(rank: int, store: str, args: argparse.Namespace, out: str) -> None:
-    from orchestrator.realloc import reallocate
+    from orchestrator.workers.realloc import reallocate
     from planner.realloc import plan_ops
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)

@@ -35,9 +35,9 @@ def run_algo(algo: str, steps: int, out: str, overrides: list[str]) -> dict:
 
     from algos.ppo import ALGORITHM_GRAPHS
     from launch.cli import init_ray
-    from orchestrator.config import load_config
-    from orchestrator.controller import Controller
-    from orchestrator.tracking import read_metrics
+    from orchestrator.config.schema import load_config
+    from orchestrator.run.controller import Controller
+    from orchestrator.run.tracking import read_metrics
 
     cfg = load_config(
         [
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from orchestrator.modeling import MODEL_PRESETS
+    from orchestrator.models.hf import MODEL_PRESETS
 
     results = {}
     with tempfile.TemporaryDirectory() as out:

@@ -45,9 +45,9 @@ def main() -> None:
 
     from algos.ppo import ALGORITHM_GRAPHS
     from launch.cli import init_ray
-    from orchestrator.config import load_config
-    from orchestrator.controller import Controller
-    from orchestrator.tracking import read_metrics
+    from orchestrator.config.schema import load_config
+    from orchestrator.run.controller import Controller
+    from orchestrator.run.tracking import read_metrics
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(

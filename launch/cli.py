@@ -46,7 +46,7 @@ def _expand(overrides: list[str]) -> list[str]:
 
 
 def _config_help() -> str:
-    from orchestrator.config import GROUP_SCHEMAS, group_options, load_config, to_yaml
+    from orchestrator.config.schema import GROUP_SCHEMAS, group_options, load_config, to_yaml
 
     groups = "\n".join(f"  {g}: {', '.join(group_options(g))}" for g in GROUP_SCHEMAS)
     cfg = load_config([])
@@ -71,7 +71,7 @@ def init_ray(cfg: object) -> None:
     """Join cluster.address / RAY_ADDRESS, or start a local Ray with CPU device slots."""
     import ray
 
-    from orchestrator.config import ConfigError, Problem
+    from orchestrator.config.schema import ConfigError, Problem
 
     c = cfg.cluster  # type: ignore[attr-defined]
     address = c.address or os.environ.get("RAY_ADDRESS")
@@ -121,8 +121,8 @@ def plan_for_run(cfg: Any) -> Any:
     overrides), refused with a ConfigError if this runtime cannot execute it."""
     from dataclasses import replace
 
-    from orchestrator.config import ConfigError
-    from orchestrator.planning import make_plan, runtime_problems
+    from orchestrator.config.schema import ConfigError
+    from orchestrator.runtime.planning import make_plan, runtime_problems
 
     rl = replace(cfg, plan=replace(cfg.plan, graph=None))
     searched = Path(cfg.run.output_dir) / cfg.run.name / "plan.json"
@@ -140,8 +140,8 @@ def plan_for_run(cfg: Any) -> Any:
 
 
 def train(argv: list[str]) -> int:
-    from orchestrator.config import ConfigError, load_config
-    from orchestrator.controller import Controller, RunError
+    from orchestrator.config.schema import ConfigError, load_config
+    from orchestrator.run.controller import Controller, RunError
 
     if any(a in ("-h", "--help") for a in argv):
         print(_config_help())
@@ -153,7 +153,7 @@ def train(argv: list[str]) -> int:
         return 2
     import ray
 
-    from orchestrator.controller import install_stop_handler
+    from orchestrator.run.controller import install_stop_handler
 
     install_stop_handler()  # before Ray starts, so an early SIGTERM is a graceful stop too
     try:
@@ -180,7 +180,7 @@ def train(argv: list[str]) -> int:
 
 
 def show_config(argv: list[str]) -> int:
-    from orchestrator.config import ConfigError, load_config, to_yaml
+    from orchestrator.config.schema import ConfigError, load_config, to_yaml
 
     if any(a in ("-h", "--help") for a in argv):
         print(_config_help())

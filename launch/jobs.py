@@ -46,7 +46,7 @@ def _client(address: str) -> Any:
     """A JobSubmissionClient, or a ConfigError naming the address when it is unreachable."""
     from ray.job_submission import JobSubmissionClient
 
-    from orchestrator.config import ConfigError, Problem
+    from orchestrator.config.schema import ConfigError, Problem
 
     try:
         return JobSubmissionClient(address)
@@ -62,7 +62,7 @@ def submission(overrides: list[str], python: str = "python") -> tuple[str, dict[
     """The entrypoint and metadata of a run: overrides validated and planned here first,
     so a bad config never reaches the cluster; run.output_dir made absolute."""
     from launch.cli import _expand, plan_for_run
-    from orchestrator.config import load_config, to_yaml
+    from orchestrator.config.schema import load_config, to_yaml
 
     cfg = load_config(_expand(overrides), for_run=False)
     out = str(Path(cfg.run.output_dir).resolve())
@@ -79,7 +79,7 @@ def submission(overrides: list[str], python: str = "python") -> tuple[str, dict[
 
 
 def submit(argv: list[str]) -> int:
-    from orchestrator.config import ConfigError
+    from orchestrator.config.schema import ConfigError
 
     ap = argparse.ArgumentParser(prog="relay submit", description="Submit a run as a Ray Job.")
     ap.add_argument("--address", default=None,
@@ -128,7 +128,7 @@ def _job_args(prog: str, argv: list[str], follow: bool = False) -> argparse.Name
 
 
 def _with_client(prog: str, argv: list[str], follow: bool = False) -> tuple[Any, Any] | int:
-    from orchestrator.config import ConfigError
+    from orchestrator.config.schema import ConfigError
 
     args = _job_args(prog, argv, follow)
     try:

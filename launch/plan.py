@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.config import ConfigError, RelayConfig
-from orchestrator.planning import PlanResult, context, make_plan, runtime_problems
+from orchestrator.config.schema import ConfigError, RelayConfig
+from orchestrator.runtime.planning import PlanResult, context, make_plan, runtime_problems
 from planner.plan import Context, to_dict
 
 GIB = 2**30
@@ -148,7 +148,7 @@ def run_plan(cfg: RelayConfig) -> int:
 
 def plan(argv: list[str]) -> int:
     from launch.cli import _config_help, _expand
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
 
     if any(a in ("-h", "--help") for a in argv):
         print("usage: relay plan [plan=search|symmetric|heuristic|file] [key=value ...]\n\n"

@@ -46,11 +46,11 @@ from typing import Any
 
 import torch
 
-from orchestrator.modeling import MODEL_PRESETS
+from orchestrator.models.hf import MODEL_PRESETS
 
 SEQ_LEN = 128  # token counts are measured as batches of sequences of this length
 MIB = 1 << 20
-# option name -> LlamaConfig (and orchestrator.modeling.MODEL_PRESETS) name
+# option name -> LlamaConfig (and orchestrator.models.hf.MODEL_PRESETS) name
 HF_NAMES = dict(
     hidden="hidden_size",
     intermediate="intermediate_size",
@@ -182,7 +182,7 @@ def _tp_worker(rank: int, port: int, threads: int, shape: dict[str, int], seqs: 
     from torch.distributed.device_mesh import DeviceMesh
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.parallel import parallelize
+    from orchestrator.models.tensor_parallel import parallelize
 
     torch.set_num_threads(threads)
     dist.init_process_group(
@@ -209,7 +209,7 @@ def _tp_worker(rank: int, port: int, threads: int, shape: dict[str, int], seqs: 
 
 def measure_tp_collective(shape: dict[str, int], threads: int, repeats: int) -> dict[str, float]:
     """The cost of one tensor-parallel collective as the runtime's sharded models pay it
-    (orchestrator.parallel: DTensor over gloo, dispatch included): a 2-layer model's
+    (orchestrator.models.tensor_parallel: DTensor over gloo, dispatch included): a 2-layer model's
     forward+backward at tp=2 in two processes against tp=1 in one; the time tp=2 takes
     beyond half of tp=1, over its collectives (2 per layer and pass, 1 each for the
     embedding and the head: 4 x 2 + 4 = 12); at least 1 us."""

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 
 from algos.graph import MFC, CallKind, check_outputs
-from orchestrator.batch import gather_inputs
-from orchestrator.engines import HFGenerateEngine, OptimSpec, SamplingParams, TrainEngine
-from orchestrator.interfaces import Batch, Metrics, WorkerContext, get_interface
-from orchestrator.vllm_engine import VLLMSpec
+from orchestrator.engines.generate import HFGenerateEngine, SamplingParams
+from orchestrator.engines.train import OptimSpec, TrainEngine
+from orchestrator.engines.vllm_engine import VLLMSpec
+from orchestrator.interfaces.lookup import get_interface
+from orchestrator.interfaces.registry import Metrics, WorkerContext
+from orchestrator.models.batch import Batch, gather_inputs
 
 
 def reset_peak_rss() -> bool:
@@ -75,8 +77,8 @@ class ModelWorker:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from orchestrator.modeling import load_causal_lm, load_value_model
-        from orchestrator.tasks import make_task
+        from orchestrator.data.tasks import make_task
+        from orchestrator.models.hf import load_causal_lm, load_value_model
 
         hf_logging.set_verbosity_error()
         self.spec = spec
@@ -84,7 +86,7 @@ class ModelWorker:
         task = make_task(spec.task_name, spec.task_digits)
         module: torch.nn.Module | None = None
         if spec.model_kind == "causal" and spec.policy_experts is not None:
-            from orchestrator.pmoe_model import load_pmoe
+            from orchestrator.models.pmoe import load_pmoe
 
             module = load_pmoe(
                 spec.init_path, spec.policy_experts, rank=spec.expert_rank, seed=spec.seed
@@ -119,7 +121,7 @@ class ModelWorker:
             raise ValueError(f"unknown generation backend '{spec.generation_backend}'")
         self.ctx = WorkerContext(spec.name, module, tokenizer, task, train, generator)
         if spec.reward_function is not None:
-            from orchestrator.user_data import load_reward_function
+            from orchestrator.data.user_data import load_reward_function
 
             self.ctx.reward_function = spec.reward_function
             self.ctx.reward_fn = load_reward_function(spec.reward_function)
@@ -131,7 +133,7 @@ class ModelWorker:
 
     @staticmethod
     def _vllm_engine(spec: RoleSpec, tokenizer: Any) -> Any:
-        from orchestrator.vllm_engine import VLLMEngine
+        from orchestrator.engines.vllm_engine import VLLMEngine
 
         if spec.policy_experts is not None or spec.vllm is None or spec.init_path is None:
             raise ValueError(
@@ -231,7 +233,7 @@ class ModelWorker:
 
     def evaluate(self, prompts: list[str], params: SamplingParams) -> dict[str, float]:
         """Task accuracy and mean reward of responses to `prompts` under `params`."""
-        from orchestrator.modeling import decode_responses, encode_prompts
+        from orchestrator.models.hf import decode_responses, encode_prompts
 
         if self.ctx.generator is None:
             raise RuntimeError(f"role '{self.spec.name}' cannot generate")

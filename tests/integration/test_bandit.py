@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.config import load_config
-from orchestrator.controller import Controller
-from orchestrator.modeling import load_causal_lm
-from orchestrator.tasks import BanditTask
-from orchestrator.tracking import read_metrics
+from orchestrator.config.schema import load_config
+from orchestrator.data.tasks import BanditTask
+from orchestrator.models.hf import load_causal_lm
+from orchestrator.run.controller import Controller
+from orchestrator.run.tracking import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

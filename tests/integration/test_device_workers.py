@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.realloc import shard_state
+from orchestrator.workers.realloc import shard_state
 from planner.catalogue import shape_from_hf_config
 from planner.layout import Layout, Mesh
 
@@ -58,7 +58,7 @@ def reference(folder: Path, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor],
 def test_train_reallocate_forward_across_nodes(two_nodes, tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.device_workers import DeviceCluster
+    from orchestrator.workers.device_worker import DeviceCluster
 
     torch.manual_seed(0)
     folder = tmp_path / "model"

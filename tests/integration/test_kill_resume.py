@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.checkpoint import CheckpointManager
+from orchestrator.run.checkpoint import CheckpointManager
 from tests.integration.tiny import RL_ONLY, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

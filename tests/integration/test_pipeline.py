@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.config import load_config
-from orchestrator.controller import Controller, RunError
-from orchestrator.tracking import read_metrics
+from orchestrator.config.schema import load_config
+from orchestrator.run.controller import Controller, RunError
+from orchestrator.run.tracking import read_metrics
 from tests.integration.tiny import RL_ONLY, tiny_overrides
 from tests.unit.test_docs import undocumented
 
@@ -58,7 +58,7 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
     logged = read_metrics(run_dir / "metrics.jsonl")
     assert "time/actor_gen_s" in logged[-1]
     # the default job samples with vLLM (where it is installed) from the trainer's weights
-    from orchestrator.vllm_engine import vllm_available
+    from orchestrator.engines.vllm_engine import vllm_available
 
     if vllm_available():
         assert rows[2]["rollout/logprob_diff"] < 1e-4

@@ -24,8 +24,8 @@ SAME_ROLLOUTS = ("generate.backend=hf", "generate.top_k=1", "train.zero_stage=1"
 
 def run(tmp_path: Path, name: str, *extra: str, rollouts: tuple = SAME_ROLLOUTS) -> Path:
     from launch.cli import plan_for_run
-    from orchestrator.config import load_config
-    from orchestrator.controller import Controller
+    from orchestrator.config.schema import load_config
+    from orchestrator.run.controller import Controller
 
     cfg = load_config(tiny_overrides(tmp_path, name, STEPS, *RL_ONLY, *rollouts, *extra))
     Controller(cfg, plan_for_run(cfg)).run()
@@ -43,8 +43,8 @@ def plan_file(
 ) -> Path:
     """Every call of the default job's graph (PPO, or what `overrides` choose) on `mesh`
     under (dp, tp), but the calls named in `calls` (call=(mesh, dp, tp))."""
-    from orchestrator.config import load_config
-    from orchestrator.planning import make_plan
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime.planning import make_plan
     from planner.plan import to_dict
 
     cfg = load_config(tiny_overrides(tmp_path, "x", STEPS, *RL_ONLY, *overrides), for_run=False)
@@ -59,7 +59,7 @@ def plan_file(
 
 
 def rl_rows(folder: Path) -> dict[int, dict[str, float]]:
-    from orchestrator.tracking import read_metrics
+    from orchestrator.run.tracking import read_metrics
 
     rows: dict[int, dict[str, float]] = {}
     for r in read_metrics(folder / "metrics.jsonl"):

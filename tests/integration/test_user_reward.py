@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking import read_metrics
+from orchestrator.run.tracking import read_metrics
 from tests.integration.tiny import tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

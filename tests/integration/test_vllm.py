@@ -15,18 +15,19 @@ from typing import Any
 
 import pytest
 import torch
+from orchestrator.engines.vllm_engine import VLLMSpec, vllm_available
 
 from algos.graph import MFC, CallKind
 from algos.ppo import PROMPT, RESPONSE
-from orchestrator.engines import OptimSpec, SamplingParams
-from orchestrator.modeling import (
+from orchestrator.data.tasks import make_task
+from orchestrator.engines.generate import SamplingParams
+from orchestrator.engines.train import OptimSpec
+from orchestrator.models.hf import (
     build_model_folder,
     encode_prompts,
     load_causal_lm,
     train_tokenizer,
 )
-from orchestrator.tasks import make_task
-from orchestrator.vllm_engine import VLLMSpec, vllm_available
 from orchestrator.worker import RoleSpec
 
 pytestmark = [
@@ -58,7 +59,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 def start(folder: Path, backend: str, lr: float = 0.0, tp: int = 1) -> Any:
-    from orchestrator.controller import start_workers
+    from orchestrator.run.controller import start_workers
 
     optim = OptimSpec(lr, 1, 0.0, 1.0, 0, 8, 8) if lr else None
     vllm = VLLMSpec(max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20, tensor_parallel_size=tp)

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.tracking import read_metrics
+from orchestrator.run.tracking import read_metrics
 from tests.integration.test_kill_resume import kill_group, relay
 from tests.integration.tiny import RL_ONLY, tiny_overrides
 

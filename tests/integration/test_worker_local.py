@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from algos.ppo import ppo_graph
-from orchestrator.config import AlgoConfig
-from orchestrator.engines import OptimSpec, SamplingParams
-from orchestrator.modeling import (
+from orchestrator.config.schema import AlgoConfig
+from orchestrator.data.tasks import make_task
+from orchestrator.engines.generate import SamplingParams
+from orchestrator.engines.train import OptimSpec
+from orchestrator.models.hf import (
     build_model_folder,
     encode_prompts,
     load_causal_lm,
     train_tokenizer,
 )
-from orchestrator.tasks import make_task
 from orchestrator.worker import ModelWorker, RoleSpec
 
 DEVICES = [
@@ -143,7 +144,7 @@ def test_micro_batches_x_accumulation_invariance(tmp_path: Path) -> None:
 
 def _sft_step(folder: Path, micro: int, strategy: str, batch: dict) -> dict[str, torch.Tensor]:
     from algos.ppo import sft_graph
-    from orchestrator.config import ReweightConfig
+    from orchestrator.config.schema import ReweightConfig
 
     common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
     spec = RoleSpec("actor", "causal", str(folder), optim=OptimSpec(1e-3, 1, 0.0, 1e9, 0, 8, micro),
@@ -160,7 +161,7 @@ def test_reweighted_sft_is_invariant_to_micro_batches_and_differs_from_uniform(
     """LinUpper reweighting of an SFT step (16 demonstrations, two Adam steps of 8) gives
     the same weights with each mini-batch as 1 x 8 or 2 x 4: the weights and the token
     normaliser are the mini-batch's. And it is not the uniform (plain) step."""
-    from orchestrator.controller import encode_responses
+    from orchestrator.run.controller import encode_responses
 
     task = make_task("sort", 4)
     tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
@@ -182,7 +183,7 @@ def test_reweighted_sft_is_invariant_to_micro_batches_and_differs_from_uniform(
 def test_one_expert_pmoe_trains_exactly_like_the_plain_policy(tmp_path: Path) -> None:
     """K = 1 reproduces the plain policy bit for bit: the same PPO actor train call (with
     gradient clipping on) on a plain actor and on a one-expert PMOE actor."""
-    from orchestrator.config import PolicyConfig
+    from orchestrator.config.schema import PolicyConfig
 
     folder, train, inputs, outputs, opts = actor_train_inputs(tmp_path, 3)
     results = []
@@ -206,9 +207,9 @@ def test_reward_model_and_policy_reweighting_run_on_workers(tmp_path: Path) -> N
     apply their sample weights (largest weight x N above 1) and train."""
     from algos.graph import MFC, CallKind
     from algos.ppo import PAIR, PROMPT, reward_model_graph
-    from orchestrator.config import ReweightConfig
-    from orchestrator.controller import encode_responses
-    from orchestrator.tasks import preference_pair
+    from orchestrator.config.schema import ReweightConfig
+    from orchestrator.data.tasks import preference_pair
+    from orchestrator.run.controller import encode_responses
 
     task = make_task("sort", 4)
     tok = train_tokenizer(task.alphabet(), tmp_path / "tok")

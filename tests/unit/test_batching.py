@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.controller import encode_responses, take
-from orchestrator.engines import finish_responses
-from orchestrator.modeling import decode_responses, encode_prompts, train_tokenizer
-from orchestrator.tasks import make_task
+from orchestrator.data.tasks import make_task
+from orchestrator.models.batch import finish_responses
+from orchestrator.models.hf import decode_responses, encode_prompts, train_tokenizer
+from orchestrator.run.controller import encode_responses, take
 
 
 def test_take_walks_epochs_without_repeats() -> None:
@@ -45,8 +45,8 @@ def test_finish_responses_masks_through_first_eos() -> None:
 def test_reward_scores_read_the_last_valid_token_whatever_the_padding(tmp_path) -> None:
     """A padded batch scores each pair as that pair alone, unpadded, scores at its last
     token (the last prompt token for an empty response)."""
-    from orchestrator.interfaces import sequence_scores
-    from orchestrator.modeling import build_model_folder, load_value_model
+    from orchestrator.interfaces.inference import sequence_scores
+    from orchestrator.models.hf import build_model_folder, load_value_model
 
     task = make_task("sort", 4)
     tok = train_tokenizer(task.alphabet(), tmp_path / "tok")

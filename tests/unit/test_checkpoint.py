@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import MANIFEST, CheckpointManager
+from orchestrator.run.checkpoint import MANIFEST, CheckpointManager
 
 
 def write_step(mgr: CheckpointManager, step: int, payload: bytes = b"weights") -> Path:

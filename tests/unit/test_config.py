@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from orchestrator.config import CONFIG_DIR, ConfigError, RelayConfig, load_config
+from orchestrator.config.schema import CONFIG_DIR, ConfigError, RelayConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP_FILES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent != CONFIG_DIR)
@@ -236,8 +236,9 @@ def test_algorithms_and_pipeline_options_compose() -> None:
 
 
 def test_auto_backend_is_vllm_where_installed_and_hf_for_pmoe() -> None:
-    from orchestrator.config import generation_backend
-    from orchestrator.vllm_engine import vllm_available
+    from orchestrator.engines.vllm_engine import vllm_available
+
+    from orchestrator.config.schema import generation_backend
 
     assert generation_backend(load_config([])) == ("vllm" if vllm_available() else "hf")
     assert generation_backend(load_config(["policy=pmoe"])) == "hf"
@@ -245,9 +246,9 @@ def test_auto_backend_is_vllm_where_installed_and_hf_for_pmoe() -> None:
 
 
 def test_stop_tokens_must_be_single_tokens(tmp_path: Path) -> None:
-    from orchestrator.config import ConfigError
-    from orchestrator.controller import stop_token_ids
-    from orchestrator.modeling import train_tokenizer
+    from orchestrator.config.schema import ConfigError
+    from orchestrator.models.hf import train_tokenizer
+    from orchestrator.run.controller import stop_token_ids
 
     tok = train_tokenizer("0123456789S=", tmp_path)
     assert stop_token_ids(tok, ["=", "S"]) == (tok.convert_tokens_to_ids("="),

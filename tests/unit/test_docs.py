@@ -6,7 +6,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-from orchestrator.config import LEAF_PATHS
+from orchestrator.config.schema import LEAF_PATHS
 
 REPO = Path(__file__).resolve().parents[2]
 

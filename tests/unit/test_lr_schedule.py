@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from orchestrator.engines import OptimSpec, lr_factor
+from orchestrator.engines.train import OptimSpec, lr_factor
 
 
 def spec(warmup: int, decay: int, floor: float) -> OptimSpec:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.modeling import (
+from orchestrator.data.tasks import make_task
+from orchestrator.models.hf import (
     MODEL_PRESETS,
     build_model_folder,
     count_parameters,
@@ -18,7 +19,6 @@ from orchestrator.modeling import (
     load_value_model,
     train_tokenizer,
 )
-from orchestrator.tasks import make_task
 
 
 @pytest.fixture(scope="module")

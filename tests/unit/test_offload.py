@@ -1,11 +1,11 @@
-"""Offloading a frozen model's weights to host memory and back (orchestrator.offload)."""
+"""Offloading a frozen model's weights to host memory and back (orchestrator.models.offload)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from orchestrator.offload import offload, reload, resident_bytes
+from orchestrator.models.offload import offload, reload, resident_bytes
 
 
 def test_offload_frees_the_weights_and_reload_restores_them_exactly() -> None:

@@ -100,8 +100,8 @@ def test_train_refuses_what_planned_calls_cannot_run(tmp_path: Path, capsys) -> 
 def test_per_role_shaped_plans_keep_one_worker_per_role() -> None:
     """per_role is the one-worker-per-role placement; symmetric (all calls on all
     devices) is not, and runs on device workers."""
-    from orchestrator.config import load_config
-    from orchestrator.planning import is_per_role, make_plan, runtime_problems
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime.planning import is_per_role, make_plan, runtime_problems
 
     cfg = load_config(["generate.backend=hf"], for_run=False)
     per_role = make_plan(cfg, "per_role")
@@ -116,8 +116,8 @@ def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
     from dataclasses import replace
 
     from launch.cli import plan_for_run
-    from orchestrator.config import load_config
-    from orchestrator.planning import make_plan
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime.planning import make_plan
 
     cfg = load_config([f"run.output_dir={tmp_path}", "plan=heuristic", "plan.graph=sft"])
     used = plan_for_run(cfg)
@@ -130,8 +130,8 @@ def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
 def test_verifier_reward_takes_no_device(tmp_path: Path) -> None:
     """With reward=verifier there is no reward model: the planner places none, so PPO's
     three models fit a 3-GPU cluster."""
-    from orchestrator.config import load_config
-    from orchestrator.planning import make_plan
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime.planning import make_plan
 
     cfg = load_config(["reward=verifier", "cluster.device=cuda", "cluster.devices_per_node=3",
                        f"run.output_dir={tmp_path}"], for_run=False)  # fmt: skip
@@ -177,14 +177,14 @@ def test_train_refuses_pipeline_parallel_calls_as_simulation_only(tmp_path: Path
 def test_plans_keep_pp_1_unless_max_pp_allows_more(tmp_path: Path) -> None:
     """plan.max_pp = 1 (the default) keeps every mode's layouts executable; a what-if
     with plan.max_pp = 8 may pipeline."""
-    from orchestrator.config import load_config
-    from orchestrator.planning import make_plan
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime.planning import make_plan
 
     cfg = load_config([*PAPER[:-1], f"run.output_dir={tmp_path}", "plan.search_time_s=1"],
                       for_run=False)  # fmt: skip
     for mode in ("symmetric", "search"):
         assert all(a.layout.pp == 1 for a in make_plan(cfg, mode).plan.values()), mode
-    from orchestrator.planning import context
+    from orchestrator.runtime.planning import context
     from planner.search import layout_options
 
     deep = load_config([*PAPER, f"run.output_dir={tmp_path}"], for_run=False)
@@ -197,9 +197,9 @@ def test_a_checkpoint_resumes_only_under_its_plan(tmp_path: Path) -> None:
     under one plan is refused under another, naming the calls and the fix; the plan=search
     of a resumed run is the one in its run folder."""
     from launch.cli import plan_for_run
-    from orchestrator.config import load_config
-    from orchestrator.controller import Controller, RunError
-    from orchestrator.planning import make_plan
+    from orchestrator.config.schema import load_config
+    from orchestrator.run.controller import Controller, RunError
+    from orchestrator.runtime.planning import make_plan
     from planner.plan import to_dict
 
     cfg = load_config([f"run.output_dir={tmp_path}", "generate.backend=hf"], for_run=False)

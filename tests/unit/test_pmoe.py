@@ -147,8 +147,8 @@ def test_best_only_gradient_reaches_only_the_best_expert() -> None:
 
 @pytest.fixture(scope="module")
 def lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from orchestrator.modeling import build_model_folder, train_tokenizer
-    from orchestrator.tasks import make_task
+    from orchestrator.data.tasks import make_task
+    from orchestrator.models.hf import build_model_folder, train_tokenizer
 
     tmp = tmp_path_factory.mktemp("pmoe")
     tok = train_tokenizer(make_task("sort", 4).alphabet(), tmp / "tok")
@@ -163,8 +163,8 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def test_one_expert_is_the_plain_model_bit_for_bit(lm_folder: Path, tmp_path: Path) -> None:
-    from orchestrator.modeling import load_causal_lm
-    from orchestrator.pmoe_model import load_pmoe
+    from orchestrator.models.hf import load_causal_lm
+    from orchestrator.models.pmoe import load_pmoe
 
     plain = load_causal_lm(lm_folder)
     one = load_pmoe(lm_folder, 1)
@@ -193,7 +193,7 @@ def test_one_expert_is_the_plain_model_bit_for_bit(lm_folder: Path, tmp_path: Pa
 
 
 def test_fresh_head_is_deterministic_close_to_the_lm_and_normalised(lm_folder: Path) -> None:
-    from orchestrator.pmoe_model import load_pmoe
+    from orchestrator.models.pmoe import load_pmoe
 
     rng = torch.get_rng_state()
     model = load_pmoe(lm_folder, 3, rank=4, seed=1)
@@ -224,7 +224,7 @@ def test_fresh_head_is_deterministic_close_to_the_lm_and_normalised(lm_folder: P
 
 
 def test_router_and_q_losses_never_reach_the_trunk(lm_folder: Path) -> None:
-    from orchestrator.pmoe_model import load_pmoe
+    from orchestrator.models.pmoe import load_pmoe
 
     model = load_pmoe(lm_folder, 3).train()
     b = batch()
@@ -273,7 +273,7 @@ def cut_at_eos(ids: torch.Tensor, prompt_len: int, eos: int, pad: int) -> torch.
 
 
 def test_generate_greedy_sampled_and_eos(lm_folder: Path) -> None:
-    from orchestrator.pmoe_model import load_pmoe
+    from orchestrator.models.pmoe import load_pmoe
 
     model = load_pmoe(lm_folder, 3, seed=1)
     with torch.no_grad():  # a router off uniform, experts apart, so the mixture matters
@@ -303,7 +303,7 @@ def test_generate_greedy_sampled_and_eos(lm_folder: Path) -> None:
 def test_save_load_round_trip_and_mismatched_experts(lm_folder: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.pmoe_model import load_pmoe
+    from orchestrator.models.pmoe import load_pmoe
 
     model = load_pmoe(lm_folder, 3, rank=4, seed=2)
     with torch.no_grad():

@@ -29,8 +29,8 @@ def _step(engine, rank: int, seed: int) -> None:
 def _worker(rank: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
     join_world(rank, folder, world=2)
-    from orchestrator.device_workers import _DataParallelGroups
-    from orchestrator.engines import OptimSpec, TrainEngine
+    from orchestrator.engines.train import OptimSpec, TrainEngine
+    from orchestrator.workers.device_worker import _DataParallelGroups
 
     own = [dist.new_group([r]) for r in range(2)]
     spec = OptimSpec(lr=0.05, warmup_steps=2, weight_decay=0.01, grad_clip=1.0, zero_stage=1,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.realloc import ReallocStats, reallocate, shard_state
+from orchestrator.workers.realloc import ReallocStats, reallocate, shard_state
 from planner.catalogue import ModelShape, shape_from_hf_config
 from planner.layout import Layout, Mesh
 from planner.realloc import model_tensors
@@ -80,7 +80,7 @@ def test_shards_partition_each_tensor() -> None:
 def test_planner_names_match_the_hugging_face_model() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.modeling import MODEL_PRESETS
+    from orchestrator.models.hf import MODEL_PRESETS
 
     cfg = dict(MODEL_PRESETS["tiny"], vocab_size=37)
     model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **cfg))

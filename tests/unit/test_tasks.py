@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from orchestrator.tasks import TASKS, AddTask, SortTask, build_task_data, make_task
+from orchestrator.data.tasks import TASKS, AddTask, SortTask, build_task_data, make_task
 
 
 def test_registry_builds_each_task_and_lists_names_on_error() -> None:
@@ -137,7 +137,7 @@ def test_task_data_rejects_bad_settings_all_at_once() -> None:
 
 
 def test_bandit_task() -> None:
-    from orchestrator.tasks import BanditTask, build_task_data
+    from orchestrator.data.tasks import BanditTask, build_task_data
 
     task = BanditTask(4)
     assert task.alphabet() == "0123" and task.answer_tokens == 1
@@ -148,7 +148,7 @@ def test_bandit_task() -> None:
 
 
 def test_preference_pairs_are_ranked_by_the_verifier_with_label_noise() -> None:
-    from orchestrator.tasks import SortTask, build_task_data
+    from orchestrator.data.tasks import SortTask, build_task_data
 
     task = SortTask(6)
     data = build_task_data(task, 10, 10, 20, 0.3, seed=3, num_pairs=2000, num_eval_pairs=50,

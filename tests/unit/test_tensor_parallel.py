@@ -31,8 +31,8 @@ def model_and_logits(seed: int, ids: torch.Tensor) -> tuple[torch.nn.Module, tor
 def _worker(rank: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from orchestrator.parallel import load_shards, local_shards, parallelize
-    from orchestrator.realloc import reallocate, shard_state
+    from orchestrator.models.tensor_parallel import load_shards, local_shards, parallelize
+    from orchestrator.workers.realloc import reallocate, shard_state
     from planner.catalogue import shape_from_hf_config
     from planner.layout import Layout, Mesh
 
@@ -74,7 +74,7 @@ def test_sharded_forward_matches_one_device(tmp_path: Path) -> None:
 def test_load_shards_names_a_wrong_shape() -> None:
     import pytest
 
-    from orchestrator.parallel import load_shards
+    from orchestrator.models.tensor_parallel import load_shards
 
     model, _ = model_and_logits(0, torch.zeros(1, 1, dtype=torch.long))
     shards = {k: v.clone() for k, v in model.state_dict().items()}
@@ -87,8 +87,8 @@ def test_load_shards_names_a_wrong_shape() -> None:
 
 
 def _train_worker(rank: int, failures: str, port: int, folder: str) -> None:
-    from orchestrator.device_workers import DeviceWorker, group_ranks
-    from orchestrator.realloc import shard_state
+    from orchestrator.workers.device_worker import DeviceWorker, group_ranks
+    from orchestrator.workers.realloc import shard_state
     from planner.catalogue import shape_from_hf_config
     from planner.layout import Layout, Mesh
 
@@ -133,7 +133,7 @@ def test_tensor_parallel_training_matches_one_process(tmp_path: Path) -> None:
     data-parallel group) give one process's SGD step on the whole batch within 1e-5."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.engines import free_port
+    from orchestrator.workers.device_worker import free_port
 
     torch.manual_seed(0)
     folder = tmp_path / "model"

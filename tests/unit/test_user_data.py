@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from orchestrator.config import ConfigError, load_config
-from orchestrator.tasks import SortTask
-from orchestrator.user_data import (
+from orchestrator.config.schema import ConfigError, load_config
+from orchestrator.data.tasks import SortTask
+from orchestrator.data.user_data import (
     RewardError,
     call_reward_function,
     check_finite,
@@ -204,7 +204,7 @@ def test_the_example_reward_function() -> None:
 
 
 def test_resume_refuses_a_prompt_file_whose_contents_changed(tmp_path: Path) -> None:
-    from orchestrator.controller import Controller, RunError
+    from orchestrator.run.controller import Controller, RunError
 
     path = prompts_file(tmp_path / "p.jsonl", GOOD * 22)  # 66 prompts: a rollout batch
     overrides = [f"task.prompt_file={path}", f"run.output_dir={tmp_path / 'runs'}"]

@@ -1,12 +1,5 @@
-"""Engines a model worker runs calls with.
-
-- `TrainEngine`: DeepSpeed (ZeRO stage from the config) over the call's data-parallel
-  group; here one process per role, gloo on CPU.
-- `GenerationEngine`: the protocol every generation backend implements;
-  `HFGenerateEngine` is transformers' generate on the trainer's own module;
-  `orchestrator.vllm_engine.VLLMEngine` is vLLM behind the same protocol.
-
-Shape legend: B = sequences, P = prompt tokens, T = response tokens.
+"""Train engines: DeepSpeed (ZeRO stage 0-3 from the config) over a call's data-parallel
+group, and the trainer of tensor-parallel replicas (torch's AdamW on DTensor shards).
 """
 
 from __future__ import annotations
@@ -18,102 +11,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()  # end a response, like eos (kept, masked in)
-    min_new_tokens: int = 0  # no stop before this many tokens (benchmarks: fixed lengths)
-
-
-class Generation(NamedTuple):
-    response_ids: torch.Tensor  # [B, T], pad after the first stop token
-    response_mask: torch.Tensor  # [B, T], 1 up to and including the first stop token
-    logprobs: torch.Tensor | None  # [B, T] the sampler's log-probs (None: not reported)
-
-
-class GenerationEngine(Protocol):
-    def generate(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
-    ) -> Generation:
-        """Responses of T = params.max_new_tokens tokens; eos and params.stop_token_ids
-        end a response."""
-        ...
-
-
-class HFGenerateEngine:
-    """transformers' generate on the worker's current module (no copy of the weights)."""
-
-    def __init__(self, module: torch.nn.Module, eos_id: int, pad_id: int) -> None:
-        self.module = module
-        self.eos_id = eos_id
-        self.pad_id = pad_id
-
-    @torch.no_grad()
-    def generate(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
-    ) -> Generation:
-        """The sampler is the trainer's module itself, so no separate log-probs."""
-        torch.manual_seed(params.seed)
-        was_training = self.module.training
-        self.module.eval()
-        stops = (self.eos_id, *params.stop_token_ids)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=stops[0] if len(stops) == 1 else list(stops),
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )
-        if params.min_new_tokens:
-            kwargs.update(min_new_tokens=params.min_new_tokens)
-        if params.greedy or params.temperature == 0:
-            kwargs.update(do_sample=False)
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k if params.top_k > 0 else None,
-            )
-        out = self.module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-        if was_training:
-            self.module.train()
-        response = out[:, prompt_ids.shape[1] :]
-        ids, mask = finish_responses(response, stops, self.pad_id, params.max_new_tokens)
-        return Generation(ids, mask, None)
-
-
-def is_stop(tokens: torch.Tensor, stop_ids: int | tuple[int, ...]) -> torch.Tensor:
-    """Where tokens (any shape) are eos or another stop token (bool, same shape)."""
-    stops = torch.tensor(stop_ids if isinstance(stop_ids, tuple) else (stop_ids,))
-    return torch.isin(tokens, stops.to(tokens.device))
-
-
-def finish_responses(
-    response: torch.Tensor, stop_ids: int | tuple[int, ...], pad_id: int, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad responses to `width`, mask up to and including the first stop token (eos or
-    another), pad after it."""
-    b, t = response.shape
-    if t < width:
-        response = torch.cat([response, response.new_full((b, width - t), pad_id)], dim=1)
-    is_eos = is_stop(response, stop_ids)
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    mask = (~after_eos).long()
-    response = torch.where(after_eos, torch.full_like(response, pad_id), response)
-    return response.contiguous(), mask
-
-
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -128,7 +31,7 @@ def init_single_process_group() -> None:
     # A fresh port every time: these variables are per process, and a Ray worker
     # inherits its driver's environment, so inherited values must not be reused.
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
         WORLD_SIZE="1",
     )  # fmt: skip
     import deepspeed
@@ -185,7 +88,7 @@ class TrainEngine:
         self, module: torch.nn.Module, spec: OptimSpec, mpu: Any = None, dp: int = 1
     ) -> None:
         """`mpu` (with `dp` ranks): the data-parallel group of a planned call's layout
-        (orchestrator.device_workers); None: a world of this one process."""
+        (orchestrator.workers.device_worker); None: a world of this one process."""
         import deepspeed
 
         if mpu is None:

@@ -92,3 +92,24 @@ def gather_inputs(parts: Iterable[Any]) -> Batch:
     for k, ranked in pieces.items():
         merged[k] = torch.cat([v for _, v in sorted(ranked, key=lambda p: p[0])])
     return merged
+
+
+def is_stop(tokens: torch.Tensor, stop_ids: int | tuple[int, ...]) -> torch.Tensor:
+    """Where tokens (any shape) are eos or another stop token (bool, same shape)."""
+    stops = torch.tensor(stop_ids if isinstance(stop_ids, tuple) else (stop_ids,))
+    return torch.isin(tokens, stops.to(tokens.device))
+
+
+def finish_responses(
+    response: torch.Tensor, stop_ids: int | tuple[int, ...], pad_id: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad responses to `width`, mask up to and including the first stop token (eos or
+    another), pad after it."""
+    b, t = response.shape
+    if t < width:
+        response = torch.cat([response, response.new_full((b, width - t), pad_id)], dim=1)
+    is_eos = is_stop(response, stop_ids)
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = (~after_eos).long()
+    response = torch.where(after_eos, torch.full_like(response, pad_id), response)
+    return response.contiguous(), mask

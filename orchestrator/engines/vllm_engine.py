@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from orchestrator.engines import Generation, SamplingParams, finish_responses
+from orchestrator.engines.generate import Generation, SamplingParams
+from orchestrator.models.batch import finish_responses
 
 
 def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:

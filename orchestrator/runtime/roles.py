@@ -5,16 +5,16 @@ Both give the controller the same four things: `dispatch` a call (Ray references
 outputs and metrics), `evaluate` the actor, `save` and `load` the trained roles.
 
 `PlannedRoles` keeps one DeviceWorker per device of the plan's cluster
-(orchestrator.device_workers). Each call runs on its own mesh under its own layout; a
+(orchestrator.workers.device_worker). Each call runs on its own mesh under its own layout; a
 role holds one replica per layout its calls use. The replica of a role's train call is
 the one that learns: before any other call of that role runs, its replica receives the
 current weights by the planner's comm plan (parameter reallocation), unless it holds
 them already. A frozen role the plan offloads (planner.plan.offloaded_roles) keeps its
 weights in host memory between its calls: each of its calls reloads them first and
-offloads them after (orchestrator.offload). Every call is sent as one block of tasks to
+offloads them after (orchestrator.models.offload). Every call is sent as one block of tasks to
 the workers of its mesh, in dispatch order, so the collective operations of two calls
 never interleave in opposite orders on two workers. A call's consumers take the parts
-its ranks return and join them themselves (orchestrator.batch.gather_inputs): no extra
+its ranks return and join them themselves (orchestrator.models.batch.gather_inputs): no extra
 hop between two calls (`PlannedRoles.dispatch` names two more shortcuts).
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import ray
 
 from algos.graph import MFC, CallKind, DataflowGraph
-from orchestrator.device_workers import DeviceCluster, Sharding, sharding_key
+from orchestrator.workers.device_worker import DeviceCluster, Sharding, sharding_key
 from planner.layout import Layout, Mesh
 
 

@@ -27,8 +27,7 @@ import torch
 from algos.graph import MFC, CallKind, DataflowGraph
 from algos.ppo import ALGORITHM_GRAPHS, PAIR, PROMPT, reward_model_graph, sft_graph
 from algos.rewards import make_kl_controller
-from orchestrator.checkpoint import CheckpointManager, write_atomic
-from orchestrator.config import (
+from orchestrator.config.schema import (
     ConfigError,
     Problem,
     RelayConfig,
@@ -36,12 +35,14 @@ from orchestrator.config import (
     to_dict,
     to_yaml,
 )
-from orchestrator.engines import OptimSpec, SamplingParams
-from orchestrator.plan_runtime import Dispatched, PlannedRoles, RoleWorkers, without_spans
-from orchestrator.planning import PlanResult, is_per_role
-from orchestrator.tracking import Tracker, plot_learning_curves
-from orchestrator.user_data import RewardError
-from orchestrator.vllm_engine import VLLMSpec, kv_cache_bytes_for
+from orchestrator.data.user_data import RewardError
+from orchestrator.engines.generate import SamplingParams
+from orchestrator.engines.train import OptimSpec
+from orchestrator.engines.vllm_engine import VLLMSpec, kv_cache_bytes_for
+from orchestrator.run.checkpoint import CheckpointManager, write_atomic
+from orchestrator.run.tracking import Tracker, plot_learning_curves
+from orchestrator.runtime.planning import PlanResult, is_per_role
+from orchestrator.runtime.roles import Dispatched, PlannedRoles, RoleWorkers, without_spans
 from orchestrator.worker import ModelWorker, RoleSpec
 from planner.plan import to_dict as plan_to_dict
 
@@ -279,7 +280,7 @@ def run_graph(
 class Controller:
     def __init__(self, cfg: RelayConfig, plan: PlanResult | None = None) -> None:
         self.cfg = cfg
-        self.plan = plan  # the RL graph's execution plan (orchestrator.planning.make_plan)
+        self.plan = plan  # the RL graph's execution plan (orchestrator.runtime.planning.make_plan)
         self.paths = RunPaths(Path(cfg.run.output_dir) / cfg.run.name)
         self.ckpt = CheckpointManager(self.paths.root, cfg.run.keep_checkpoints)
         self.restarts = 0  # model workers replaced so far (run.max_restarts bounds them)
@@ -336,20 +337,20 @@ class Controller:
         return marker
 
     def prompt_file_digest(self) -> str | None:
-        from orchestrator.user_data import file_sha256
+        from orchestrator.data.user_data import file_sha256
 
         path = self.cfg.task.prompt_file
         return file_sha256(path) if path is not None else None
 
     def build_assets(self) -> None:
         """Tokenizer, base model and task data, built locally and deterministically."""
-        from orchestrator.modeling import (
+        from orchestrator.data.tasks import build_task_data, make_task
+        from orchestrator.models.hf import (
             build_model_folder,
             count_parameters,
             load_causal_lm,
             train_tokenizer,
         )
-        from orchestrator.tasks import build_task_data, make_task
 
         cfg, paths = self.cfg, self.paths
         self.task = make_task(cfg.task.name, cfg.task.num_digits)
@@ -398,7 +399,7 @@ class Controller:
 
     def file_prompts(self) -> list[str]:
         """task.prompt_file's prompts (checked line by line when the config loaded)."""
-        from orchestrator.user_data import read_prompt_file
+        from orchestrator.data.user_data import read_prompt_file
 
         cfg = self.cfg
         report = read_prompt_file(
@@ -539,7 +540,7 @@ class Controller:
         optim = self.optim(s.lr, s.warmup_steps, s.batch_samples, s.micro_batch_samples_per_device)
         spec = self.role("actor", "causal", self.base, optim, generates=True)
         width = self.task.answer_tokens
-        from orchestrator.modeling import encode_prompts
+        from orchestrator.models.hf import encode_prompts
 
         def batch(step: int) -> dict[str, torch.Tensor]:
             pairs = take(self.data.sft_pairs, s.batch_samples, step - 1, cfg.run.seed)
@@ -580,7 +581,7 @@ class Controller:
                               evaluate, self.paths.reward_model)  # fmt: skip
 
     def encode_pairs(self, pairs: list[tuple[str, str, str]]) -> dict[str, torch.Tensor]:
-        from orchestrator.modeling import encode_prompts
+        from orchestrator.models.hf import encode_prompts
 
         width = self.task.answer_tokens
         pids, pmask = encode_prompts(self.tokenizer, [p for p, _, _ in pairs])
@@ -787,7 +788,7 @@ class Controller:
         last: dict[str, float] = {}
         n_samples = t.rollout_batch_prompts * t.samples_per_prompt
         generating_roles = {c.role for c in graph.calls if c.kind is CallKind.GENERATE}
-        from orchestrator.modeling import encode_prompts
+        from orchestrator.models.hf import encode_prompts
 
         try:
             if start_step == 0:
@@ -887,7 +888,7 @@ class Controller:
         """The planner's estimates beside the measured times (plan/ next to time/), and
         the step's orchestration overhead: its wall time minus the time during which some
         call or reallocation computed (the union of their spans)."""
-        from orchestrator.plan_runtime import busy_seconds
+        from orchestrator.runtime.roles import busy_seconds
 
         busy, computing = busy_seconds(m), busy_seconds(m, reallocations=False)
         step = m["time/step_s"]
@@ -928,7 +929,7 @@ class Controller:
             )
 
     def final_metrics(self) -> dict[str, float]:
-        from orchestrator.tracking import read_metrics
+        from orchestrator.run.tracking import read_metrics
 
         last: dict[str, float] = {}
         for row in read_metrics(self.paths.root / "metrics.jsonl"):

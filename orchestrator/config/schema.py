@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass
@@ -166,7 +166,7 @@ def generation_backend(cfg: RelayConfig) -> str:
     backend = cfg.generate.backend
     if backend != "auto":
         return backend
-    from orchestrator.vllm_engine import vllm_available
+    from orchestrator.engines.vllm_engine import vllm_available
 
     return "vllm" if vllm_available() and cfg.policy.kind == "plain" else "hf"
 
@@ -420,8 +420,8 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
     from algos.losses import LOSS_AGG_MODES
     from algos.ppo import ALGORITHM_GRAPHS
     from algos.rewards import KL_CONTROLLERS, KL_ESTIMATORS
-    from orchestrator.modeling import MODEL_PRESETS
-    from orchestrator.tasks import TASKS
+    from orchestrator.data.tasks import TASKS
+    from orchestrator.models.hf import MODEL_PRESETS
 
     p: list[Problem] = []
     a, t, s, g, c = cfg.algo, cfg.train, cfg.sft, cfg.generate, cfg.cluster
@@ -590,7 +590,7 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
                     "use e.g. train.samples_per_prompt=4",
                 )
             )
-    from orchestrator.pipeline_rules import pipeline_rules
+    from orchestrator.config.stage_rules import pipeline_rules
 
     pipeline_rules(p, cfg)
     if for_run:
@@ -616,7 +616,7 @@ def _local_run_rules(p: list[Problem], cfg: RelayConfig) -> None:
 
     a, c = cfg.algo, cfg.cluster
     if cfg.model.path is None:
-        from orchestrator.tasks import make_task
+        from orchestrator.data.tasks import make_task
 
         try:
             task = make_task(cfg.task.name, cfg.task.num_digits)
@@ -680,8 +680,8 @@ def _prompt_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
     model's context with bos and generate.max_new_tokens (line-numbered problems)."""
     import random
 
-    from orchestrator.tasks import TASKS, make_task
-    from orchestrator.user_data import prompt_file_problems, read_prompt_file
+    from orchestrator.data.tasks import TASKS, make_task
+    from orchestrator.data.user_data import prompt_file_problems, read_prompt_file
 
     path = cfg.task.prompt_file
     if path is None or cfg.task.name not in TASKS or cfg.task.num_digits < 1:
@@ -863,7 +863,7 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
 
 
 def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
-    from orchestrator.tasks import TASKS, make_task, max_eval_prompts
+    from orchestrator.data.tasks import TASKS, make_task, max_eval_prompts
 
     tc = cfg.task
     counts = ["num_digits", "num_rl_prompts", "num_eval_prompts"]

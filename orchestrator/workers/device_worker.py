@@ -9,9 +9,9 @@ workers form one torch.distributed world (gloo; CPU only so far), rank = device.
 Each worker holds, per model replica (a role under a sharding = mesh + layout), only its
 own slices of the weights, as the planner's rules give them (planner.realloc):
 - `reallocate` runs the planner's comm plan between two shardings of a role
-  (orchestrator.realloc), on every device of both meshes;
+  (orchestrator.workers.realloc), on every device of both meshes;
 - `forward` runs a replica's forward pass, tensor parallel over its tp group
-  (orchestrator.parallel), each data-parallel rank on its share of the batch;
+  (orchestrator.models.tensor_parallel), each data-parallel rank on its share of the batch;
 - `train_step` runs one optimizer step of a replica: with DeepSpeed (ZeRO-1) over its
   data-parallel group when tp = 1; with tp > 1, on the tensor-parallel model with its
   gradient shards averaged over the data-parallel group and torch's optimizer.
@@ -22,6 +22,7 @@ forward and train calls refuse them (the planner marks such plans simulation-onl
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -51,6 +52,12 @@ def group_ranks(sharding: Sharding, kind: str) -> list[list[int]]:
         key = (dp_i, pp_i) if kind == "tp" else (pp_i, tp_i)
         groups.setdefault(key, []).append(dev)
     return list(groups.values())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class _DataParallelGroups:
@@ -107,10 +114,10 @@ class Replica:
 
 def model_config(folder: str, kind: str) -> dict[str, Any]:
     """The Hugging Face config (as a dict) a replica of `kind` is built from; a value
-    replica of a causal folder gets a one-label head (orchestrator.modeling)."""
+    replica of a causal folder gets a one-label head (orchestrator.models.hf)."""
     from transformers import AutoConfig
 
-    from orchestrator.modeling import _is_value_model
+    from orchestrator.models.hf import _is_value_model
 
     config = AutoConfig.from_pretrained(folder)
     if kind == "value" and not _is_value_model(config):
@@ -120,8 +127,8 @@ def model_config(folder: str, kind: str) -> dict[str, Any]:
 
 
 def load_full(folder: str, kind: str) -> torch.nn.Module:
-    """A role's whole model from a Hugging Face folder (orchestrator.modeling's loaders)."""
-    from orchestrator.modeling import load_causal_lm, load_value_model
+    """A role's whole model from a Hugging Face folder (orchestrator.models.hf's loaders)."""
+    from orchestrator.models.hf import load_causal_lm, load_value_model
 
     return load_value_model(folder) if kind == "value" else load_causal_lm(folder)
 
@@ -162,7 +169,7 @@ class DeviceWorker:
         """This worker's node address and a free port on it (for rank 0's store)."""
         import ray
 
-        from orchestrator.engines import free_port
+        from orchestrator.workers.device_worker import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 
@@ -200,8 +207,8 @@ class DeviceWorker:
         """Read a Hugging Face model folder and keep this device's slices under
         `sharding` (nothing if the device is outside its mesh); returns the bytes kept.
         A `kind` = value replica of a causal folder gets a zero one-label head, as
-        orchestrator.modeling.load_value_model makes it."""
-        from orchestrator.realloc import shard_state
+        orchestrator.models.hf.load_value_model makes it."""
+        from orchestrator.workers.realloc import shard_state
 
         config = model_config(folder, kind)
         shape = replace(shape_from_hf_config(role, config), value_head=kind == "value")
@@ -213,7 +220,7 @@ class DeviceWorker:
         key = (role, sharding_key(sharding))
         old = self.replicas.get(key)
         if old is not None and old.module is not None:  # a built replica: new values in place
-            from orchestrator.parallel import load_shards
+            from orchestrator.models.tensor_parallel import load_shards
 
             load_shards(old.module, shards)
             old.shards = {}
@@ -226,7 +233,7 @@ class DeviceWorker:
         copy=False: the replica's own tensors, to read before its next call."""
         rep = self.replicas[(role, sharding_key(sharding))]
         if rep.module is not None:
-            from orchestrator.parallel import local_shards
+            from orchestrator.models.tensor_parallel import local_shards
 
             held = local_shards(rep.module)
             return {k: v.detach().clone() for k, v in held.items()} if copy else held
@@ -235,7 +242,7 @@ class DeviceWorker:
     def reallocate(self, role: str, src: Sharding, dst: Sharding, devices_per_node: int) -> dict:
         """This device's part of the comm plan from replica `src` to replica `dst` of a
         role; the destination replica's slices are replaced. Returns byte counts."""
-        from orchestrator.realloc import ReallocStats, reallocate
+        from orchestrator.workers.realloc import ReallocStats, reallocate
 
         # every worker registered the role when it was loaded, in or out of its mesh
         source = next(r for (name, _), r in self.replicas.items() if name == role)
@@ -260,7 +267,7 @@ class DeviceWorker:
             rep = Replica(role, dst, source.shape, source.config, {}, source.kind)
             self.replicas[key] = rep
         if rep.module is not None:  # a built replica takes the new weights in place
-            from orchestrator.parallel import load_shards
+            from orchestrator.models.tensor_parallel import load_shards
 
             load_shards(rep.module, got)
             rep.shards = {}
@@ -280,7 +287,7 @@ class DeviceWorker:
                 "calls are not executed by this runtime (plans with pp > 1 are simulation-"
                 "only); use a layout with pp = 1"
             )
-        from orchestrator.parallel import load_shards, parallelize
+        from orchestrator.models.tensor_parallel import load_shards, parallelize
 
         model = build_model(rep.config, rep.kind)
         if lay.tp > 1:
@@ -401,11 +408,11 @@ class DeviceWorker:
 
     def host(self, specs: list[Any], offload: list[str] | tuple[str, ...] = ()) -> None:
         """The roles (RoleSpecs) whose calls this worker may run (`run`); the frozen roles
-        of `offload` keep their weights in host memory between calls (orchestrator.offload)."""
+        of `offload` keep their weights in host memory between calls (orchestrator.models.offload)."""
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from orchestrator.tasks import make_task
+        from orchestrator.data.tasks import make_task
 
         hf_logging.set_verbosity_error()
         self.specs = {s.name: s for s in specs}
@@ -428,8 +435,9 @@ class DeviceWorker:
         """The replica's WorkerContext for the MFC interfaces: its (tensor-parallel) model,
         a trainer over its data-parallel group for train calls, transformers' generate
         on the same model for generate calls."""
-        from orchestrator.engines import HFGenerateEngine, TensorParallelTrainEngine, TrainEngine
-        from orchestrator.interfaces import WorkerContext
+        from orchestrator.engines.generate import HFGenerateEngine
+        from orchestrator.engines.train import TensorParallelTrainEngine, TrainEngine
+        from orchestrator.interfaces.registry import WorkerContext
 
         spec = self.specs[rep.role]
         if rep.ctx is None:
@@ -464,12 +472,12 @@ class DeviceWorker:
         rep = self.replicas[key]
         self._context(rep, call.kind is CallKind.TRAIN, call.kind is CallKind.GENERATE)
         if rep.role in self.offload_roles and key not in self.parked:
-            from orchestrator.offload import offload
+            from orchestrator.models.offload import offload
 
             self.parked[key] = offload(self._module(rep))
 
     def merge_evaluation(self, *parts: Any) -> dict[str, float]:
-        from orchestrator.plan_runtime import merge_evaluation
+        from orchestrator.runtime.roles import merge_evaluation
 
         return merge_evaluation(*parts)
 
@@ -481,9 +489,9 @@ class DeviceWorker:
         (each rank trains on its share of every mini-batch). Returns ((dp index,
         outputs) from the first rank of each tp group, else None; metrics)."""
         from algos.graph import CallKind, check_outputs
-        from orchestrator.batch import gather_inputs
-        from orchestrator.interfaces import get_interface
-        from orchestrator.plan_runtime import REALLOC_KEY
+        from orchestrator.interfaces.lookup import get_interface
+        from orchestrator.models.batch import gather_inputs
+        from orchestrator.runtime.roles import REALLOC_KEY
 
         self.produced.pop(call.name, None)
         options = dict(options)
@@ -524,7 +532,7 @@ class DeviceWorker:
             metrics[f"time/{call.name}_s"] = time.perf_counter() - start
         finally:  # reload before, offload after (a failed call too); the span covers both
             if key in self.parked:
-                from orchestrator.offload import offload
+                from orchestrator.models.offload import offload
 
                 self.parked[key] = offload(self._module(rep))
         if key in self.parked:
@@ -544,7 +552,7 @@ class DeviceWorker:
     def _reload(self, key: tuple[str, str]) -> int:
         """Bring an offloaded replica's weights back from host memory (its bytes; 0 if
         it was not offloaded)."""
-        from orchestrator.offload import reload
+        from orchestrator.models.offload import reload
 
         return reload(self.parked[key]) if key in self.parked else 0
 
@@ -555,7 +563,7 @@ class DeviceWorker:
         (np.array_split order); None from all but the first rank of each tp group."""
         import numpy as np
 
-        from orchestrator.modeling import decode_responses, encode_prompts
+        from orchestrator.models.hf import decode_responses, encode_prompts
 
         rep = self.replicas[(role, sharding_key(sharding))]
         ctx = self._context(rep, train=False, generates=True)
@@ -601,8 +609,8 @@ class DeviceWorker:
     def load_rank(self, role: str, sharding: Sharding, folder: str) -> None:
         """Restore a trained replica from a checkpoint folder: the weights (folder/<role>,
         this device's slices of them) and this rank's optimizer state."""
-        from orchestrator.parallel import load_shards
-        from orchestrator.realloc import shard_state
+        from orchestrator.models.tensor_parallel import load_shards
+        from orchestrator.workers.realloc import shard_state
 
         rep = self.replicas[(role, sharding_key(sharding))]
         ctx = self._context(rep, train=True, generates=False)

@@ -1,6 +1,6 @@
 """Validation rules of the pipeline's stages and policy options: the reward stage, the
 policy head (PMOE), sample reweighting and the ReMax pairing of graph and estimator.
-Called by `orchestrator.config.validate`; each rule appends a Problem (field, value,
+Called by `orchestrator.config.schema.validate`; each rule appends a Problem (field, value,
 rule, fix)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import Problem, RelayConfig, _positive, check_choice
+from orchestrator.config.schema import Problem, RelayConfig, _positive, check_choice
 
 POLICY_LOSSES = ("ppo", "reinforce")
 POLICY_KINDS = ("plain", "pmoe")
@@ -146,7 +146,7 @@ def _backend_rules(p: list[Problem], cfg: RelayConfig) -> None:
         )
     if g.backend != "vllm":
         return
-    from orchestrator.vllm_engine import vllm_available
+    from orchestrator.engines.vllm_engine import vllm_available
 
     if not vllm_available():
         p.append(
@@ -171,7 +171,7 @@ def _backend_rules(p: list[Problem], cfg: RelayConfig) -> None:
 
 def _reward_function_rules(p: list[Problem], cfg: RelayConfig) -> None:
     """reward.function: set exactly with reward.source=function, and it must load."""
-    from orchestrator.user_data import load_reward_function
+    from orchestrator.data.user_data import load_reward_function
 
     r = cfg.reward
     if r.source == "function" and r.function is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from algos.graph import DataflowGraph
 from algos.ppo import ALGORITHM_GRAPHS, reward_model_graph, sft_graph
-from orchestrator.config import ConfigError, Problem, RelayConfig
+from orchestrator.config.schema import ConfigError, Problem, RelayConfig
 from planner.catalogue import (
     MODEL_SHAPES,
     Cluster,
@@ -45,8 +45,8 @@ def model_shape(cfg: RelayConfig) -> ModelShape:
     if cfg.model.path is not None:
         hf = json.loads((Path(cfg.model.path) / "config.json").read_text())
         return shape_from_hf_config(Path(cfg.model.path).name, hf)
-    from orchestrator.modeling import MODEL_PRESETS
-    from orchestrator.tasks import make_task
+    from orchestrator.data.tasks import make_task
+    from orchestrator.models.hf import MODEL_PRESETS
 
     task = make_task(cfg.task.name, cfg.task.num_digits)
     vocab = 4 + len(set(task.alphabet()))
@@ -62,7 +62,7 @@ def workload(cfg: RelayConfig) -> Workload:
     if cfg.plan.prompt_tokens is not None:
         prompt = cfg.plan.prompt_tokens
     else:
-        from orchestrator.tasks import make_task
+        from orchestrator.data.tasks import make_task
 
         prompt = make_task(cfg.task.name, cfg.task.num_digits).max_prompt_chars + 1  # + bos
     gen = cfg.generate.max_new_tokens

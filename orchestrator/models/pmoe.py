@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from algos.pmoe import mixture_log_probs, two_stage_sample
-from orchestrator.engines import is_stop
+from orchestrator.models.batch import is_stop
 
 PMOE_WEIGHTS, PMOE_CONFIG = "pmoe.safetensors", "pmoe.json"
 
@@ -247,7 +247,7 @@ def load_pmoe(
     """The LM at `path` (fp32, eval mode) with a PMOE head: the saved one if the folder has
     pmoe.json (its K and R must equal num_experts and rank, else ValueError), else a fresh
     one initialised from `seed` (the global torch RNG is not used)."""
-    from orchestrator.modeling import load_causal_lm
+    from orchestrator.models.hf import load_causal_lm
 
     model = PMOECausalLM(load_causal_lm(path), num_experts, rank=rank, seed=seed)
     folder = Path(str(path))

@@ -57,7 +57,7 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
 
 def local_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's pieces of the model's weights, by Hugging Face name (what
-    orchestrator.realloc.shard_state gives the rank under the same layout)."""
+    orchestrator.workers.realloc.shard_state gives the rank under the same layout)."""
     out: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
         out[name] = value.to_local() if isinstance(value, DTensor) else value

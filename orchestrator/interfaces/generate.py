@@ -1,0 +1,58 @@
+"""The generate interface: sample (or decode greedily) responses with the replica's
+generation engine, and the trainer's log-probs of them when the call asks.
+
+Shape legend: B = sequences, P = prompt tokens, T = response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from orchestrator.engines.generate import SamplingParams
+from orchestrator.interfaces.common import canonical, module_of, outputs_as
+from orchestrator.interfaces.registry import Metrics, WorkerContext, interface
+from orchestrator.models.batch import (
+    Batch,
+    is_stop,
+    response_logprobs,
+)
+
+
+@interface("generate")
+def generate(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tuple[Batch, Metrics]:
+    """Sample (or, with option greedy, decode greedily) responses. A call that declares a
+    third output also gets the log-probs from the same forward pass the trainer uses."""
+    if ctx.generator is None:
+        raise RuntimeError(f"role '{ctx.role}' has no generation engine")
+    params: SamplingParams = options["sampling"]
+    if options.get("greedy"):
+        params = replace(params, greedy=True)
+    prompts = canonical(batch, options, ("prompt_ids", "prompt_mask"))
+    gen = ctx.generator.generate(prompts["prompt_ids"], prompts["prompt_mask"], params)
+    response_ids, response_mask = gen.response_ids, gen.response_mask
+    out = [response_ids, response_mask]
+    prefix = options.get("metric_prefix", "rollout/")
+    metrics: Metrics = {}
+    if len(options["outputs"]) > 2:
+        full = {**prompts, "response_ids": response_ids, "response_mask": response_mask}
+        module = module_of(ctx)
+        module.eval()
+        with torch.no_grad():
+            trainer = response_logprobs(module, full, params.temperature)
+        out.append(trainer)
+        if gen.logprobs is not None:  # the sampler is another engine: how far apart?
+            diff = (gen.logprobs - trainer).abs() * response_mask
+            tokens = response_mask.sum().clamp(min=1)
+            metrics[f"{prefix}logprob_diff"] = float(diff.sum() / tokens)
+            metrics[f"{prefix}logprob_diff_max"] = float(diff.max())
+    lengths = response_mask.sum(-1).float()
+    # a response stopped if its last token is eos or a stop token (else it was cut)
+    last = response_ids.gather(1, (response_mask.sum(-1, keepdim=True) - 1).clamp(min=0))
+    stopped = is_stop(last.squeeze(1), (ctx.tokenizer.eos_token_id, *params.stop_token_ids))
+    metrics[f"{prefix}response_length_mean"] = float(lengths.mean())
+    metrics[f"{prefix}truncated_frac"] = float(1 - stopped.float().mean())
+    return outputs_as(options, out), metrics
