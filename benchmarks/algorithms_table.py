@@ -39,7 +39,7 @@ def run(overrides: list[str]) -> tuple[Path, float]:
     import ray
 
     from launch.cli import init_ray
-    from orchestrator.config.schema import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.run.controller import Controller
 
     cfg = load_config(overrides)

@@ -60,8 +60,9 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from orchestrator.data.tasks import make_task
+    from orchestrator.data.text import encode_prompts
     from orchestrator.engines.generate import HFGenerateEngine, SamplingParams
-    from orchestrator.models.hf import encode_prompts, load_causal_lm
+    from orchestrator.models.hf import load_causal_lm
 
     folder = Path(args.folder) / "model"
     tok = AutoTokenizer.from_pretrained(str(folder))

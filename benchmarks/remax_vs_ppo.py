@@ -35,7 +35,7 @@ def run_algo(algo: str, steps: int, out: str, overrides: list[str]) -> dict:
 
     from algos.ppo import ALGORITHM_GRAPHS
     from launch.cli import init_ray
-    from orchestrator.config.schema import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.run.controller import Controller
     from orchestrator.run.tracking import read_metrics
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 USAGE = """usage: relay <command> [key=value ...]
@@ -33,32 +32,6 @@ Examples:
   relay train train.steps=20 run.name=quick     # override any key
   relay train run.name=quick resume=auto        # continue a run from its newest checkpoint
 """
-
-SHORTHANDS = {"resume": "run.resume", "seed": "run.seed", "name": "run.name"}
-
-
-def _expand(overrides: list[str]) -> list[str]:
-    out = []
-    for ov in overrides:
-        key, sep, value = ov.partition("=")
-        out.append(f"{SHORTHANDS.get(key, key)}{sep}{value}")
-    return out
-
-
-def _config_help() -> str:
-    from orchestrator.config.schema import GROUP_SCHEMAS, group_options, load_config, to_yaml
-
-    groups = "\n".join(f"  {g}: {', '.join(group_options(g))}" for g in GROUP_SCHEMAS)
-    cfg = load_config([])
-    return (
-        "usage: relay train [group=option ...] [key=value ...]\n\n"
-        "Runs SFT, then the RL algorithm, on a local Ray cluster (or the cluster at\n"
-        "RAY_ADDRESS / cluster.address). Results go to run.output_dir/run.name.\n\n"
-        f"Config groups (configs/):\n{groups}\n\n"
-        "Shorthands: resume=auto -> run.resume=auto, seed=N -> run.seed=N, name=X -> run.name=X\n\n"
-        "== Config (defaults) ==\n" + to_yaml(cfg)
-    )
-
 
 def _setup_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -116,44 +89,24 @@ def init_ray(cfg: object) -> None:
     )
 
 
-def plan_for_run(cfg: Any) -> Any:
-    """The RL graph's plan under plan.mode (what `relay plan` prints for the same
-    overrides), refused with a ConfigError if this runtime cannot execute it."""
-    from dataclasses import replace
-
-    from orchestrator.config.schema import ConfigError
-    from orchestrator.runtime.planning import make_plan, runtime_problems
-
-    rl = replace(cfg, plan=replace(cfg.plan, graph=None))
-    searched = Path(cfg.run.output_dir) / cfg.run.name / "plan.json"
-    if cfg.plan.mode == "search" and cfg.run.resume != "never" and searched.is_file():
-        # a search may differ run to run: a resumed run keeps the plan it searched
-        print(f"relay: plan=search: this run continues under the plan it searched ({searched})")
-        rl = replace(rl, plan=replace(rl.plan, mode="file", path=str(searched)))
-    result = make_plan(rl)
-    problems = runtime_problems(result, cfg)
-    if problems:
-        raise ConfigError(problems)
-    print(f"relay: plan={result.mode}, estimated {result.estimate.time_per_iteration_s:.3g} s "
-          "per RL step (`relay plan` shows it)")  # fmt: skip
-    return result
-
-
 def train(argv: list[str]) -> int:
-    from orchestrator.config.schema import ConfigError, load_config
+    from launch.overrides import config_help, expand
+    from orchestrator.config.load import load_config
+    from orchestrator.config.schema import ConfigError
     from orchestrator.run.controller import Controller, RunError
+    from orchestrator.runtime.planning import plan_for_run
 
     if any(a in ("-h", "--help") for a in argv):
-        print(_config_help())
+        print(config_help())
         return 0
     try:
-        cfg = load_config(_expand(argv))
+        cfg = load_config(expand(argv))
     except ConfigError as e:
         print(f"relay train: {e}", file=sys.stderr)
         return 2
     import ray
 
-    from orchestrator.run.controller import install_stop_handler
+    from orchestrator.run.context import install_stop_handler
 
     install_stop_handler()  # before Ray starts, so an early SIGTERM is a graceful stop too
     try:
@@ -180,13 +133,15 @@ def train(argv: list[str]) -> int:
 
 
 def show_config(argv: list[str]) -> int:
-    from orchestrator.config.schema import ConfigError, load_config, to_yaml
+    from launch.overrides import config_help, expand
+    from orchestrator.config.load import load_config
+    from orchestrator.config.schema import ConfigError, to_yaml
 
     if any(a in ("-h", "--help") for a in argv):
-        print(_config_help())
+        print(config_help())
         return 0
     try:
-        print(to_yaml(load_config(_expand(argv))))
+        print(to_yaml(load_config(expand(argv))))
     except ConfigError as e:
         print(f"relay config: {e}", file=sys.stderr)
         return 2

@@ -61,13 +61,15 @@ def _client(address: str) -> Any:
 def submission(overrides: list[str], python: str = "python") -> tuple[str, dict[str, str], Any]:
     """The entrypoint and metadata of a run: overrides validated and planned here first,
     so a bad config never reaches the cluster; run.output_dir made absolute."""
-    from launch.cli import _expand, plan_for_run
-    from orchestrator.config.schema import load_config, to_yaml
+    from launch.overrides import expand
+    from orchestrator.config.load import load_config
+    from orchestrator.config.schema import to_yaml
+    from orchestrator.runtime.planning import plan_for_run
 
-    cfg = load_config(_expand(overrides), for_run=False)
+    cfg = load_config(expand(overrides), for_run=False)
     out = str(Path(cfg.run.output_dir).resolve())
     cfg = replace(cfg, run=replace(cfg.run, output_dir=out))  # the job gets the same path
-    expanded = [o for o in _expand(overrides) if not o.startswith("run.output_dir=")]
+    expanded = [o for o in expand(overrides) if not o.startswith("run.output_dir=")]
     expanded.append(f"run.output_dir={out}")
     plan_for_run(cfg)  # refuse plans the runtime cannot run, before submitting
     entry = f"{shlex.quote(python)} -m launch.cli train " + " ".join(

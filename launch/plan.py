@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.config.schema import ConfigError, RelayConfig
@@ -80,6 +81,12 @@ def _progress() -> Callable[[int, float], None]:
 
 def run_plan(cfg: RelayConfig) -> int:
     ctx: Context = context(cfg)
+    mode = cfg.plan.mode
+    if mode == "auto":  # the mode auto picks for this cluster, shown beside the others
+        auto = make_plan(cfg, "auto", ctx)
+        mode = auto.mode
+        cfg = replace(cfg, plan=replace(cfg.plan, mode=mode))
+        print(f"relay plan: plan=auto: {mode} ({auto.reason})")
     print(f"relay plan: {ctx.workload.graph} on {ctx.cluster.describe()}; "
           f"mode {cfg.plan.mode}", flush=True)  # fmt: skip
     modes = ["per_role", "symmetric", "heuristic", "search"] + (["file"] if cfg.plan.path else [])
@@ -147,8 +154,8 @@ def run_plan(cfg: RelayConfig) -> int:
 
 
 def plan(argv: list[str]) -> int:
-    from launch.cli import _config_help, _expand
-    from orchestrator.config.schema import load_config
+    from launch.overrides import config_help, expand
+    from orchestrator.config.load import load_config
 
     if any(a in ("-h", "--help") for a in argv):
         print("usage: relay plan [plan=search|symmetric|heuristic|file] [key=value ...]\n\n"
@@ -159,10 +166,10 @@ def plan(argv: list[str]) -> int:
               "cluster.device_kind=h100-sxm cluster.num_nodes=2 cluster.devices_per_node=8 \\\n"
               "    plan.actor_shape=llama2-13b plan.critic_shape=llama2-7b "
               "train.rollout_batch_prompts=512 \\\n    train.mini_batch_samples=128 "
-              "plan.prompt_tokens=128 generate.max_new_tokens=128\n\n" + _config_help())  # fmt: skip
+              "plan.prompt_tokens=128 generate.max_new_tokens=128\n\n" + config_help())  # fmt: skip
         return 0
     try:
-        cfg = load_config(_expand(argv), for_run=False)
+        cfg = load_config(expand(argv), for_run=False)
         return run_plan(cfg)
     except ConfigError as e:
         print(f"relay plan: {e}", file=sys.stderr)

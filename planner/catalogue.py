@@ -11,6 +11,7 @@ Units are in the names: *_flops_s (FLOP/s), *_bytes_s (bytes/s), *_bytes, *_s.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,8 @@ class ModelShape:
     """A Llama-architecture decoder: untied embedding and LM head, gated MLP, RMSNorm.
 
     value_head: the LM head is replaced by a scalar head (critic and reward models).
+    extra: further tensors (name, shape) every rank holds whole, beside the decoder's (a
+    PMOE policy's expert deltas, router and Q head).
     """
 
     name: str
@@ -172,6 +175,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     value_head: bool = False
+    extra: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -194,6 +198,7 @@ class ModelShape:
             + self.vocab * self.hidden  # embedding
             + self.head_out * self.hidden  # LM or value head
             + self.hidden  # final norm
+            + sum(math.prod(dims) for _, dims in self.extra)
         )
 
     def kv_bytes_per_token(self, param_bytes: int) -> int:

@@ -81,6 +81,7 @@ def edge_tensors(shape: ModelShape) -> list[TensorSpec]:
     ]
     if shape.value_head:  # the scalar head's bias
         out.append(TensorSpec("score.bias", (1,), None, None))
+    out += [TensorSpec(name, dims, None, None) for name, dims in shape.extra]
     return out
 
 

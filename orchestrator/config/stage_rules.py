@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config.schema import Problem, RelayConfig, _positive, check_choice
+from orchestrator.config.schema import Problem, RelayConfig, check_choice, positive
 
 POLICY_LOSSES = ("ppo", "reinforce")
 POLICY_KINDS = ("plain", "pmoe")
@@ -54,8 +54,8 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
                 )
             )
     if r.source == "model" and r.path is None:
-        _positive(p, r, "reward", ["steps", "batch_pairs", "micro_batch_pairs_per_device", "lr"])
-        _positive(p, r, "reward", ["num_pairs", "num_eval_pairs"])
+        positive(p, r, "reward", ["steps", "batch_pairs", "micro_batch_pairs_per_device", "lr"])
+        positive(p, r, "reward", ["num_pairs", "num_eval_pairs"])
         if r.micro_batch_pairs_per_device > 0 and r.batch_pairs % r.micro_batch_pairs_per_device:
             p.append(
                 Problem(
@@ -134,16 +134,6 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
 def _backend_rules(p: list[Problem], cfg: RelayConfig) -> None:
     """vLLM must be installed when asked for, and cannot run a PMOE mixture head."""
     g = cfg.generate
-    if cfg.cluster.device == "cuda" and g.vllm_tensor_parallel_size > 1:
-        p.append(
-            Problem(
-                "generate.vllm_tensor_parallel_size",
-                g.vllm_tensor_parallel_size,
-                "on GPUs a worker holds one device, so its engine has one shard (CPU "
-                "engines may shard over cores)",
-                "use 1 on GPUs",
-            )
-        )
     if g.backend != "vllm":
         return
     from orchestrator.engines.vllm_engine import vllm_available

@@ -45,12 +45,19 @@ class GenerationEngine(Protocol):
 
 
 class HFGenerateEngine:
-    """transformers' generate on the worker's current module (no copy of the weights)."""
+    """transformers' generate on the replica's current module (no copy of the weights).
 
-    def __init__(self, module: torch.nn.Module, eos_id: int, pad_id: int) -> None:
+    fixed_length: decode max_new_tokens steps even when every row has stopped (rows still
+    end at their first stop token): replicas whose forward pass is a collective (ZeRO-3
+    over several ranks) must all take the same number of steps."""
+
+    def __init__(
+        self, module: torch.nn.Module, eos_id: int, pad_id: int, fixed_length: bool = False
+    ) -> None:
         self.module = module
         self.eos_id = eos_id
         self.pad_id = pad_id
+        self.fixed_length = fixed_length
 
     @torch.no_grad()
     def generate(
@@ -63,7 +70,12 @@ class HFGenerateEngine:
         stops = (self.eos_id, *params.stop_token_ids)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_new_tokens,
-            eos_token_id=stops[0] if len(stops) == 1 else list(stops),
+            # no stop token: every step runs (finish_responses cuts rows at their first)
+            eos_token_id=None
+            if self.fixed_length
+            else stops[0]
+            if len(stops) == 1
+            else list(stops),
             pad_token_id=self.pad_id,
             use_cache=True,
         )

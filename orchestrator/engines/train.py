@@ -4,39 +4,15 @@ group, and the trainer of tensor-parallel replicas (torch's AdamW on DTensor sha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
-import os
-import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_single_process_group() -> None:
-    """A world of one for this role's DeepSpeed engine (gloo on CPU)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    # A fresh port every time: these variables are per process, and a Ray worker
-    # inherits its driver's environment, so inherited values must not be reused.
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
-        WORLD_SIZE="1",
-    )  # fmt: skip
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
 
 
 @dataclass(frozen=True)
@@ -84,15 +60,11 @@ def micro_per_rank(spec: OptimSpec, dp: int) -> int:
 class TrainEngine:
     """A DeepSpeed engine around one trainable module: micro-batched steps, checkpoints."""
 
-    def __init__(
-        self, module: torch.nn.Module, spec: OptimSpec, mpu: Any = None, dp: int = 1
-    ) -> None:
-        """`mpu` (with `dp` ranks): the data-parallel group of a planned call's layout
-        (orchestrator.workers.device_worker); None: a world of this one process."""
+    def __init__(self, module: torch.nn.Module, spec: OptimSpec, mpu: Any, dp: int = 1) -> None:
+        """`mpu` (with `dp` ranks): the data-parallel group of the call's layout
+        (orchestrator.workers.groups.DataParallelGroups), in an initialised world."""
         import deepspeed
 
-        if mpu is None:
-            init_single_process_group()
         self.spec = spec
         self.dp = dp
         micro = micro_per_rank(spec, dp)
@@ -146,15 +118,21 @@ class TrainEngine:
             self.engine.step()
         return metrics
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The module's full weights (gathered under ZeRO-3), on CPU."""
-        if self.spec.zero_stage == 3:
-            import deepspeed
+    def gathered(self) -> Any:
+        """A context in which the module's parameters hold their full values (gathered
+        over the data-parallel group under ZeRO-3, a collective every rank enters; a no-op
+        otherwise)."""
+        if self.spec.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
 
-            params = list(self.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()),
+                                                 modifier_rank=None)  # fmt: skip
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's full weights (gathered under ZeRO-3), copied to CPU."""
+        with self.gathered():
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def weights(self) -> list[tuple[str, torch.Tensor]]:
         """The module's weights by state-dict name, without a copy where they are whole
@@ -163,48 +141,62 @@ class TrainEngine:
             return list(self.full_state_dict().items())
         return [(k, v.detach()) for k, v in self.module.state_dict().items()]
 
-    def save(self, folder: Path) -> None:
-        """Optimizer, scheduler and module states (DeepSpeed format) into folder."""
-        self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite the module's weights with full tensors (every rank of the group the
+        same values; under ZeRO-3 a collective), and the optimizer's fp32 copies with them."""
+        params = dict(self.module.named_parameters())
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise KeyError(f"load_weights: no value for {missing[:3]}")
+        if self.spec.zero_stage == 3:
+            import deepspeed
+
+            context: Any = deepspeed.zero.GatheredParameters(list(params.values()),
+                                                             modifier_rank=0)  # fmt: skip
+        else:
+            context = contextlib.nullcontext()
+        with context, torch.no_grad():
+            for name, p in params.items():
+                p.data.copy_(state[name].to(p.device, p.dtype))
+        if self.spec.zero_stage > 0:
+            self.optimizer.refresh_fp32_params()
+        self.version += 1
+
+    @contextlib.contextmanager
+    def _base_optimizer(self) -> Any:
+        """The torch optimizer over this rank's fp32 partition (ZeRO) or the module's
+        parameters; under ZeRO-3 with its parameter groups filled, which DeepSpeed empties
+        between steps."""
+        if self.spec.zero_stage == 0:
+            yield self.optimizer
+        elif self.spec.zero_stage < 3:
+            yield self.optimizer.optimizer
+        else:
+            self.optimizer._set_fp32_optimizer_param_groups()
+            try:
+                yield self.optimizer.optimizer
+            finally:
+                self.optimizer._clear_fp32_optimizer_param_groups()
 
     def rank_state(self) -> dict[str, Any]:
-        """This rank's optimizer (its ZeRO partition) and scheduler state, written by each
-        rank of a planned call's group on its own (DeepSpeed's save_checkpoint waits on a
-        barrier of the whole world, which a plan's meshes do not span)."""
-        if self.spec.zero_stage > 0:  # the torch optimizer over this rank's fp32 partition
-            zero = self.optimizer
-            optimizer: Any = {
-                "base": zero.optimizer.state_dict(),
-                "fp32": list(zero.single_partition_of_fp32_groups),
-            }
-        else:
-            optimizer = self.optimizer.state_dict()
-        # copies: state_dict() holds the live tensors, which later steps change in place
-        return copy.deepcopy({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                              "version": self.version})  # fmt: skip
+        """This rank's optimizer state (its ZeRO partition's moments) and scheduler state,
+        written by each rank of a call's group on its own (DeepSpeed's save_checkpoint waits
+        on a barrier of the whole world, which a plan's meshes do not span). The fp32
+        master weights are not in it: in float32 training they equal the weights, which
+        `load_weights` restores."""
+        with self._base_optimizer() as base:
+            # copies: state_dict() holds the live tensors, which later steps change in place
+            return copy.deepcopy({"optimizer": base.state_dict(),
+                                  "scheduler": self.scheduler.state_dict(),
+                                  "version": self.version})  # fmt: skip
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
-        """Restore `rank_state()` of the same rank under the same layout, after the
-        module's weights are in place."""
-        if self.spec.zero_stage > 0:
-            zero = self.optimizer
-            zero.optimizer.load_state_dict(state["optimizer"]["base"])
-            with torch.no_grad():
-                for mine, saved in zip(zero.single_partition_of_fp32_groups,
-                                       state["optimizer"]["fp32"]):  # fmt: skip
-                    mine.copy_(saved)
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        """Restore `rank_state()` of the same rank under the same layout, after
+        `load_weights` has put the weights in place."""
+        with self._base_optimizer() as base:
+            base.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"] + 1
-
-    def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed state in {folder}")
-        self.version += 1
 
 
 class TensorParallelTrainEngine:
@@ -227,6 +219,10 @@ class TensorParallelTrainEngine:
         )
         self.micro_steps = 0
         self.version = 0
+
+    def gathered(self) -> Any:
+        """The shards are this rank's whole share already: nothing to gather."""
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.gas).backward()  # as DeepSpeed: the mini-batch's mean of micro losses

@@ -1,12 +1,13 @@
-"""vLLM as a generation engine, hosted in the process of the worker that generates.
+"""vLLM as a generation engine, hosted in the process of a device worker.
 
-The engine runs in-process (vLLM's `uni` executor, V1 multiprocessing off), so the
-trainer's tensors reach it without a copy through another process: after a train call
-the worker pushes the new weights with `sync_weights`, which reloads them in place
-(`reload_weights` through `collective_rpc`); the engine is never restarted. With
-`tensor_parallel_size > 1` the engine runs its shards in worker processes of its own
-(vLLM's `mp` executor; the engine core stays in this process) and a pickled call sends
-each shard the full weights, of which it loads its slice.
+The engine runs in the worker's own process (V1 multiprocessing off). In a device world
+(orchestrator.workers) it is built with vLLM's `external_launcher` executor on every
+device at once: vLLM adopts the workers' torch.distributed world and forms its
+tensor-parallel groups from it, so an engine of tensor-parallel degree tp has one shard
+on each device of a block of tp neighbouring devices, the same groups the plan's layouts
+use. New weights reach a shard in place (`reload_weights` through `collective_rpc`): full
+tensors by name, of which each shard reads its own slice, so a shard given tensors that
+hold only that slice (the rest left unset) loads exactly what it needs.
 
 On GPU the engine sleeps between generate calls (its KV cache freed and its weights
 offloaded, so the trainer has the memory) and wakes in the order OpenRLHF, verl and TRL
@@ -19,7 +20,6 @@ Shape legend: B = sequences, P = prompt tokens, T = response tokens.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Iterable
@@ -31,11 +31,6 @@ import torch
 
 from orchestrator.engines.generate import Generation, SamplingParams
 from orchestrator.models.batch import finish_responses
-
-
-def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs in each engine shard: load the full weights; each shard keeps its slice."""
-    worker.reload_weights(weights_iterator=weights)
 
 
 def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
@@ -57,7 +52,6 @@ class VLLMSpec:
     max_model_len: int
     kv_cache_bytes: int  # CPU: the KV cache's size
     gpu_memory_utilization: float = 0.5  # GPU: the share of the device vLLM may take
-    tensor_parallel_size: int = 1
     dtype: str = "float32"  # the trainer's precision, so the log-probs agree
     sleep_between_calls: bool = True  # GPU only: free the KV cache while training
     max_num_seqs: int = 256
@@ -74,25 +68,23 @@ def kv_cache_bytes_for(config: Any, sequences: int, tokens_per_sequence: int) ->
     return max(need, 64 * 2**20)
 
 
-def _configure_environment(spec: VLLMSpec, threads: int) -> None:
+def _configure_environment(threads: int) -> None:
     """vLLM reads these when it starts: no engine-core process (the engine core lives in
-    this worker), thread pinning only for tensor-parallel shards on CPU (a single shard
-    shares the worker's threads), and no usage reporting."""
+    this worker), no thread binding of its own on CPU (the worker's torch threads are
+    set), and no usage reporting."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not torch.cuda.is_available():
-        if spec.tensor_parallel_size == 1:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        else:
-            # vLLM's CPU backend binds each shard's OpenMP threads to cores of its own.
-            ncpu = os.cpu_count() or 1
-            per = max(1, min(threads, ncpu // spec.tensor_parallel_size))
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-                f"{i * per}-{i * per + per - 1}" if per > 1 else str(i * per)
-                for i in range(spec.tensor_parallel_size)
-            )
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def vocab_rows(worker: Any) -> tuple[int, int]:
+    """Runs in the engine's shard (collective_rpc): the rows [lo, hi) of the vocabulary
+    (embedding and LM head) this shard loads."""
+    indices = worker.model_runner.model.model.embed_tokens.shard_indices
+    return int(indices.org_vocab_start_index), int(indices.org_vocab_end_index)
 
 
 class VLLMEngine:
@@ -100,9 +92,18 @@ class VLLMEngine:
     tokenizer), with the `GenerationEngine` protocol plus weight sync and sleep/wake."""
 
     def __init__(
-        self, model_path: str | Path, eos_id: int, pad_id: int, spec: VLLMSpec, threads: int = 1
+        self,
+        model_path: str | Path,
+        eos_id: int,
+        pad_id: int,
+        spec: VLLMSpec,
+        threads: int = 1,
+        tensor_parallel_size: int = 1,
     ) -> None:
-        _configure_environment(spec, threads)
+        """tensor_parallel_size > 1 needs a torch.distributed world in which every
+        process builds its engine at the same time (one shard each)."""
+        _configure_environment(threads)
+        import torch.distributed as dist
         from vllm import LLM
 
         self.eos_id = eos_id
@@ -115,8 +116,8 @@ class VLLMEngine:
             seed=0,
             max_model_len=spec.max_model_len,
             max_num_seqs=spec.max_num_seqs,
-            tensor_parallel_size=spec.tensor_parallel_size,
-            distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "mp",
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="external_launcher" if dist.is_initialized() else "uni",
             enforce_eager=not self.on_gpu,  # CUDA graphs on GPU; none to capture on CPU
             # log-probs after temperature (and top-k/top-p), as the trainer computes them
             logprobs_mode="processed_logprobs",
@@ -129,6 +130,7 @@ class VLLMEngine:
             )
         else:
             kwargs.update(kv_cache_memory_bytes=spec.kv_cache_bytes)
+        self.tensor_parallel_size = tensor_parallel_size
         self.llm = LLM(**kwargs)
         self.awake = {"weights", "kv_cache"}  # what is in device memory (GPU)
         self.sleep()
@@ -155,16 +157,19 @@ class VLLMEngine:
     # ------------------------------------------------------------ weights
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
-        """Load the trainer's weights (Hugging Face names) into the engine in place.
-        Wakes only the weights on GPU; returns the seconds it took."""
+        """Load weights (Hugging Face names, full shapes; a tensor-parallel shard reads
+        only its slice of each) into the engine in place. Wakes only the weights on GPU;
+        returns the seconds it took."""
         start = time.perf_counter()
         self._wake(["weights"])
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        if self.spec.tensor_parallel_size == 1:  # the engine's worker is in this process
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        else:  # shard processes: a pickled call carries the tensors (arguments would not)
-            self.llm.collective_rpc(functools.partial(_reload_weights, weights=weights))
+        weights = ((name, t.detach()) for name, t in named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         return time.perf_counter() - start
+
+    def vocab_rows(self) -> tuple[int, int]:
+        """The vocabulary rows [lo, hi) this shard's embedding and LM head hold."""
+        (rows,) = self.llm.collective_rpc(vocab_rows)
+        return rows
 
     # ------------------------------------------------------------ generation
 

@@ -41,7 +41,7 @@ def values(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tupl
 
 
 def decode_pairs(tokenizer: Any, batch: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    from orchestrator.models.hf import decode_responses
+    from orchestrator.data.text import decode_responses
 
     prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
     responses = decode_responses(tokenizer, batch["response_ids"])

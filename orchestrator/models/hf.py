@@ -99,7 +99,7 @@ def train_tokenizer(alphabet: str, out_dir: str | Path, corpus: Iterable[str] = 
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """transformers' per-load "Loading weights" bars off, restored afterwards."""
     from transformers.utils import logging as hf_logging
 
@@ -158,7 +158,7 @@ def build_model_folder(
             model.lm_head.weight.zero_()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(out_dir)
-    with _no_progress_bars():
+    with no_progress_bars():
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -188,13 +188,13 @@ def load_causal_lm(path: str | Path | None) -> Any:
 
     if path is None:
         raise ValueError("a causal LM role needs a model folder (path is None)")
-    with _no_progress_bars():
+    with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.generation_config.pad_token_id = model.config.pad_token_id
     return _own_memory(model).eval()
 
 
-def _is_value_model(config: Any) -> bool:
+def is_value_model(config: Any) -> bool:
     archs = getattr(config, "architectures", None) or []
     return config.num_labels == 1 and any(a.endswith("ForTokenClassification") for a in archs)
 
@@ -214,8 +214,8 @@ def load_value_model(path: str | Path | None, init_std: float = 0.0) -> Any:
     if init_std < 0:
         raise ValueError(f"value head init_std = {init_std}: must be >= 0")
     config = AutoConfig.from_pretrained(str(path))
-    if _is_value_model(config):
-        with _no_progress_bars():
+    if is_value_model(config):
+        with no_progress_bars():
             model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch.float32)
         return _own_memory(model).eval()
     config.num_labels = 1
@@ -237,42 +237,3 @@ def load_value_model(path: str | Path | None, init_std: float = 0.0) -> Any:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------- batch helpers
-
-
-def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt ids [B, P] (long), bos first, LEFT-padded with the pad id, and the attention
-    mask [B, P] (long, 1 on bos and prompt tokens, 0 on padding)."""
-    if not prompts:
-        raise ValueError("encode_prompts: no prompts given")
-    if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
-        raise ValueError(
-            f"encode_prompts: the tokenizer has bos id {tokenizer.bos_token_id} and pad id "
-            f"{tokenizer.pad_token_id}; both are needed (set bos_token and pad_token)"
-        )
-    rows = [
-        [tokenizer.bos_token_id, *ids]
-        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    ]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def decode_responses(tokenizer: Any, response_ids: torch.Tensor) -> list[str]:
-    """Response strings from ids [B, T]: each row is cut at its first eos (excluded) and
-    pad tokens are dropped. Other special tokens (bos, unk) stay visible as "<bos>",
-    "<unk>", so a response cannot become correct by hiding them."""
-    ids = response_ids.detach().to("cpu", torch.long)
-    before_eos = torch.cumsum(ids == tokenizer.eos_token_id, dim=1) == 0
-    keep = before_eos
-    if tokenizer.pad_token_id is not None:
-        keep = keep & (ids != tokenizer.pad_token_id)
-    rows = [row[k].tolist() for row, k in zip(ids, keep)]
-    return [tokenizer.decode(r, skip_special_tokens=False) for r in rows]

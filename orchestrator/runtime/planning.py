@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from algos.graph import DataflowGraph
+from algos.graph import CallKind, DataflowGraph
 from algos.ppo import ALGORITHM_GRAPHS, reward_model_graph, sft_graph
 from orchestrator.config.schema import ConfigError, Problem, RelayConfig
 from planner.catalogue import (
@@ -119,6 +119,7 @@ class PlanResult:
     plan: dict[str, Assignment]
     estimate: Estimate
     search: SearchResult | None = None
+    reason: str = ""  # why plan.mode=auto chose this mode
 
 
 def make_plan(
@@ -131,6 +132,8 @@ def make_plan(
     plan.* fields when the mode finds no plan or the plan cannot run."""
     mode = mode or cfg.plan.mode
     ctx = ctx or context(cfg)
+    if mode == "auto":
+        return _auto(cfg, ctx)
     search = None
     if mode == "file":
         from planner.plan import PlanError
@@ -153,10 +156,10 @@ def make_plan(
             plan = search.plan
         except ValueError as e:  # a call that fits on no mesh at all
             raise ConfigError([Problem("plan.mode", mode, f"{e} ({ctx.cluster.describe()})",
-                                       _NO_PLAN_FIX[mode])]) from None  # fmt: skip
+                                       _no_plan_fix(ctx, mode))]) from None  # fmt: skip
     if plan is None:
         raise ConfigError([Problem("plan.mode", mode, _no_plan_rule(ctx, mode),
-                                   _NO_PLAN_FIX[mode])])  # fmt: skip
+                                   _no_plan_fix(ctx, mode))])  # fmt: skip
     problems = validate(ctx, plan)
     if problems:
         field = "plan.path" if mode == "file" else "plan.mode"
@@ -165,14 +168,43 @@ def make_plan(
     return PlanResult(mode, ctx, plan, evaluate(ctx, plan), search)
 
 
-_NO_PLAN_FIX = {
-    "per_role": "raise cluster.devices_per_node to one device per role, use a larger "
-    "device kind, or smaller batches (train.rollout_batch_prompts)",
-    "symmetric": "use more devices, a higher train.zero_stage or smaller batches",
-    "heuristic": "use more devices, a higher train.zero_stage or smaller batches",
-    "search": "use more devices, a higher train.zero_stage or smaller batches",
-    "file": "check plan.path",
-}
+def _auto(cfg: RelayConfig, ctx: Context) -> PlanResult:
+    """plan.mode=auto: the per-role placement where every role has a device of its own
+    and fits there, else the symmetric plan (every call over all devices; on one device,
+    every role on it)."""
+    n, roles = ctx.cluster.num_devices, len(ctx.workload.roles)
+    if per_role(ctx) is not None:
+        result = make_plan(cfg, "per_role", ctx)
+        return replace(result, reason=f"auto: each of the {roles} roles on a device of its own")
+    result = make_plan(cfg, "symmetric", ctx)
+    why = f"{roles} roles share {n} device{'s' * (n != 1)}"
+    return replace(result, reason=f"auto: {why}")
+
+
+def fitting_modes(ctx: Context) -> list[str]:
+    """The deterministic plan modes that find a valid plan for `ctx` (the search is left
+    out: it costs seconds, and finds a plan wherever symmetric or heuristic does)."""
+    out = []
+    for mode, make in (("symmetric", symmetric), ("heuristic", heuristic), ("per_role", per_role)):
+        plan = make(ctx)
+        if plan is not None and not validate(ctx, plan):
+            out.append(mode)
+    return out
+
+
+def _no_plan_fix(ctx: Context, mode: str) -> str:
+    if mode == "file":
+        return "check plan.path"
+    fits = [m for m in fitting_modes(ctx) if m != mode]
+    if mode == "per_role":
+        fix = ("raise cluster.devices_per_node to one device per role, use a larger device "
+               "kind, or smaller batches (train.rollout_batch_prompts)")  # fmt: skip
+    else:
+        fix = "use more devices, a higher train.zero_stage or smaller batches"
+    if fits:
+        others = " or ".join(f"plan={m}" for m in fits + ["search"])
+        return f"{others} fit this cluster (roles share devices there); or {fix}"
+    return fix
 
 
 def _no_plan_rule(ctx: Context, mode: str) -> str:
@@ -198,40 +230,39 @@ def _pp_problems(result: PlanResult) -> list[Problem]:
     return out
 
 
-def is_per_role(result: PlanResult) -> bool:
-    """Whether the plan is the per-role placement: every role on one device of its own,
-    every call unsharded. Such plans run on one model worker per role (vLLM and PMOE
-    policies included); any other plan runs on one worker per device."""
-    device_of: dict[str, int] = {}
-    for c in result.ctx.topo:
-        a = result.plan[c.name]
-        if a.mesh.size != 1 or (a.layout.dp, a.layout.tp, a.layout.pp) != (1, 1, 1):
-            return False
-        if device_of.setdefault(c.role, a.mesh.start) != a.mesh.start:
-            return False
-    return len(set(device_of.values())) == len(device_of)
-
-
 def runtime_problems(result: PlanResult, cfg: RelayConfig) -> list[Problem]:
     """Why this runtime cannot execute the plan for the config's run (empty: it can).
     (`validate` has checked that each call's dp ranks split its batch.)"""
     out = _pp_problems(result)
-    if out or is_per_role(result):
-        return out
-    where = f"plan ({result.mode})"
-    fix = "use plan=per_role (each role on one device of its own, unsharded)"
-    if cfg.cluster.device != "cpu":
-        out.append(Problem(where, cfg.cluster.device, "plans with sharded layouts or shared "
-                           "devices run on CPU workers (gloo) so far", fix))  # fmt: skip
-    if cfg.generate.backend == "vllm":
-        out.append(Problem("generate.backend", "vllm", f"{where}: calls under a plan generate "
-                           "with transformers on the call's own layout",
-                           f"pass generate.backend=hf (or auto), or {fix}"))  # fmt: skip
-    if cfg.policy.kind != "plain":
-        out.append(Problem("policy", cfg.policy.kind, f"{where}: a PMOE policy runs only "
-                           "in the per-role placement", fix))  # fmt: skip
-    t = cfg.train
-    if t.zero_stage == 3:
-        out.append(Problem("train.zero_stage", 3, f"{where}: ZeRO-3 partitions the weights a "
-                           "reallocation reads", "use train.zero_stage 0, 1 or 2"))  # fmt: skip
+    from orchestrator.config.schema import generation_backend
+
+    if generation_backend(cfg) == "vllm":
+        gen = [c for c in result.ctx.topo if c.kind is CallKind.GENERATE]
+        tps = sorted({result.plan[c.name].layout.tp for c in gen})
+        if len(tps) > 1:
+            out.append(Problem(f"plan ({result.mode})", {c.name: str(result.plan[c.name].layout)
+                                                         for c in gen},
+                               f"the generate calls use tensor parallel degrees {tps}; a plan's "
+                               "vLLM engines share one (their process groups span every device)",
+                               "give every generate call the same tp (edit the plan file), or "
+                               "pass generate.backend=hf"))  # fmt: skip
     return out
+
+
+def plan_for_run(cfg: RelayConfig) -> PlanResult:
+    """The RL graph's plan under plan.mode (what `relay plan` prints for the same
+    overrides), refused with a ConfigError if this runtime cannot execute it. A resumed
+    plan=search run keeps the plan it searched (a search may differ run to run)."""
+    rl = replace(cfg, plan=replace(cfg.plan, graph=None))
+    searched = Path(cfg.run.output_dir) / cfg.run.name / "plan.json"
+    if cfg.plan.mode == "search" and cfg.run.resume != "never" and searched.is_file():
+        print(f"relay: plan=search: this run continues under the plan it searched ({searched})")
+        rl = replace(rl, plan=replace(rl.plan, mode="file", path=str(searched)))
+    result = make_plan(rl)
+    problems = runtime_problems(result, cfg)
+    if problems:
+        raise ConfigError(problems)
+    why = f" ({result.reason})" if result.reason else ""
+    print(f"relay: plan={result.mode}{why}, estimated "
+          f"{result.estimate.time_per_iteration_s:.3g} s per RL step (`relay plan` shows it)")  # fmt: skip
+    return result

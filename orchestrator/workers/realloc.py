@@ -1,6 +1,7 @@
 """Executing a parameter reallocation: the planner's comm plan (planner.realloc) run with
-torch.distributed point-to-point messages. Tested with gloo (CPU); NCCL would need the
-sends and receives batched (dist.batch_isend_irecv) and is not tried yet.
+torch.distributed point-to-point messages: gloo on CPU (each message its own isend /
+irecv), NCCL on GPUs (all of a device's messages in one batch_isend_irecv, which NCCL needs
+to pair them without deadlock).
 
 Every process of the group is one device (global device number = process rank unless a
 mapping is given). It holds, for the source layout, the slices of the model's tensors
@@ -52,6 +53,16 @@ class ReallocStats:
     sent_bytes: int = 0
     received_bytes: int = 0
     local_bytes: int = 0
+
+
+class _Done:
+    """A finished request (NCCL's batch was waited for already)."""
+
+    def wait(self) -> None:
+        return None
+
+
+_DONE = _Done()
 
 
 def _pair_tag(src: int, dst: int) -> int:
@@ -120,18 +131,36 @@ def reallocate(
             sends.setdefault(op.dst, []).append(piece)
         else:
             recvs.setdefault(op.src, []).append(into)
-    pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor] | None]] = []
+    recv_bufs: list[tuple[int, torch.Tensor, list[torch.Tensor]]] = []
+    send_bufs: list[tuple[int, torch.Tensor]] = []
     for peer, pieces in sorted(recvs.items()):
         buf = torch.empty(sum(p.numel() for p in pieces), dtype=dtype, device=target)
-        tag = _pair_tag(peer, device)
-        pending.append((dist.irecv(buf, ranks.get(peer, peer), group=group, tag=tag), buf, pieces))
+        recv_bufs.append((peer, buf, pieces))
         st.received_bytes += buf.numel() * buf.element_size()
     for peer, pieces in sorted(sends.items()):
         buf = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0]
         buf = buf.contiguous().reshape(-1)
-        tag = _pair_tag(device, peer)
-        pending.append((dist.isend(buf, ranks.get(peer, peer), group=group, tag=tag), buf, None))
+        send_bufs.append((peer, buf))
         st.sent_bytes += buf.numel() * buf.element_size()
+    pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor] | None]] = []
+    if recv_bufs or send_bufs:
+        if dist.get_backend(group) == "nccl":
+            ops = [dist.P2POp(dist.irecv, buf, ranks.get(peer, peer), group)
+                   for peer, buf, _ in recv_bufs]  # fmt: skip
+            ops += [dist.P2POp(dist.isend, buf, ranks.get(peer, peer), group)
+                    for peer, buf in send_bufs]  # fmt: skip
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            pending = [(_DONE, buf, pieces) for _, buf, pieces in recv_bufs]
+        else:
+            for peer, buf, pieces in recv_bufs:
+                tag = _pair_tag(peer, device)
+                work = dist.irecv(buf, ranks.get(peer, peer), group=group, tag=tag)
+                pending.append((work, buf, pieces))
+            for peer, buf in send_bufs:
+                tag = _pair_tag(device, peer)
+                pending.append((dist.isend(buf, ranks.get(peer, peer), group=group, tag=tag),
+                                buf, None))  # fmt: skip
     for work, buf, pieces in pending:
         work.wait()
         offset = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.config.schema import load_config
+from orchestrator.config.load import load_config
 from orchestrator.data.tasks import BanditTask
 from orchestrator.models.hf import load_causal_lm
 from orchestrator.run.controller import Controller

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.config.schema import load_config
+from orchestrator.config.load import load_config
 from orchestrator.run.controller import Controller, RunError
 from orchestrator.run.tracking import read_metrics
 from tests.integration.tiny import RL_ONLY, tiny_overrides
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 def run(overrides: list[str]) -> dict:
     """As `relay train` runs: under the plan of plan.mode (the default per_role)."""
-    from launch.cli import plan_for_run
+    from orchestrator.runtime.planning import plan_for_run
 
     cfg = load_config(overrides)
     return Controller(cfg, plan_for_run(cfg)).run()

@@ -23,9 +23,9 @@ SAME_ROLLOUTS = ("generate.backend=hf", "generate.top_k=1", "train.zero_stage=1"
 
 
 def run(tmp_path: Path, name: str, *extra: str, rollouts: tuple = SAME_ROLLOUTS) -> Path:
-    from launch.cli import plan_for_run
-    from orchestrator.config.schema import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.run.controller import Controller
+    from orchestrator.runtime.planning import plan_for_run
 
     cfg = load_config(tiny_overrides(tmp_path, name, STEPS, *RL_ONLY, *rollouts, *extra))
     Controller(cfg, plan_for_run(cfg)).run()
@@ -43,7 +43,7 @@ def plan_file(
 ) -> Path:
     """Every call of the default job's graph (PPO, or what `overrides` choose) on `mesh`
     under (dp, tp), but the calls named in `calls` (call=(mesh, dp, tp))."""
-    from orchestrator.config.schema import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.runtime.planning import make_plan
     from planner.plan import to_dict
 

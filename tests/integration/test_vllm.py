@@ -1,6 +1,7 @@
-"""vLLM generation through real ModelWorkers (Ray actors, one process each, so every engine
-starts in a process of its own): the same tokens as transformers' greedy decode, the same
-sampling options, weights pushed after a train call and after a checkpoint load.
+"""vLLM generation on real DeviceWorkers (Ray actors, one process each, so every engine
+shard starts in a process of its own): the same tokens as transformers' greedy decode
+(one device, dp2 and tp2), the same sampling options, weights pushed after a train call
+and after a checkpoint load, and a tensor-parallel engine fed from a replica's slices.
 
 Shape legend: B = sequences, P = prompt tokens, T = response tokens.
 """
@@ -15,20 +16,17 @@ from typing import Any
 
 import pytest
 import torch
-from orchestrator.engines.vllm_engine import VLLMSpec, vllm_available
 
 from algos.graph import MFC, CallKind
 from algos.ppo import PROMPT, RESPONSE
 from orchestrator.data.tasks import make_task
+from orchestrator.data.text import encode_prompts
 from orchestrator.engines.generate import SamplingParams
 from orchestrator.engines.train import OptimSpec
-from orchestrator.models.hf import (
-    build_model_folder,
-    encode_prompts,
-    load_causal_lm,
-    train_tokenizer,
-)
-from orchestrator.worker import RoleSpec
+from orchestrator.engines.vllm_engine import VLLMSpec, vllm_available
+from orchestrator.models.hf import build_model_folder, load_causal_lm, train_tokenizer
+from orchestrator.workers.spec import RoleSpec
+from planner.layout import Layout, Mesh
 
 pytestmark = [
     pytest.mark.integration,
@@ -58,29 +56,85 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     return folder, AutoTokenizer.from_pretrained(str(folder))
 
 
-def start(folder: Path, backend: str, lr: float = 0.0, tp: int = 1) -> Any:
-    from orchestrator.run.controller import start_workers
+ONE = (Mesh(0, 1), Layout(1, 1, 1))
 
-    optim = OptimSpec(lr, 1, 0.0, 1.0, 0, 8, 8) if lr else None
-    vllm = VLLMSpec(max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20, tensor_parallel_size=tp)
-    spec = RoleSpec(
-        "actor", "causal", str(folder), tokenizer_path=str(folder), task_name="sort",
-        task_digits=4, optim=optim, generation_backend=backend,
-        vllm=vllm if backend == "vllm" else None,
-    )  # fmt: skip
-    return start_workers([spec], "cpu")["actor"]
+
+class Devices:
+    """An actor role on its own DeviceWorkers, every call under one sharding (the train
+    replica is the generating one: a hybrid engine), vLLM shards built when it samples
+    with vLLM. Calls return (outputs, metrics) as the runtime merges them."""
+
+    def __init__(self, folder: Path, backend: str, lr: float = 0.0, sharding: Any = ONE) -> None:
+        import ray
+
+        from orchestrator.workers.cluster import DeviceCluster
+
+        optim = OptimSpec(lr, 1, 0.0, 1.0, 0, 8, 8) if lr else None
+        vllm = VLLMSpec(max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20)
+        spec = RoleSpec(
+            "actor", "causal", str(folder), tokenizer_path=str(folder), task_name="sort",
+            task_digits=4, optim=optim, generation_backend=backend,
+            vllm=vllm if backend == "vllm" else None,
+        )  # fmt: skip
+        mesh, lay = self.sharding = sharding
+        self.cluster = DeviceCluster(1, mesh.size, [sharding])
+        self.workers = self.cluster.workers
+        ray.get([w.host.remote([spec]) for w in self.workers])
+        if backend == "vllm":
+            ray.get([w.build_engine.remote("actor", lay.tp) for w in self.workers])
+        ray.get([w.load.remote("actor", sharding) for w in self.workers])
+        self.version = 0
+
+    def run(self, call: MFC, options: dict, batch: dict) -> tuple[dict, dict]:
+        import ray
+
+        from orchestrator.models.batch import gather_inputs
+        from orchestrator.runtime.metrics import merge_metrics
+
+        if call.kind is CallKind.TRAIN:
+            self.version += 1
+        opts = {"version": self.version, **options}
+        parts = [w.run.options(num_returns=2).remote(call, self.sharding, opts, batch)
+                 for w in self.workers]  # fmt: skip
+        outs, metrics = zip(*[ray.get(list(p)) for p in parts])
+        return gather_inputs(outs), merge_metrics(call.name, list(metrics), [])
+
+    def engine_logprobs(self, batch: dict) -> torch.Tensor:
+        import ray
+
+        return ray.get([w.engine_logprobs.remote("actor", self.sharding, batch)
+                        for w in self.workers])[0]  # fmt: skip
+
+    def save(self, folder: Path) -> None:
+        import ray
+
+        ray.get(self.workers[0].write_model.remote("actor", self.sharding, str(folder)))
+        ray.get(self.workers[0].save_rank.remote("actor", self.sharding, str(folder)))
+
+    def load(self, folder: Path) -> None:
+        import ray
+
+        self.version += 1
+        ray.get(self.workers[0].load_rank.remote("actor", self.sharding, str(folder),
+                                                 self.version))  # fmt: skip
+
+    def stop(self) -> None:
+        self.cluster.shutdown()
+
+
+def start(folder: Path, backend: str, lr: float = 0.0, sharding: Any = ONE) -> Devices:
+    return Devices(folder, backend, lr, sharding)
 
 
 @pytest.fixture(scope="module")
 def samplers(ray_cluster, model) -> Any:
     """One frozen worker per backend on the same folder, shared by the sampling tests."""
-    import ray
 
     folder, _ = model
     workers = {"vllm": start(folder, "vllm"), "hf": start(folder, "hf")}
     yield workers
     for w in workers.values():
-        ray.kill(w)
+        w.stop()
 
 
 def prompts(tok: Any, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -89,22 +143,17 @@ def prompts(tok: Any, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"prompt_ids": ids, "prompt_mask": mask}
 
 
-def generate(worker: Any, call: MFC, batch: dict, params: SamplingParams, **opt: Any) -> tuple:
-    import ray
-
-    return ray.get(worker.run.remote(call, {"sampling": params, **opt}, batch))
+def generate(worker: Devices, call: MFC, batch: dict, params: SamplingParams, **opt: Any) -> tuple:
+    return worker.run(call, {"sampling": params, **opt}, batch)
 
 
 def test_greedy_equals_transformers_token_for_token(samplers, model) -> None:
-    import ray
 
     _, tok = model
     vllm, hf = samplers["vllm"], samplers["hf"]
     batch = prompts(tok, 48)
     params = SamplingParams(max_new_tokens=12, greedy=True)
-    (v, _), (h, _) = ray.get(
-        [w.run.remote(SAMPLE, {"sampling": params}, batch) for w in (vllm, hf)]
-    )
+    (v, _), (h, _) = [w.run(SAMPLE, {"sampling": params}, batch) for w in (vllm, hf)]
     assert torch.equal(v["response_mask"], h["response_mask"])
     assert torch.equal(v["response_ids"], h["response_ids"])
     # the responses are not trivial: several lengths and tokens
@@ -120,7 +169,6 @@ def test_weights_reach_the_engine_after_a_train_call(ray_cluster, model) -> None
     """Log-probs of a fixed sequence: the engine's equal the trainer's before the step,
     after the step (pushed) and after a step whose push was deferred to the next generate;
     and they changed, so a sync that silently did nothing would fail here."""
-    import ray
 
     folder, tok = model
     worker = start(folder, "vllm", lr=3e-3)
@@ -128,26 +176,26 @@ def test_weights_reach_the_engine_after_a_train_call(ray_cluster, model) -> None
     gen, metrics = generate(worker, GEN, batch, SamplingParams(max_new_tokens=10, seed=5))
     fixed = sft_batch(tok, gen, batch)
     trainer_before = gen["logprobs"]
-    engine_before = ray.get(worker.engine_logprobs.remote(fixed))
+    engine_before = worker.engine_logprobs(fixed)
     mask = fixed["response_mask"].bool()
     assert (engine_before - trainer_before)[mask].abs().max() < 1e-3
     assert metrics["rollout/logprob_diff"] < 1e-3
 
     # a train call that pushes its weights (as RL's actor_train does)
-    _, m = ray.get(worker.run.remote(SFT, {"seed": 0, "step": 0, "push_weights": True}, fixed))
+    _, m = worker.run(SFT, {"seed": 0, "step": 0, "push_weights": True}, fixed)
     assert m["time/weight_sync"] > 0
-    engine_after = ray.get(worker.engine_logprobs.remote(fixed))
-    trainer_after, _ = ray.get(worker.run.remote(*logprob_call(), fixed))
+    engine_after = worker.engine_logprobs(fixed)
+    trainer_after, _ = worker.run(*logprob_call(), fixed)
     assert (engine_after - trainer_after["logprobs"])[mask].abs().max() < 1e-3
     assert (engine_after - engine_before)[mask].abs().max() > 0.05
 
     # a train call without the push (as SFT's steps): the next generate call pushes first
-    _, m = ray.get(worker.run.remote(SFT, {"seed": 1, "step": 1}, fixed))
+    _, m = worker.run(SFT, {"seed": 1, "step": 1}, fixed)
     assert "time/weight_sync" not in m
     gen2, m2 = generate(worker, GEN, batch, SamplingParams(max_new_tokens=10, seed=6))
     assert m2["time/weight_sync"] > 0
     assert m2["rollout/logprob_diff_max"] < 1e-3
-    ray.kill(worker)
+    worker.stop()
 
 
 def logprob_call() -> tuple[MFC, dict]:
@@ -161,7 +209,6 @@ def test_restored_weights_reach_the_engine_before_the_first_generation(
 ) -> None:
     """Resume: a fresh worker that loads a checkpoint generates from the loaded weights
     (its engine was built from the initial folder)."""
-    import ray
 
     folder, tok = model
     trained = start(folder, "vllm", lr=3e-3)
@@ -169,20 +216,20 @@ def test_restored_weights_reach_the_engine_before_the_first_generation(
     gen, _ = generate(trained, GEN, batch, SamplingParams(max_new_tokens=10, seed=1))
     fixed = sft_batch(tok, gen, batch)
     for step in range(3):
-        ray.get(trained.run.remote(SFT, {"seed": step, "step": step, "push_weights": True}, fixed))
-    ray.get(trained.save.remote(str(tmp_path / "ckpt")))
+        trained.run(SFT, {"seed": step, "step": step, "push_weights": True}, fixed)
+    trained.save(tmp_path / "ckpt")
     greedy = SamplingParams(max_new_tokens=12, greedy=True)
     want, _ = generate(trained, SAMPLE, batch, greedy)
-    ray.kill(trained)
+    trained.stop()
 
     fresh = start(folder, "vllm", lr=3e-3)
     before, _ = generate(fresh, SAMPLE, batch, greedy)
     assert not torch.equal(before["response_ids"], want["response_ids"]), "training did nothing"
-    ray.get(fresh.load.remote(str(tmp_path / "ckpt")))
+    fresh.load(tmp_path / "ckpt")
     got, m = generate(fresh, SAMPLE, batch, greedy)
     assert m["time/weight_sync"] > 0
     assert torch.equal(got["response_ids"], want["response_ids"])
-    ray.kill(fresh)
+    fresh.stop()
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:
@@ -216,7 +263,6 @@ def expected_first_token(folder: Path, batch: dict, t: float, k: int, p: float) 
 def test_sampling_options_mean_the_same_in_both_backends(samplers, model, t, k, p) -> None:
     """2,000 first tokens for one prompt from each backend against the distribution the
     options define (chi-square at the 0.1% level, small categories merged)."""
-    import ray
 
     folder, tok = model
     one = prompts(tok, 1, seed=4)
@@ -226,7 +272,7 @@ def test_sampling_options_mean_the_same_in_both_backends(samplers, model, t, k, 
     expected = expected_first_token(folder, one, t, k, p)
     assert (expected > 0.05).sum() >= 2, "the test needs a distribution with several tokens"
     workers = [samplers["vllm"], samplers["hf"]]
-    results = ray.get([w.run.remote(SAMPLE, {"sampling": params}, batch) for w in workers])
+    results = [w.run(SAMPLE, {"sampling": params}, batch) for w in workers]
     for (out, _), name in zip(results, ("vllm", "hf")):
         first = out["response_ids"][:, 0]
         counts = torch.bincount(first, minlength=expected.numel()).float()
@@ -279,56 +325,68 @@ def test_stop_tokens_lengths_and_seeds(samplers, model) -> None:
     assert len({tuple(r) for r in rep["response_ids"].tolist()}) > 4
 
 
-@pytest.mark.slow
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two shards need two cores")
-def test_tensor_parallel_engine_generates_and_takes_pushed_weights(samplers, model) -> None:
-    """Two engine shards (processes of their own, one core each): transformers' greedy
-    tokens, and after a train call the pushed weights in both shards."""
-    import ray
-
+@pytest.mark.parametrize("dp,tp", [(2, 1), (1, 2)], ids=["dp2", "tp2"])
+def test_sharded_engines_decode_as_transformers(samplers, model, dp: int, tp: int) -> None:
+    """Under dp2 (two engines, each on its half of the rows) and tp2 (one engine, a shard
+    on each device, fed the replica's slices: nothing gathered), vLLM's greedy tokens are
+    transformers' on the whole batch. The tiny model's 16-row vocabulary is split one way
+    by the plan (8 + 8 rows) and another by vLLM (16 + 0): the tp2 case also exchanges
+    those rows."""
     folder, tok = model
-    worker = start(folder, "vllm", lr=3e-3, tp=2)
+    worker = start(folder, "vllm", sharding=(Mesh(0, 2), Layout(dp, tp, 1)))
     batch = prompts(tok, 32, seed=7)
     greedy = SamplingParams(max_new_tokens=12, greedy=True)
     got, _ = generate(worker, SAMPLE, batch, greedy)
     want, _ = generate(samplers["hf"], SAMPLE, batch, greedy)
     assert torch.equal(got["response_ids"], want["response_ids"])
+    worker.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two shards need two cores")
+def test_tensor_parallel_engine_takes_the_trained_slices(samplers, model) -> None:
+    """A tensor-parallel train replica (tp2) that also generates: after a train call each
+    engine shard takes its slices of the new weights from the replica on its device; the
+    engine's log-probs are then the trainer's (and moved)."""
+    folder, tok = model
+    worker = start(folder, "vllm", lr=3e-3, sharding=(Mesh(0, 2), Layout(1, 2, 1)))
+    batch = prompts(tok, 32, seed=7)
     gen, _ = generate(worker, GEN, batch, SamplingParams(max_new_tokens=10, seed=2))
     fixed = sft_batch(tok, gen, batch)
-    before = ray.get(worker.engine_logprobs.remote(fixed))
-    _, m = ray.get(worker.run.remote(SFT, {"seed": 0, "step": 0, "push_weights": True}, fixed))
-    after = ray.get(worker.engine_logprobs.remote(fixed))
-    trainer, _ = ray.get(worker.run.remote(*logprob_call(), fixed))
+    before = worker.engine_logprobs(fixed)
+    _, m = worker.run(SFT, {"seed": 0, "step": 0, "push_weights": True}, fixed)
+    after = worker.engine_logprobs(fixed)
+    trainer, _ = worker.run(*logprob_call(), fixed)
     mask = fixed["response_mask"].bool()
     assert m["time/weight_sync"] > 0
     assert (after - trainer["logprobs"])[mask].abs().max() < 1e-3
     assert (after - before)[mask].abs().max() > 0.05
-    ray.kill(worker)
+    worker.stop()
 
 
 @pytest.mark.gpu
 def test_gpu_engine_sleeps_and_wakes_with_fresh_weights(model) -> None:
     """On a GPU the engine frees its memory between calls; after a train step and a push it
     wakes with the new weights (engine log-probs equal the trainer's)."""
-    from orchestrator.worker import ModelWorker
+    from tests.integration.local_device import LocalDevice
 
     folder, tok = model
     optim = OptimSpec(3e-3, 1, 0.0, 1.0, 0, 8, 8)
     spec = RoleSpec(
         "actor", "causal", str(folder), tokenizer_path=str(folder), task_name="sort",
-        task_digits=4, optim=optim, generation_backend="vllm", device="cuda",
+        task_digits=4, optim=optim, generation_backend="vllm",
         vllm=VLLMSpec(max_model_len=CONTEXT, kv_cache_bytes=0, gpu_memory_utilization=0.3),
     )  # fmt: skip
-    worker = ModelWorker(spec)
-    engine = worker.ctx.generator
+    device = LocalDevice([spec], "cuda", engine_tp=1)
+    engine = device.worker.engine.engine
     assert engine.awake == set()  # asleep until the first call
-    batch = {k: v.cuda() for k, v in prompts(tok, 16).items()}
-    gen, _ = worker.run(GEN, {"sampling": SamplingParams(10, seed=1)}, batch)
+    batch = prompts(tok, 16)
+    gen, _ = device.run(GEN, {"sampling": SamplingParams(10, seed=1), "version": 0}, batch)
     assert engine.awake == set()
-    fixed = {**batch, **{k: gen[k].cuda() for k in RESPONSE}}
-    worker.run(SFT, {"seed": 0, "step": 0, "push_weights": True}, fixed)
+    fixed = {**batch, **{k: gen[k] for k in RESPONSE}}
+    device.run(SFT, {"seed": 0, "step": 0, "push_weights": True, "version": 1}, fixed)
     assert engine.awake == {"weights"}  # weights woken and loaded; KV cache still freed
-    engine_lp = worker.engine_logprobs(fixed)
-    trainer, _ = worker.run(*logprob_call(), fixed)
+    engine_lp = device.worker.engine_logprobs("actor", ONE, fixed)
+    trainer, _ = device.run(*logprob_call(), fixed)
     mask = gen["response_mask"].bool()
     assert (engine_lp - trainer["logprobs"])[mask].abs().max() < 1e-3

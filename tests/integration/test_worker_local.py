@@ -1,5 +1,6 @@
-"""The PPO graph through real ModelWorkers in one process, without Ray: the same worker
-code on CPU here and on a CUDA GPU (DeepSpeed over NCCL) where one is present."""
+"""The PPO graph on a real DeviceWorker in the test's process, without Ray (every role on
+one device): the same worker code on CPU here and on a CUDA GPU (DeepSpeed over NCCL)
+where one is present."""
 
 from __future__ import annotations
 
@@ -13,15 +14,12 @@ import torch
 from algos.ppo import ppo_graph
 from orchestrator.config.schema import AlgoConfig
 from orchestrator.data.tasks import make_task
+from orchestrator.data.text import encode_prompts
 from orchestrator.engines.generate import SamplingParams
 from orchestrator.engines.train import OptimSpec
-from orchestrator.models.hf import (
-    build_model_folder,
-    encode_prompts,
-    load_causal_lm,
-    train_tokenizer,
-)
-from orchestrator.worker import ModelWorker, RoleSpec
+from orchestrator.models.hf import build_model_folder, load_causal_lm, train_tokenizer
+from orchestrator.workers.spec import RoleSpec
+from tests.integration.local_device import LocalDevice
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -29,19 +27,19 @@ DEVICES = [
 ]
 
 
-def make_workers(folder: Path, device: str, zero_stage: int) -> dict[str, ModelWorker]:
+def make_workers(folder: Path, device: str, zero_stage: int) -> LocalDevice:
     optim = OptimSpec(1e-3, 1, 0.0, 1.0, zero_stage, 8, 4)
-    common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4, device=device)
+    common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
     specs = [
         RoleSpec("actor", "causal", str(folder), optim=optim, generation_backend="hf", **common),
         RoleSpec("ref", "causal", str(folder), **common),
         RoleSpec("critic", "value", str(folder), optim=optim, **common),
         RoleSpec("reward", "verifier", None, **common),
     ]
-    return {s.name: ModelWorker(s) for s in specs}
+    return LocalDevice(specs, device)
 
 
-def rollout(workers: dict[str, ModelWorker], dataset: dict, opts: dict) -> dict[str, dict]:
+def rollout(workers: LocalDevice, dataset: dict, opts: dict) -> dict[str, dict]:
     """Every inference and generate call of the PPO graph, in order; the reward is replaced
     by random scores (an untrained model scores 0 everywhere: zero advantages)."""
     graph = ppo_graph()
@@ -49,7 +47,7 @@ def rollout(workers: dict[str, ModelWorker], dataset: dict, opts: dict) -> dict[
     for call in graph.order:
         if call.kind.value != "train":
             inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
-            outputs[call.name], _ = workers[call.role].run(call, opts, *inputs)
+            outputs[call.name], _ = workers.run(call, opts, *inputs)
     outputs["reward_inf"]["scores"] = torch.rand(16, generator=torch.Generator().manual_seed(0))
     return outputs
 
@@ -81,7 +79,7 @@ def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> N
     folder = build_model_folder("tiny", tok, tmp_path / "base", seed=0, max_position_embeddings=32)
     workers = make_workers(folder, device, zero_stage)
     graph = ppo_graph()
-    before = {k: v.clone() for k, v in workers["actor"].state_dict().items()}
+    before = workers.state_dict("actor")
     rng = random.Random(0)
     for step in range(2):
         ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
@@ -96,22 +94,22 @@ def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> N
                 "algo": AlgoConfig(kl_in_loss=zero_stage == 1),
             }
             inputs = [dataset] + [outputs[p] for p in graph.parents(call)]
-            outputs[call.name], m = workers[call.role].run(call, opts, *inputs)
+            outputs[call.name], m = workers.run(call, opts, *inputs)
             metrics.update(m)
         for key in ("loss/policy", "loss/value", "rollout/reward_mean", "train/grad_norm_actor"):
             assert math.isfinite(metrics[key]), key
         assert ("train/kl_loss" in metrics) == (zero_stage == 1)
         assert all(v.device.type == "cpu" for v in outputs["actor_gen"].values())
-    after = workers["actor"].state_dict()
+    after = workers.state_dict("actor")
     assert any(not torch.equal(before[k].cpu(), after[k].cpu()) for k in before)
     # save, then restore into fresh workers: identical weights
-    workers["actor"].save(str(tmp_path / "ckpt"))
+    workers.save("actor", tmp_path / "ckpt")
     fresh = make_workers(folder, device, zero_stage)
-    fresh["actor"].load(str(tmp_path / "ckpt"))
-    restored = fresh["actor"].state_dict()
+    fresh.load("actor", tmp_path / "ckpt")
+    restored = fresh.state_dict("actor")
     for k in after:
         assert torch.equal(after[k].cpu(), restored[k].cpu()), k
-    acc = fresh["actor"].evaluate(
+    acc = fresh.evaluate(
         [task.sample_prompt(rng) for _ in range(8)], SamplingParams(6, greedy=True)
     )
     assert 0.0 <= acc["accuracy"] <= 1.0
@@ -130,9 +128,9 @@ def test_micro_batches_x_accumulation_invariance(tmp_path: Path) -> None:
         common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
         spec = RoleSpec("actor", "causal", str(folder), optim=OptimSpec(1e-3, 1, 0.0, 1e9, 0, 8, micro),
                         generation_backend="hf", **common)  # fmt: skip
-        worker = ModelWorker(spec)
+        worker = LocalDevice([spec])
         worker.run(train, opts, *inputs)
-        results.append(worker.state_dict())
+        results.append(worker.state_dict("actor"))
     initial = load_causal_lm(folder).state_dict()
     assert any(not torch.equal(initial[k], results[0][k]) for k in initial), "nothing trained"
     # Tolerance: the two sum in different orders (~1e-7 apart); Adam divides by sqrt(v),
@@ -149,10 +147,10 @@ def _sft_step(folder: Path, micro: int, strategy: str, batch: dict) -> dict[str,
     common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
     spec = RoleSpec("actor", "causal", str(folder), optim=OptimSpec(1e-3, 1, 0.0, 1e9, 0, 8, micro),
                     **common)  # fmt: skip
-    worker = ModelWorker(spec)
+    worker = LocalDevice([spec])
     opts = {"seed": 0, "step": 5, "reweight": ReweightConfig(strategy=strategy, temperature=0.4)}
     worker.run(sft_graph().call("actor_sft"), opts, batch)
-    return worker.state_dict()
+    return worker.state_dict("actor")
 
 
 def test_reweighted_sft_is_invariant_to_micro_batches_and_differs_from_uniform(
@@ -161,7 +159,7 @@ def test_reweighted_sft_is_invariant_to_micro_batches_and_differs_from_uniform(
     """LinUpper reweighting of an SFT step (16 demonstrations, two Adam steps of 8) gives
     the same weights with each mini-batch as 1 x 8 or 2 x 4: the weights and the token
     normaliser are the mini-batch's. And it is not the uniform (plain) step."""
-    from orchestrator.run.controller import encode_responses
+    from orchestrator.data.text import encode_responses
 
     task = make_task("sort", 4)
     tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
@@ -191,11 +189,10 @@ def test_one_expert_pmoe_trains_exactly_like_the_plain_policy(tmp_path: Path) ->
         common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
         spec = RoleSpec("actor", "causal", str(folder), optim=OptimSpec(1e-3, 1, 0.0, 0.5, 0, 8, 8),
                         generation_backend="hf", policy_experts=experts, **common)  # fmt: skip
-        worker = ModelWorker(spec)
+        worker = LocalDevice([spec])
         policy = PolicyConfig(kind="pmoe" if experts else "plain", num_experts=1)
         _, m = worker.run(train, {**opts, "policy": policy}, *inputs)
-        sd = worker.state_dict()
-        results.append(({k.removeprefix("base."): v for k, v in sd.items()}, m["loss/policy"]))
+        results.append((worker.state_dict("actor"), m["loss/policy"]))
     (plain, plain_loss), (one, one_loss) = results
     assert plain.keys() == one.keys() and plain_loss == one_loss
     for k in plain:
@@ -209,7 +206,7 @@ def test_reward_model_and_policy_reweighting_run_on_workers(tmp_path: Path) -> N
     from algos.ppo import PAIR, PROMPT, reward_model_graph
     from orchestrator.config.schema import ReweightConfig
     from orchestrator.data.tasks import preference_pair
-    from orchestrator.run.controller import encode_responses
+    from orchestrator.data.text import encode_responses
 
     task = make_task("sort", 4)
     tok = train_tokenizer(task.alphabet(), tmp_path / "tok")
@@ -222,8 +219,8 @@ def test_reward_model_and_policy_reweighting_run_on_workers(tmp_path: Path) -> N
     batch = {"prompt_ids": ids, "prompt_mask": mask, "chosen_ids": cids, "chosen_mask": cmask,
              "rejected_ids": rids, "rejected_mask": rmask}  # fmt: skip
     common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
-    rm = ModelWorker(RoleSpec("reward", "value", str(folder),
-                              optim=OptimSpec(1e-3, 1, 0.0, 1.0, 0, 8, 4), **common))  # fmt: skip
+    rm = LocalDevice([RoleSpec("reward", "value", str(folder),
+                               optim=OptimSpec(1e-3, 1, 0.0, 1.0, 0, 8, 4), **common)])  # fmt: skip
     rw = ReweightConfig(strategy="linupper", temperature=0.4)
     call = reward_model_graph().call("reward_train")
     _, m = rm.run(call, {"seed": 0, "step": 0, "reweight": rw}, batch)
@@ -242,5 +239,5 @@ def test_reward_model_and_policy_reweighting_run_on_workers(tmp_path: Path) -> N
             "reweight": ReweightConfig(strategy="linupper", policy_proxy="abs_advantage")}  # fmt: skip
     outputs = rollout(workers, dataset, opts)
     train = graph.call("actor_train")
-    _, m = workers["actor"].run(train, opts, dataset, *[outputs[p] for p in graph.parents(train)])
+    _, m = workers.run(train, opts, dataset, *[outputs[p] for p in graph.parents(train)])
     assert m["train/sample_weight_max"] > 1.0 and math.isfinite(m["loss/policy"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from orchestrator.data.tasks import make_task
+from orchestrator.data.text import decode_responses, encode_prompts, encode_responses, take
 from orchestrator.models.batch import finish_responses
-from orchestrator.models.hf import decode_responses, encode_prompts, train_tokenizer
-from orchestrator.run.controller import encode_responses, take
+from orchestrator.models.hf import train_tokenizer
 
 
 def test_take_walks_epochs_without_repeats() -> None:

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from orchestrator.data.tasks import make_task
+from orchestrator.data.text import decode_responses, encode_prompts
 from orchestrator.models.hf import (
     MODEL_PRESETS,
     build_model_folder,
     count_parameters,
-    decode_responses,
-    encode_prompts,
     llama_config,
     load_causal_lm,
     load_value_model,

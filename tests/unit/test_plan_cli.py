@@ -4,6 +4,7 @@ the same plan (refused before anything is written when this runtime cannot run i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,34 +81,45 @@ def test_edited_plan_file_is_validated(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "x.json").exists()
 
 
-def test_train_refuses_what_planned_calls_cannot_run(tmp_path: Path, capsys) -> None:
-    """A sharded plan runs on device workers, which generate with transformers, keep
-    plain policies and read whole weights: each conflict is refused before Ray starts
-    and before the run folder exists."""
-    rc = main(["train", "plan=symmetric", f"run.output_dir={tmp_path}",
-               "generate.backend=vllm", "train.zero_stage=3"])  # fmt: skip
+def test_every_plan_runs_vllm_pmoe_and_zero3(tmp_path: Path) -> None:
+    """One runtime: a sharded plan takes vLLM generation, PMOE policies and ZeRO-3 as the
+    per-role placement does; only generate calls with two tp degrees are refused (a plan's
+    vLLM engines share one)."""
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import make_plan, runtime_problems
+
+    for extra in (["generate.backend=vllm", "train.zero_stage=3"], ["policy=pmoe"]):
+        cfg = load_config([f"run.output_dir={tmp_path}", *extra], for_run=False)
+        for mode in ("per_role", "symmetric", "heuristic"):
+            assert runtime_problems(make_plan(cfg, mode), cfg) == [], (mode, extra)
+    cfg = load_config(["algo=remax", "generate.backend=vllm", "cluster.devices_per_node=4"],
+                      for_run=False)  # fmt: skip
+    result = make_plan(cfg, "symmetric")
+    gen = result.plan["actor_greedy_gen"]
+    lay = replace(gen.layout, tp=2, dp=gen.layout.dp // 2)
+    result.plan["actor_greedy_gen"] = replace(gen, layout=lay)
+    (problem,) = runtime_problems(result, cfg)
+    assert "share one" in str(problem) and "generate.backend=hf" in str(problem)
+
+
+def test_per_role_with_too_few_devices_names_the_plans_that_fit(tmp_path: Path, capsys) -> None:
+    rc = main(["train", "plan=per_role", "cluster.devices_per_node=2",
+               f"run.output_dir={tmp_path}"])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2
-    assert "generate.backend" in err and "transformers" in err
-    assert "train.zero_stage" in err and "ZeRO-3" in err
-    assert "Fix:" in err
-    rc = main(["train", "plan=symmetric", f"run.output_dir={tmp_path}", "policy=pmoe"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "policy = 'pmoe'" in err and "per-role placement" in err
+    assert rc == 2 and "per_role puts each of the 4 roles on a device of its own" in err
+    assert "plan=symmetric" in err and "plan=heuristic" in err and "plan=search" in err
     assert not (tmp_path / "ppo-sort").exists()
 
 
-def test_per_role_shaped_plans_keep_one_worker_per_role() -> None:
-    """per_role is the one-worker-per-role placement; symmetric (all calls on all
-    devices) is not, and runs on device workers."""
-    from orchestrator.config.schema import load_config
-    from orchestrator.runtime.planning import is_per_role, make_plan, runtime_problems
+def test_auto_plan_colocates_roles_on_one_device() -> None:
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import make_plan
 
-    cfg = load_config(["generate.backend=hf"], for_run=False)
-    per_role = make_plan(cfg, "per_role")
-    assert is_per_role(per_role) and not runtime_problems(per_role, cfg)
-    sym = make_plan(cfg, "symmetric")
-    assert not is_per_role(sym) and not runtime_problems(sym, cfg)
+    one = make_plan(load_config(["cluster.devices_per_node=1"], for_run=False))
+    assert one.mode == "symmetric" and "4 roles share 1 device" in one.reason
+    assert {str(a.mesh) for a in one.plan.values()} == {"d0"}
+    four = make_plan(load_config([], for_run=False))
+    assert four.mode == "per_role"
 
 
 def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
@@ -115,9 +127,8 @@ def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
     RL graph even when plan.graph asks `relay plan` for another graph."""
     from dataclasses import replace
 
-    from launch.cli import plan_for_run
-    from orchestrator.config.schema import load_config
-    from orchestrator.runtime.planning import make_plan
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import make_plan, plan_for_run
 
     cfg = load_config([f"run.output_dir={tmp_path}", "plan=heuristic", "plan.graph=sft"])
     used = plan_for_run(cfg)
@@ -130,7 +141,7 @@ def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
 def test_verifier_reward_takes_no_device(tmp_path: Path) -> None:
     """With reward=verifier there is no reward model: the planner places none, so PPO's
     three models fit a 3-GPU cluster."""
-    from orchestrator.config.schema import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.runtime.planning import make_plan
 
     cfg = load_config(["reward=verifier", "cluster.device=cuda", "cluster.devices_per_node=3",
@@ -177,7 +188,7 @@ def test_train_refuses_pipeline_parallel_calls_as_simulation_only(tmp_path: Path
 def test_plans_keep_pp_1_unless_max_pp_allows_more(tmp_path: Path) -> None:
     """plan.max_pp = 1 (the default) keeps every mode's layouts executable; a what-if
     with plan.max_pp = 8 may pipeline."""
-    from orchestrator.config.schema import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.runtime.planning import make_plan
 
     cfg = load_config([*PAPER[:-1], f"run.output_dir={tmp_path}", "plan.search_time_s=1"],
@@ -196,10 +207,11 @@ def test_a_checkpoint_resumes_only_under_its_plan(tmp_path: Path) -> None:
     """Per-rank optimizer files are split as the plan splits them: a checkpoint written
     under one plan is refused under another, naming the calls and the fix; the plan=search
     of a resumed run is the one in its run folder."""
-    from launch.cli import plan_for_run
-    from orchestrator.config.schema import load_config
-    from orchestrator.run.controller import Controller, RunError
-    from orchestrator.runtime.planning import make_plan
+    from orchestrator.config.load import load_config
+    from orchestrator.run.context import Run
+    from orchestrator.run.folder import RunError
+    from orchestrator.run.rl import check_plan
+    from orchestrator.runtime.planning import make_plan, plan_for_run
     from planner.plan import to_dict
 
     cfg = load_config([f"run.output_dir={tmp_path}", "generate.backend=hf"], for_run=False)
@@ -208,9 +220,9 @@ def test_a_checkpoint_resumes_only_under_its_plan(tmp_path: Path) -> None:
     ckpt.mkdir()
     calls = to_dict(per_role.ctx, per_role.plan, "per_role", None)["calls"]
     (ckpt / "controller.json").write_text(json.dumps({"step": 2, "plan": calls}))
-    Controller(cfg, per_role).check_plan(ckpt)  # the same plan: fine
+    check_plan(Run.of(cfg, per_role), ckpt)  # the same plan: fine
     with pytest.raises(RunError, match="written under another plan") as e:
-        Controller(cfg, symmetric).check_plan(ckpt)
+        check_plan(Run.of(cfg, symmetric), ckpt)
     assert "actor_gen" in str(e.value) and "plan=file plan.path=" in str(e.value)
 
     run_dir = tmp_path / "ppo-sort"

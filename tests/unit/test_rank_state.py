@@ -1,12 +1,13 @@
-"""A planned train replica's checkpoint: each data-parallel rank saves its own optimizer
-state (its ZeRO-1 partition) and scheduler, and a fresh trainer that loads them steps
-exactly as the one that kept going."""
+"""A train replica's checkpoint under every ZeRO stage: each data-parallel rank saves its
+own optimizer state (its ZeRO partition) and scheduler, and a fresh trainer that loads the
+weights and that state steps exactly as the one that kept going."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -26,37 +27,39 @@ def _step(engine, rank: int, seed: int) -> None:
     engine.step()
 
 
-def _worker(rank: int, folder: str) -> None:
+def _worker(rank: int, folder: str, stage: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
     join_world(rank, folder, world=2)
     from orchestrator.engines.train import OptimSpec, TrainEngine
-    from orchestrator.workers.device_worker import _DataParallelGroups
+    from orchestrator.workers.groups import DataParallelGroups
 
     own = [dist.new_group([r]) for r in range(2)]
-    spec = OptimSpec(lr=0.05, warmup_steps=2, weight_decay=0.01, grad_clip=1.0, zero_stage=1,
+    spec = OptimSpec(lr=0.05, warmup_steps=2, weight_decay=0.01, grad_clip=1.0, zero_stage=stage,
                      mini_batch_samples=8, micro_batch_samples_per_device=4)  # fmt: skip
 
     def engine(module: torch.nn.Module) -> TrainEngine:
-        mpu = _DataParallelGroups(dist.group.WORLD, own[rank])
+        mpu = DataParallelGroups(dist.group.WORLD, own[rank])
         return TrainEngine(module, spec, mpu=mpu, dp=2)
 
     a = engine(_model())
     for s in range(3):
         _step(a, rank, s)
     state = a.rank_state()
-    weights = {k: v.clone() for k, v in a.module.state_dict().items()}
+    weights = a.full_state_dict()
     b = engine(_model())
-    b.module.load_state_dict(weights)
+    b.load_weights(weights)
     b.load_rank_state(state)
     for s in range(3, 6):
         _step(a, rank, s)
         _step(b, rank, s)
-    problems = [f"rank {rank}: {k} differs after the reload" for k, v in a.module.state_dict().items()
-                if not torch.equal(v, b.module.state_dict()[k])]  # fmt: skip
+    after_a, after_b = a.full_state_dict(), b.full_state_dict()
+    problems = [f"rank {rank}: {k} differs after the reload" for k, v in after_a.items()
+                if not torch.equal(v, after_b[k])]  # fmt: skip
     if b.version != a.version + 1:
         problems.append(f"rank {rank}: version {b.version}, expected {a.version + 1}")
     report(rank, folder, problems)
 
 
-def test_zero1_rank_state_round_trip(tmp_path: Path) -> None:
-    run_ranks(_worker, tmp_path, world=2)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_rank_state_round_trip(tmp_path: Path, stage: int) -> None:
+    run_ranks(_worker, tmp_path, stage, world=2)

@@ -87,25 +87,26 @@ def test_load_shards_names_a_wrong_shape() -> None:
 
 
 def _train_worker(rank: int, failures: str, port: int, folder: str) -> None:
-    from orchestrator.workers.device_worker import DeviceWorker, group_ranks
+    from orchestrator.workers.device_worker import DeviceWorker
+    from orchestrator.workers.groups import plan_groups
     from orchestrator.workers.realloc import shard_state
+    from orchestrator.workers.spec import RoleSpec
     from planner.catalogue import shape_from_hf_config
     from planner.layout import Layout, Mesh
+    from tests.plan_training import train_step
 
     shardings = [(Mesh(0, WORLD), Layout(2, 2, 1)), (Mesh(0, WORLD), Layout(1, 4, 1))]
-    groups = [[d] for d in range(WORLD)]
-    for sh in shardings:
-        for kind in ("tp", "dp"):
-            groups += [g for g in group_ranks(sh, kind) if g not in groups]
     worker = DeviceWorker(rank, WORLD)
-    worker.join(("127.0.0.1", port), groups)
+    worker.join(("127.0.0.1", port), plan_groups(WORLD, shardings))
+    worker.specs = {f"actor{i}": RoleSpec(f"actor{i}", "causal", folder, folder, "sort", 4)
+                    for i in range(len(shardings))}  # fmt: skip
     ids = torch.randint(0, 37, (8, 10), generator=torch.Generator().manual_seed(5))
     want = sgd_reference(folder, ids)
     shape = shape_from_hf_config("test", CFG)
     problems = []
     for i, sh in enumerate(shardings):
-        worker.load(f"actor{i}", folder, sh)
-        worker.train_step(f"actor{i}", sh, {"input_ids": ids}, TRAIN_LR, optimizer="sgd")
+        worker.load(f"actor{i}", sh)
+        train_step(worker, f"actor{i}", sh, {"input_ids": ids}, TRAIN_LR, optimizer="sgd")
         got = worker.shards(f"actor{i}", sh)
         for k, v in shard_state(want, shape, sh, rank).items():
             err = (got[k] - v).abs().max().item()
@@ -133,7 +134,7 @@ def test_tensor_parallel_training_matches_one_process(tmp_path: Path) -> None:
     data-parallel group) give one process's SGD step on the whole batch within 1e-5."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.workers.device_worker import free_port
+    from orchestrator.workers.groups import free_port
 
     torch.manual_seed(0)
     folder = tmp_path / "model"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from orchestrator.config.schema import ConfigError, load_config
+from orchestrator.config.load import load_config
+from orchestrator.config.schema import ConfigError
 from orchestrator.data.tasks import SortTask
 from orchestrator.data.user_data import (
     RewardError,
@@ -203,17 +204,24 @@ def test_the_example_reward_function() -> None:
     assert fn("S3120=", "") == 0.0
 
 
+
+def prepare_of(cfg):
+    """Make or reopen the config's run folder (as `relay train` does first)."""
+    from orchestrator.run.folder import prepare
+
+    return prepare(cfg, Path(cfg.run.output_dir) / cfg.run.name)
+
 def test_resume_refuses_a_prompt_file_whose_contents_changed(tmp_path: Path) -> None:
-    from orchestrator.run.controller import Controller, RunError
+    from orchestrator.run.folder import RunError
 
     path = prompts_file(tmp_path / "p.jsonl", GOOD * 22)  # 66 prompts: a rollout batch
     overrides = [f"task.prompt_file={path}", f"run.output_dir={tmp_path / 'runs'}"]
-    Controller(load_config(overrides)).prepare()  # makes the run folder and its marker
-    Controller(load_config(overrides)).prepare()  # the same file: reopens it
+    prepare_of(load_config(overrides))  # makes the run folder and its marker
+    prepare_of(load_config(overrides))  # the same file: reopens it
     prompts_file(tmp_path / "p.jsonl", list(reversed(GOOD)) * 22)
     with pytest.raises(RunError, match=r"task.prompt_file \(contents\): 'sha256 [0-9a-f]{12}'"):
-        Controller(load_config(overrides)).prepare()
+        prepare_of(load_config(overrides))
     first = json.loads((tmp_path / "runs" / "ppo-sort" / "relay_run.json").read_text())
     allowed = [*overrides, "run.allow_config_change=true"]  # accepted; the marker keeps
-    marker = Controller(load_config(allowed)).prepare()  # the contents it was made with
+    marker = prepare_of(load_config(allowed))  # the contents it was made with
     assert marker["prompt_file_sha256"] == first["prompt_file_sha256"]

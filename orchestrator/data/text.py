@@ -1,0 +1,80 @@
+"""Text to token ids and back, and the step's batch of a dataset.
+
+Prompts are left-padded with bos first, responses right-padded ending in eos; a dataset
+is read in a fresh permutation per epoch, so a step's batch is a function of (seed, step).
+
+Shapes: B = batch size, P = prompt tokens (bos included), T = response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids [B, P] (long), bos first, LEFT-padded with the pad id, and the attention
+    mask [B, P] (long, 1 on bos and prompt tokens, 0 on padding)."""
+    if not prompts:
+        raise ValueError("encode_prompts: no prompts given")
+    if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"encode_prompts: the tokenizer has bos id {tokenizer.bos_token_id} and pad id "
+            f"{tokenizer.pad_token_id}; both are needed (set bos_token and pad_token)"
+        )
+    rows = [
+        [tokenizer.bos_token_id, *ids]
+        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def decode_responses(tokenizer: Any, response_ids: torch.Tensor) -> list[str]:
+    """Response strings from ids [B, T]: each row is cut at its first eos (excluded) and
+    pad tokens are dropped. Other special tokens (bos, unk) stay visible as "<bos>",
+    "<unk>", so a response cannot become correct by hiding them."""
+    ids = response_ids.detach().to("cpu", torch.long)
+    before_eos = torch.cumsum(ids == tokenizer.eos_token_id, dim=1) == 0
+    keep = before_eos
+    if tokenizer.pad_token_id is not None:
+        keep = keep & (ids != tokenizer.pad_token_id)
+    rows = [row[k].tolist() for row, k in zip(ids, keep)]
+    return [tokenizer.decode(r, skip_special_tokens=False) for r in rows]
+
+
+def encode_responses(
+    tokenizer: Any, responses: list[str], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded response ids [B, width] ending in eos, and their mask."""
+    ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        toks = tokenizer.encode(r, add_special_tokens=False)[: width - 1] + [tokenizer.eos_token_id]
+        ids[i, : len(toks)] = torch.tensor(toks)
+        mask[i, : len(toks)] = 1
+    return ids, mask
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def take(items: list[Any], batch_size: int, step: int, seed: int) -> list[Any]:
+    """The step's batch: consecutive slices of a fresh permutation per epoch."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, len(items))
+        order = epoch_order(len(items), seed, epoch)
+        n = min(batch_size - len(out), len(items) - offset)
+        out.extend(items[i] for i in order[offset : offset + n])
+        pos += n
+    return out

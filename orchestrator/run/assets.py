@@ -1,0 +1,120 @@
+"""What a run is built from, made locally and deterministically: the task and its data,
+the tokenizer and the base model (or a user's model folder)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config.schema import ConfigError, Problem, RelayConfig
+from orchestrator.run.folder import RunError, RunPaths
+
+
+@dataclass
+class Assets:
+    task: Any  # orchestrator.data.tasks.Task
+    data: Any  # orchestrator.data.tasks.TaskData
+    tokenizer: Any
+    tokenizer_path: Path
+    base: Path  # the Hugging Face folder every role starts from (before SFT)
+    stop_token_ids: tuple[int, ...]
+    num_params: int
+
+
+def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> tuple[int, ...]:
+    """The ids of `generate.stop_tokens`; each must be exactly one token of the tokenizer."""
+    ids, bad = [], []
+    for text in stop_tokens:
+        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1 or enc[0] == tokenizer.unk_token_id:
+            bad.append(text)
+        else:
+            ids.append(enc[0])
+    if bad:
+        raise ConfigError(
+            [
+                Problem(
+                    "generate.stop_tokens",
+                    list(stop_tokens),
+                    f"{bad} are not single tokens of the model's tokenizer",
+                    "use tokens of the task's alphabet (one character each for the built-in "
+                    "tasks), or drop them",
+                )
+            ]
+        )
+    return tuple(ids)
+
+
+def build_assets(cfg: RelayConfig, paths: RunPaths, reward_pairs: bool) -> Assets:
+    """Task data (with preference pairs if a reward model is trained), tokenizer and base
+    model; a built base model is reused (assets/base_model/DONE)."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.data.tasks import build_task_data, make_task
+    from orchestrator.models.hf import (
+        build_model_folder,
+        count_parameters,
+        load_causal_lm,
+        train_tokenizer,
+    )
+
+    task = make_task(cfg.task.name, cfg.task.num_digits)
+    data = build_task_data(
+        task,
+        num_demos=cfg.task.num_demos,
+        num_rl_prompts=cfg.task.num_rl_prompts,
+        num_eval_prompts=cfg.task.num_eval_prompts,
+        demo_noise=cfg.task.demo_noise,
+        seed=cfg.run.seed,
+        num_pairs=cfg.reward.num_pairs if reward_pairs else 0,
+        num_eval_pairs=cfg.reward.num_eval_pairs if reward_pairs else 0,
+        label_noise=cfg.reward.label_noise,
+    )
+    if cfg.task.prompt_file is not None:
+        data.rl_prompts = file_prompts(cfg, task, data)
+    if cfg.model.path is not None:
+        base = tokenizer_path = Path(cfg.model.path)
+    else:
+        tokenizer_path, base = paths.tokenizer, paths.base_model
+        if not (base / "DONE").is_file():
+            tmp = paths.assets / ".building"
+            shutil.rmtree(tmp, ignore_errors=True)
+            corpus = [p + r for p, r in data.sft_pairs] + data.rl_prompts
+            tok = train_tokenizer(task.alphabet(), tmp / "tokenizer", corpus)
+            build_model_folder(
+                cfg.model.preset,
+                tok,
+                tmp / "base_model",
+                seed=cfg.run.seed,
+                max_position_embeddings=cfg.model.max_position_embeddings,
+                zero_head=cfg.model.zero_head,
+            )
+            for name in ("tokenizer", "base_model"):
+                shutil.rmtree(paths.assets / name, ignore_errors=True)
+                (tmp / name).rename(paths.assets / name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (base / "DONE").write_text("ok\n")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return Assets(task, data, tokenizer, tokenizer_path, base,
+                  stop_token_ids(tokenizer, cfg.generate.stop_tokens),
+                  count_parameters(load_causal_lm(base)))  # fmt: skip
+
+
+def file_prompts(cfg: RelayConfig, task: Any, data: Any) -> list[str]:
+    """task.prompt_file's prompts (checked line by line when the config loaded)."""
+    from orchestrator.data.user_data import read_prompt_file
+
+    report = read_prompt_file(str(cfg.task.prompt_file), task.answer, lambda text: 0, 1 << 30, 0)
+    if not report.ok:  # the file changed since the config was checked
+        raise RunError(
+            f"task.prompt_file = {cfg.task.prompt_file!r} no longer reads cleanly; run "
+            "`relay config <the same overrides>` to see its problems"
+        )
+    held_out = set(data.eval_prompts)
+    shared = sum(p in held_out for p in report.prompts)
+    if shared:
+        print(f"relay: note: {shared} of {len(report.prompts)} prompts of "
+              f"{cfg.task.prompt_file} are also evaluation prompts")  # fmt: skip
+    return report.prompts

@@ -1,0 +1,315 @@
+"""How the controller runs a graph's calls on the devices of an execution plan: the one
+runtime, for every plan (the per-role placement is the plan where each role has a device
+of its own; one device with every role on it is another).
+
+`PlanRuntime` keeps one DeviceWorker per device of the plan's cluster
+(orchestrator.workers). Each call runs on its own mesh under its own layout; a role holds
+one replica per layout its calls use. The replica of a role's train call is the one that
+learns: before any other call of that role runs, its replica receives the current weights
+by the planner's comm plan (parameter reallocation), unless it holds them already. A call
+of a role with no model (the task's verifier, a user's reward function) runs under the
+sharding of the call that produced its inputs, beside them. A frozen role the plan
+offloads keeps its weights in host memory between its calls. When the generating role
+samples with vLLM, every worker builds its shard of the engine before the first step
+(orchestrator.workers.engine_host).
+
+Every call is sent as one block of tasks to the workers of its mesh, in dispatch order, so
+the collective operations of two calls never interleave in opposite orders on two
+workers. A call's consumers take the parts its ranks return and join them themselves
+(orchestrator.models.batch.gather_inputs): no extra hop between two calls
+(`PlanRuntime.dispatch` names two more shortcuts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from algos.graph import MFC, CallKind, DataflowGraph
+from orchestrator.runtime.metrics import merge_metrics
+from orchestrator.workers.cluster import DeviceCluster
+from orchestrator.workers.groups import Sharding, sharding_key
+from orchestrator.workers.spec import RoleSpec
+from planner.layout import Layout, Mesh
+
+
+@dataclass
+class Dispatched:
+    """A dispatched call: what its consumers take as inputs (Ray references to each rank's
+    part), what to wait for, and how those values become its metrics."""
+
+    outputs: list[Any]
+    waits: list[Any]
+    finish: Callable[[list[Any]], dict[str, float]]
+
+
+@dataclass
+class _Role:
+    spec: RoleSpec
+    train: Sharding | None = None  # the replica that learns (its train call's)
+    version: int = 0  # train calls dispatched (and checkpoints loaded)
+    held: dict[str, int] = field(default_factory=dict)  # replica key -> version it holds
+
+
+def one_device_plan(graph: DataflowGraph) -> dict[str, Sharding]:
+    """Every call of `graph` on device 0, unsharded (the pipeline's one-call stages)."""
+    return {c.name: (Mesh(0, 1), Layout(1, 1, 1)) for c in graph.calls}
+
+
+def engine_tp(
+    graph: DataflowGraph, sharding: dict[str, Sharding], specs: list[RoleSpec]
+) -> tuple[str, int] | None:
+    """The role the plan's vLLM engines serve and their tensor-parallel degree: that of
+    the role's generate calls, or of its train call when it has none (a stage that only
+    evaluates), one for all (ValueError if they differ); None: no role uses vLLM."""
+    roles = [s.name for s in specs if s.generation_backend == "vllm" and s.name in graph.roles]
+    if not roles:
+        return None
+    (role,) = roles  # one generating role (the actor)
+    calls = [c for c in graph.calls if c.role == role]
+    gen = [c for c in calls if c.kind is CallKind.GENERATE]
+    tps = {sharding[c.name][1].tp for c in gen or [c for c in calls if c.kind is CallKind.TRAIN]}
+    if len(tps) > 1:
+        raise ValueError(
+            f"the plan's generate calls use tensor parallel degrees {sorted(tps)}: a plan's "
+            "vLLM engines share one (their process groups span every device). Fix: give "
+            "the generate calls one tp, or generate.backend=hf"
+        )
+    return role, tps.pop()
+
+
+class PlanRuntime:
+    """A graph's calls on the plan's devices (see the module's docstring)."""
+
+    def __init__(
+        self,
+        graph: DataflowGraph,
+        plan: dict[str, Sharding],  # call name -> (mesh, layout), every call with a model
+        specs: list[RoleSpec],  # the graph's roles
+        num_nodes: int,
+        devices_per_node: int,
+        threads: int = 1,
+        device: str = "cpu",
+        offload: list[str] | tuple[str, ...] = (),  # frozen roles kept in host memory
+    ) -> None:
+        self.graph = graph
+        by_name = {s.name: s for s in specs}
+        self.roles = {r: _Role(by_name[r]) for r in graph.roles}
+        self.sharding = {c.name: plan[c.name] for c in graph.calls if c.name in plan}
+        for c in graph.waves():  # a call with no model runs beside its inputs' producer
+            if c.name not in self.sharding:
+                placed = [self.sharding[p] for p in graph.parents(c) if p in self.sharding]
+                self.sharding[c.name] = placed[0] if placed else (Mesh(0, 1), Layout(1, 1, 1))
+        for c in graph.calls:
+            if c.kind is CallKind.TRAIN:
+                self.roles[c.role].train = self.sharding[c.name]
+        engine = engine_tp(graph, self.sharding, specs)
+        if num_nodes == 1:  # no worker (and no engine shard) for devices no call uses
+            devices_per_node = max(m.start + m.size for m, _ in self.sharding.values())
+        self.cluster = DeviceCluster(num_nodes, devices_per_node, list(self.sharding.values()),
+                                     device=device, threads=threads)  # fmt: skip
+        self.workers = self.cluster.workers
+        self.engines = engine is not None
+        self.ahead: dict[str, list[Any]] = {}  # call -> reallocations begin_step issued
+        try:
+            ray.get([w.host.remote(specs, [r for r in offload if r in self.roles])
+                     for w in self.workers])  # fmt: skip
+            if engine is not None:  # every worker builds its shard at once (vLLM's groups)
+                ray.get([w.build_engine.remote(*engine) for w in self.workers])
+            # every replica starts from the role's folder: the same weights everywhere
+            loads = []
+            for c in graph.calls:
+                r, sh = self.roles[c.role], self.sharding[c.name]
+                if sharding_key(sh) not in r.held:
+                    r.held[sharding_key(sh)] = 0
+                    loads += [w.load.remote(c.role, sh) for w in self.workers]
+            ray.get(loads)
+            # models, trainers and generators built now, not inside the first step
+            ray.get([w.prepare.remote(c, self.sharding[c.name]) for c in graph.calls
+                     for w in self.cluster.on(self.sharding[c.name][0])])  # fmt: skip
+            ray.get([w.built.remote() for w in self.workers])
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- calls ----------------------------------------------------------------------
+
+    def _lags(self, role: str, sh: Sharding) -> bool:
+        """Whether the replica `sh` of a trained `role` holds older weights than its train
+        replica's."""
+        r = self.roles[role]
+        return r.train is not None and r.held.get(sharding_key(sh)) != r.version
+
+    def _stale(self, role: str, sh: Sharding) -> Sharding | None:
+        """The trained replica the replica `sh` of `role` must be refreshed from (None if
+        it holds the current weights); it counts as refreshed from here on."""
+        if not self._lags(role, sh):
+            return None
+        r = self.roles[role]
+        r.held[sharding_key(sh)] = r.version
+        return r.train
+
+    def _sharding(self, call: MFC) -> Sharding:
+        """The call's sharding: the plan's, or for a call outside the plan's graph (an
+        evaluation) its role's train replica."""
+        sh = self.sharding.get(call.name) or self.roles[call.role].train
+        if sh is None:
+            raise KeyError(f"call '{call.name}' has no sharding in this plan")
+        return sh
+
+    def begin_step(self, graph: DataflowGraph | None = None) -> None:
+        """Issue the step's reallocations before its calls, in the order of the calls that
+        first use each stale replica (the planner's order, planner.plan.tasks): every
+        device runs them ahead of the step's calls, so a replica fills while another
+        call's replica is being filled, not after that call has run. A step whose only
+        reallocation is for its first call, which reads only the dataset, leaves it to
+        `dispatch` (folded into that call's task)."""
+        graph = graph or self.graph
+        self.ahead = {}
+        placed = list(graph.waves())
+        stale, seen = [], set()
+        for c in placed:
+            key = (c.role, sharding_key(self._sharding(c)))
+            if key not in seen and self._lags(c.role, self._sharding(c)):
+                stale.append(c)
+            seen.add(key)
+        if len(stale) == 1 and stale[0] is placed[0] and not graph.parents(stale[0]):
+            return
+        for c in stale:
+            self.ahead[c.name] = self._refresh(c.role, self._sharding(c))
+
+    def _reallocations(
+        self, role: str, src: Sharding, sh: Sharding, skip: frozenset[int] = frozenset()
+    ) -> list[Any]:
+        """Reallocation tasks from replica `src` to replica `sh` of `role`, on every device
+        of both meshes but `skip`."""
+        devices = sorted((set(src[0].devices) | set(sh[0].devices)) - skip)
+        dpn, version = self.cluster.devices_per_node, self.roles[role].version
+        return [self.workers[d].reallocate.remote(role, src, sh, dpn, version) for d in devices]
+
+    def _refresh(self, role: str, sh: Sharding) -> list[Any]:
+        """Reallocation tasks that bring the replica `sh` of `role` up to date (none if
+        it holds the current weights), on every device of both meshes."""
+        src = self._stale(role, sh)
+        return [] if src is None else self._reallocations(role, src, sh)
+
+    def dispatch(
+        self,
+        call: MFC,
+        options: dict[str, Any],
+        inputs: list[Any],
+        graph: DataflowGraph | None = None,
+    ) -> Dispatched:
+        """The call's tasks on its mesh, after any reallocation its replica needs; the
+        consumers get every rank's part (they concatenate them in dp order).
+
+        Two shortcuts save a round trip through Ray per call: an inference or generate
+        call whose producers all ran under its own mesh and layout reads each producer's
+        part from its device's memory (each device's share of the rows is then the part
+        it produced) instead of waiting for every rank's part; and a call that then
+        waits for no other call (only the step's dataset) has its own devices run the
+        reallocation its replica needs at the start of its task (devices of the source
+        mesh alone get a task of their own, first)."""
+        graph = graph or self.graph
+        sh = self._sharding(call)
+        parents = graph.parents(call)
+        if (
+            call.kind is not CallKind.TRAIN
+            and parents
+            and all(
+                sharding_key(self._sharding(graph.call(p))) == sharding_key(sh) for p in parents
+            )
+        ):
+            options = {**options, "local_inputs": list(parents)}
+            inputs = inputs[:1]  # the step's dataset; the producers' parts stay local
+        reallocs = self.ahead.pop(call.name, [])  # issued by begin_step
+        r = self.roles[call.role]
+        src = self._stale(call.role, sh)
+        if src is not None:
+            # Folded into the call's task only if that task waits for no other call: a
+            # task whose input failed never runs, and the source devices would then wait
+            # for their peers' part of the reallocation forever.
+            fold = len(inputs) == 1
+            mine = frozenset(sh[0].devices) if fold else frozenset()
+            reallocs += self._reallocations(call.role, src, sh, mine)
+            if fold:
+                options = {**options, "reallocate": (src, self.cluster.devices_per_node)}
+        if call.kind is CallKind.TRAIN:
+            r.version += 1
+            r.held[sharding_key(sh)] = r.version
+        options = {**options, "version": r.version}
+        parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
+                 for w in self.cluster.on(sh[0])]  # fmt: skip
+        n = len(parts)
+        return Dispatched(
+            [p[0] for p in parts],
+            [p[1] for p in parts] + reallocs,
+            lambda values: merge_metrics(call.name, values[:n], values[n:]),
+        )
+
+    # -- evaluation and checkpoints ---------------------------------------------------
+
+    def evaluate(self, prompts: list[str], params: Any, role: str = "actor") -> Any:
+        """A reference to {'accuracy', 'reward'} of `role`'s responses, generated on the
+        replica (and layout) of its first generate call, or of its train call if it has
+        none (the one-call SFT stage)."""
+        gen = [c for c in self.graph.calls if c.role == role and c.kind is CallKind.GENERATE]
+        r = self.roles[role]
+        sh = self.sharding[gen[0].name] if gen else r.train
+        assert sh is not None, f"role {role} neither generates nor trains"
+        reallocs = self._refresh(role, sh)
+        if reallocs:
+            ray.get(reallocs)
+        parts = [w.evaluate.remote(role, sh, prompts, params, r.version)
+                 for w in self.cluster.on(sh[0])]  # fmt: skip
+        return self.workers[sh[0].start].merge_evaluation.remote(*parts)
+
+    def _checkpoint_sharding(self, role: str) -> Sharding:
+        """One device of the train mesh holding whole tensors: it writes the weights."""
+        train = self.roles[role].train
+        assert train is not None
+        return Mesh(train[0].start, 1), Layout(1, 1, 1)
+
+    def save(self, folder: Path, roles: list[str]) -> None:
+        """Each trained role as folder/<role>: a Hugging Face folder of its full weights,
+        and optim/rank<device>.pt with each train rank's optimizer and scheduler state."""
+        tasks = []
+        for role in roles:
+            r = self.roles[role]
+            assert r.train is not None
+            one = self._checkpoint_sharding(role)
+            if sharding_key(one) != sharding_key(r.train):
+                ray.get(self._refresh(role, one))
+            tasks.append(self.workers[one[0].start].write_model.remote(role, one, str(folder)))
+            tasks += [w.save_rank.remote(role, r.train, str(folder))
+                      for w in self.cluster.on(r.train[0])]  # fmt: skip
+        ray.get(tasks)
+
+    def write_model(self, role: str, folder: Path) -> None:
+        """The role's current weights as the Hugging Face folder folder/<role>."""
+        one = self._checkpoint_sharding(role)
+        if sharding_key(one) != sharding_key(self.roles[role].train):
+            ray.get(self._refresh(role, one))
+        ray.get(self.workers[one[0].start].write_model.remote(role, one, str(folder)))
+
+    def load(self, folder: Path, roles: list[str]) -> None:
+        """Restore the trained roles from `save`'s folder (under the same plan); every
+        other replica of those roles is refreshed before its next call."""
+        tasks = []
+        for role in roles:
+            r = self.roles[role]
+            assert r.train is not None
+            r.version += 1
+            r.held[sharding_key(r.train)] = r.version
+            tasks += [w.load_rank.remote(role, r.train, str(folder), r.version)
+                      for w in self.cluster.on(r.train[0])]  # fmt: skip
+        ray.get(tasks)
+
+    def stop(self) -> None:
+        cluster = getattr(self, "cluster", None)
+        if cluster is not None:
+            cluster.shutdown(grace_s=10.0 if self.engines else 0.0)

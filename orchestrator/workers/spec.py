@@ -1,0 +1,34 @@
+"""What a worker needs to know of a role to host its replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.engines.train import OptimSpec
+from orchestrator.engines.vllm_engine import VLLMSpec
+from orchestrator.models.kinds import ModelKind
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    name: str
+    model_kind: str  # causal | value (critic or reward model) | verifier (no model)
+    init_path: str | None  # Hugging Face folder the weights start from
+    tokenizer_path: str
+    task_name: str
+    task_digits: int
+    optim: OptimSpec | None = None  # set for trainable roles
+    generation_backend: str | None = None  # hf | vllm, set for roles that generate
+    vllm: VLLMSpec | None = None  # set with generation_backend vllm
+    seed: int = 0
+    policy_experts: int | None = None  # a PMOE policy head with this many experts
+    expert_rank: int = 8
+    reward_function: str | None = None  # a verifier role: the user's 'file.py:name' instead
+
+    def kind(self) -> ModelKind:
+        """The model this role holds (orchestrator.models.kinds)."""
+        if self.model_kind == "verifier":
+            return ModelKind("none")
+        if self.model_kind == "causal" and self.policy_experts is not None:
+            return ModelKind("pmoe", self.policy_experts, self.expert_rank, self.seed)
+        return ModelKind(self.model_kind, seed=self.seed)
