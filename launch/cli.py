@@ -33,11 +33,14 @@ Examples:
   relay train run.name=quick resume=auto        # continue a run from its newest checkpoint
 """
 
+
 def _setup_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # tasks whose inputs died with a worker: the runtime reports the worker, once
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 
 
 def init_ray(cfg: object) -> None:

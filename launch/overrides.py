@@ -28,5 +28,3 @@ def config_help() -> str:
         "Shorthands: resume=auto -> run.resume=auto, seed=N -> run.seed=N, name=X -> run.name=X\n\n"
         "== Config (defaults) ==\n" + to_yaml(cfg)
     )
-
-

@@ -126,8 +126,12 @@ def to_module_names(
 
 
 def save_model(kind: ModelKind, module: torch.nn.Module, out: Path) -> None:
-    """A Hugging Face folder of the module (plus pmoe.safetensors for a PMOE head)."""
+    """A Hugging Face folder of the module (plus pmoe.safetensors for a PMOE head), written
+    by this process whatever its rank (transformers writes only on torch.distributed rank
+    0, and a plan's device worker that holds the whole model may have any rank)."""
     from orchestrator.models.hf import no_progress_bars
 
+    lm = trunk(kind, module)
+    lm.should_save_on_this_rank = lambda is_main_process: True  # type: ignore[method-assign]
     with no_progress_bars():
         module.save_pretrained(out)

@@ -10,6 +10,7 @@ import torch
 
 from algos.graph import DataflowGraph
 from orchestrator.runtime.plan_runtime import Dispatched, PlanRuntime
+from orchestrator.workers.failures import WorkerLost
 
 RUNNING_CALLS_WAIT_S = 60.0
 
@@ -46,11 +47,15 @@ def run_graph(
             name = waiting.pop(ref)
             try:
                 ray.get(ref)  # raises the call's error at once
-            except ray.exceptions.RayActorError:
-                raise  # a worker died: the runtime is replaced, nothing to wait for
-            except Exception:
-                # let the calls still in flight end first, so the next step starts clean
-                # (bounded: ranks of a failed call may wait on it in a collective forever)
+            except Exception as e:
+                failure = runtime.failure(ref, e, name)
+                if isinstance(failure, WorkerLost):
+                    # the runtime is replaced: nothing to wait for (a dead worker's peers
+                    # may wait on it in a collective forever)
+                    raise failure from None
+                # the call's own error (a reward that raised): let the calls still in flight
+                # end first, so the next step starts clean (bounded: ranks of a failed call
+                # may wait on it in a collective forever)
                 ray.wait(list(waiting), num_returns=len(waiting), timeout=RUNNING_CALLS_WAIT_S)
                 raise
             left[name] -= 1

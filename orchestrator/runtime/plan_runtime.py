@@ -32,6 +32,7 @@ import ray
 from algos.graph import MFC, CallKind, DataflowGraph
 from orchestrator.runtime.metrics import merge_metrics
 from orchestrator.workers.cluster import DeviceCluster
+from orchestrator.workers.failures import classify, gather
 from orchestrator.workers.groups import Sharding, sharding_key
 from orchestrator.workers.spec import RoleSpec
 from planner.layout import Layout, Mesh
@@ -110,31 +111,52 @@ class PlanRuntime:
         engine = engine_tp(graph, self.sharding, specs)
         if num_nodes == 1:  # no worker (and no engine shard) for devices no call uses
             devices_per_node = max(m.start + m.size for m, _ in self.sharding.values())
-        self.cluster = DeviceCluster(num_nodes, devices_per_node, list(self.sharding.values()),
-                                     device=device, threads=threads)  # fmt: skip
-        self.workers = self.cluster.workers
         self.engines = engine is not None
         self.ahead: dict[str, list[Any]] = {}  # call -> reallocations begin_step issued
+        self.device_of: dict[Any, int] = {}  # a reference of the step -> its device
+        self.cluster = DeviceCluster(num_nodes, devices_per_node, list(self.sharding.values()),
+                                     device=device, threads=threads, roles_on=self.roles_on)  # fmt: skip
+        self.workers = self.cluster.workers
         try:
-            ray.get([w.host.remote(specs, [r for r in offload if r in self.roles])
-                     for w in self.workers])  # fmt: skip
-            if engine is not None:  # every worker builds its shard at once (vLLM's groups)
-                ray.get([w.build_engine.remote(*engine) for w in self.workers])
-            # every replica starts from the role's folder: the same weights everywhere
-            loads = []
-            for c in graph.calls:
-                r, sh = self.roles[c.role], self.sharding[c.name]
-                if sharding_key(sh) not in r.held:
-                    r.held[sharding_key(sh)] = 0
-                    loads += [w.load.remote(c.role, sh) for w in self.workers]
-            ray.get(loads)
-            # models, trainers and generators built now, not inside the first step
-            ray.get([w.prepare.remote(c, self.sharding[c.name]) for c in graph.calls
-                     for w in self.cluster.on(self.sharding[c.name][0])])  # fmt: skip
-            ray.get([w.built.remote() for w in self.workers])
+            self._build(graph, specs, offload, engine)
         except BaseException:
             self.stop()
             raise
+
+    def roles_on(self, device: int) -> list[str]:
+        """The roles whose calls run on `device` under the plan."""
+        return sorted({c.role for c in self.graph.calls
+                       if device in self.sharding[c.name][0].devices})  # fmt: skip
+
+    def _all(self, method: str, what: str, *args: Any) -> list[Any]:
+        """`method(*args)` on every worker; a failure names its device (failures.gather)."""
+        refs = [(getattr(w, method).remote(*args), d) for d, w in enumerate(self.workers)]
+        return gather(refs, self.roles_on, what)
+
+    def _build(
+        self,
+        graph: DataflowGraph,
+        specs: list[RoleSpec],
+        offload: list[str] | tuple[str, ...],
+        engine: tuple[str, int] | None,
+    ) -> None:
+        """Every worker's roles, engine shard, replicas, models, trainers and generators,
+        built before the first step."""
+        self._all("host", "reading the roles' tokenizer and task", specs,
+                  [r for r in offload if r in self.roles])  # fmt: skip
+        if engine is not None:  # every worker builds its shard at once (vLLM's groups)
+            self._all("build_engine", f"building {engine[0]}'s vLLM engine", *engine)
+        # every replica starts from the role's folder: the same weights everywhere
+        for c in graph.calls:
+            r, sh = self.roles[c.role], self.sharding[c.name]
+            if sharding_key(sh) not in r.held:
+                r.held[sharding_key(sh)] = 0
+                self._all("load", f"loading {c.role}'s weights from {r.spec.init_path}", c.role, sh)
+        for c in graph.calls:
+            sh = self.sharding[c.name]
+            refs = [(self.workers[d].prepare.remote(c, sh), d) for d in sh[0].devices]
+            gather(refs, self.roles_on, f"building the model and engines of {c.name}")
+        self._all("built", "its start")
 
     # -- calls ----------------------------------------------------------------------
 
@@ -169,7 +191,7 @@ class PlanRuntime:
         reallocation is for its first call, which reads only the dataset, leaves it to
         `dispatch` (folded into that call's task)."""
         graph = graph or self.graph
-        self.ahead = {}
+        self.ahead, self.device_of = {}, {}
         placed = list(graph.waves())
         stale, seen = [], set()
         for c in placed:
@@ -189,7 +211,9 @@ class PlanRuntime:
         of both meshes but `skip`."""
         devices = sorted((set(src[0].devices) | set(sh[0].devices)) - skip)
         dpn, version = self.cluster.devices_per_node, self.roles[role].version
-        return [self.workers[d].reallocate.remote(role, src, sh, dpn, version) for d in devices]
+        refs = [self.workers[d].reallocate.remote(role, src, sh, dpn, version) for d in devices]
+        self.device_of.update(zip(refs, devices))
+        return refs
 
     def _refresh(self, role: str, sh: Sharding) -> list[Any]:
         """Reallocation tasks that bring the replica `sh` of `role` up to date (none if
@@ -244,12 +268,19 @@ class PlanRuntime:
         options = {**options, "version": r.version}
         parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
                  for w in self.cluster.on(sh[0])]  # fmt: skip
+        self.device_of.update({p[1]: d for p, d in zip(parts, sh[0].devices)})
         n = len(parts)
         return Dispatched(
             [p[0] for p in parts],
             [p[1] for p in parts] + reallocs,
             lambda values: merge_metrics(call.name, values[:n], values[n:]),
         )
+
+    def failure(self, ref: Any, error: BaseException, call: str) -> Exception:
+        """The runtime's exception for a step's reference that raised (failures.classify)."""
+        device = self.device_of.get(ref)
+        roles = self.roles_on(device) if device is not None else []
+        return classify(error, device, roles, f"the call {call}")
 
     # -- evaluation and checkpoints ---------------------------------------------------
 

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from orchestrator.workers.device_worker import DeviceWorker
+from orchestrator.workers.failures import gather
 from orchestrator.workers.groups import Sharding, plan_groups
 from planner.layout import Mesh
 
@@ -57,6 +58,7 @@ class DeviceCluster:
         device: str = "cpu",
         threads: int = 1,
         timeout_s: float = 120.0,
+        roles_on: Any = None,  # device -> the roles it hosts, to name them in failures
     ) -> None:
         import ray
         from ray.util.placement_group import placement_group
@@ -101,11 +103,15 @@ class DeviceCluster:
             ).remote(d, n, threads, device)  # fmt: skip
             for d in range(n)
         ]
+        self.roles_on: Any = roles_on or (lambda device: [])
         try:
-            master = ray.get(self.workers[0].address.remote())
-            ray.get([w.join.remote(master, plan_groups(n, shardings)) for w in self.workers])
+            (master,) = gather([(self.workers[0].address.remote(), 0)], self.roles_on,
+                               "its start")  # fmt: skip
+            groups = plan_groups(n, shardings)
+            gather([(w.join.remote(master, groups), d) for d, w in enumerate(self.workers)],
+                   self.roles_on, "joining the devices' torch.distributed world")  # fmt: skip
         except BaseException:
-            self.shutdown()
+            self.shutdown(grace_s=0.0)
             raise
 
     def node_ids(self) -> list[str]:

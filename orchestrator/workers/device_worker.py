@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from orchestrator.workers.engine_host import EngineGenerator
+from orchestrator.workers.failures import portable
 from orchestrator.workers.groups import (
     DataParallelGroups,
     Sharding,
@@ -38,29 +40,10 @@ from orchestrator.workers.groups import (
     group_ranks,
     sharding_key,
 )
+from orchestrator.workers.memory import peak_rss_since_reset, reset_peak_rss
 from orchestrator.workers.replica import Replica, RoleModel
 
 REALLOC_KEY = "_realloc/"  # a rank's stats of the reallocation its call task ran first
-
-
-def reset_peak_rss() -> bool:
-    """Restart the process's peak resident set (Linux: VmHWM, reset through
-    /proc/self/clear_refs); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_since_reset() -> float:
-    """Bytes: the largest resident set since `reset_peak_rss` (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 class DeviceWorker:
@@ -142,6 +125,7 @@ class DeviceWorker:
 
     # -- roles, engines and replicas ------------------------------------------------
 
+    @portable
     def host(self, specs: list[Any], offload: list[str] | tuple[str, ...] = ()) -> None:
         """The roles (RoleSpecs) whose calls this worker may run; the frozen roles of
         `offload` keep their weights in host memory between calls (models.offload)."""
@@ -161,6 +145,7 @@ class DeviceWorker:
         self.task = make_task(first.task_name, first.task_digits)
         torch.manual_seed(first.seed)
 
+    @portable
     def build_engine(self, role: str, tp: int) -> None:
         """This device's shard of `role`'s vLLM engine, from the role's folder. Every
         worker of the world calls it at once (vLLM's groups span the world)."""
@@ -173,6 +158,7 @@ class DeviceWorker:
         self.engine = EngineHost(engine, tp, self.device)
         torch.manual_seed(spec.seed)  # vLLM reset the global seed when it started
 
+    @portable
     def load(self, role: str, sharding: Sharding) -> int:
         """Read the role's Hugging Face folder and keep this device's slices under
         `sharding` (nothing outside its mesh, but the role's model metadata); returns the
@@ -280,6 +266,7 @@ class DeviceWorker:
         self.pushed_s += seconds or 0.0
         return seconds
 
+    @portable
     def prepare(self, call: Any, sharding: Sharding) -> None:
         """Build what `call` needs under `sharding` (the module, a trainer, a generator)."""
         from algos.graph import CallKind
@@ -337,6 +324,7 @@ class DeviceWorker:
 
     # -- calls ------------------------------------------------------------------------
 
+    @portable
     def run(
         self, call: Any, sharding: Sharding, options: Mapping[str, Any], *inputs: Any
     ) -> tuple[tuple[int, dict[str, torch.Tensor]] | None, dict[str, float]]:
@@ -469,6 +457,7 @@ class DeviceWorker:
 
         return reload(self.parked[key]) if key in self.parked else 0
 
+    @portable
     def evaluate(
         self, role: str, sharding: Sharding, prompts: list[str], params: Any, version: int
     ) -> tuple[int, list[float], list[float]] | None:
@@ -543,6 +532,7 @@ class DeviceWorker:
         torch.save(rep.ctx.train.rank_state(), path)
         return str(path)
 
+    @portable
     def load_rank(self, role: str, sharding: Sharding, folder: str, version: int) -> None:
         """Restore a trained replica from a checkpoint folder: the weights (folder/<role>,
         this device's slices of them) and this rank's optimizer state."""
@@ -569,23 +559,3 @@ class DeviceWorker:
         if self.engine is not None:
             self.engine.engine.close()
         ray.actor.exit_actor()
-
-
-class EngineGenerator:
-    """The `GenerationEngine` a generate call of a replica sees: this device's vLLM shard,
-    brought up to the replica's weights first."""
-
-    def __init__(self, worker: DeviceWorker, rep: Replica) -> None:
-        self.worker, self.rep = worker, rep
-
-    @property
-    def engine(self) -> Any:
-        return self.worker.engine.engine
-
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: Any) -> Any:
-        self.worker.push_engine(self.rep)
-        return self.engine.generate(prompt_ids, prompt_mask, params)
-
-    def sequence_logprobs(self, *batch: torch.Tensor) -> torch.Tensor:
-        self.worker.push_engine(self.rep)
-        return self.engine.sequence_logprobs(*batch)

@@ -135,3 +135,24 @@ class EngineHost:
             dist.all_gather(parts, padded, group=tp_group)
             out[name] = torch.cat(parts)[: shape.vocab]
         return out
+
+
+class EngineGenerator:
+    """The `GenerationEngine` a generate call of a replica sees: this device's vLLM shard,
+    brought up to the replica's weights first."""
+
+    def __init__(self, worker: Any, rep: Any) -> None:
+        """worker: the DeviceWorker; rep: the replica whose calls generate."""
+        self.worker, self.rep = worker, rep
+
+    @property
+    def engine(self) -> Any:
+        return self.worker.engine.engine
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: Any) -> Any:
+        self.worker.push_engine(self.rep)
+        return self.engine.generate(prompt_ids, prompt_mask, params)
+
+    def sequence_logprobs(self, *batch: torch.Tensor) -> torch.Tensor:
+        self.worker.push_engine(self.rep)
+        return self.engine.sequence_logprobs(*batch)

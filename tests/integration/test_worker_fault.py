@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def rl_steps(run_dir: Path, stage: str = "rl") -> list[int]:
 
 
 def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int, stage: str = "rl") -> int:
-    """SIGKILL one model worker (a process titled ray::ModelWorker under the driver)
+    """SIGKILL one model worker (a process titled ray::DeviceWorker under the driver)
     once `after_step` steps of `stage` are logged; returns the step count seen then."""
     end = time.monotonic() + 600
     while time.monotonic() < end:
@@ -40,7 +41,7 @@ def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int, stage:
             workers = [
                 p
                 for p in psutil.Process(proc.pid).children(recursive=True)
-                if "ModelWorker" in " ".join(p.cmdline())
+                if "DeviceWorker" in " ".join(p.cmdline())
             ]
             if workers:
                 victim = random.Random(0).choice(workers)
@@ -62,11 +63,14 @@ def run_and_kill_a_worker(tmp_path: Path, name: str, steps: int, *extra: str) ->
     return f"rc={proc.returncode}\n{out}"
 
 
-def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plan", ["per_role", "symmetric"])
+def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path, plan: str) -> None:
+    """per_role, and a sharded plan (every call data-parallel over the four devices: the
+    other workers are left inside collectives with the dead one)."""
     run_dir = tmp_path / "fault"
-    out = run_and_kill_a_worker(tmp_path, "fault", 6)  # checkpoints every 2 steps
+    out = run_and_kill_a_worker(tmp_path, "fault", 6, f"plan={plan}")  # checkpoints every 2 steps
     assert out.startswith("rc=0\n"), out
-    assert "a model worker died" in out and "restart 1 of 3" in out
+    assert "the worker of device" in out and "died during" in out and "restart 1 of 3" in out
     assert "continue from checkpoint" in out  # the step-2 (or later) checkpoint
     steps = rl_steps(run_dir)
     assert sorted(steps) == list(range(0, 7)), steps  # each step once, none lost
@@ -102,3 +106,51 @@ def test_dead_sft_worker_restarts_the_stage(tmp_path: Path) -> None:
     assert sorted(rl_steps(run_dir, "sft")) == list(range(1, 61))
     assert (run_dir / "models" / "sft" / "DONE").is_file()
     assert [s for s in rl_steps(run_dir) if s > 0] == [1]
+
+
+def test_a_worker_that_fails_while_built_stops_the_run_with_its_own_error(tmp_path: Path) -> None:
+    """A model folder vLLM rejects (its config.json names a quantization vLLM does not
+    know; transformers loads it): the run stops at once, with the worker's own exception
+    type and message, no restart and no traceback; exit 2."""
+    from orchestrator.data.tasks import make_task
+    from orchestrator.models.hf import build_model_folder, train_tokenizer
+
+    tok = train_tokenizer(make_task("sort", 8).alphabet(), tmp_path / "tok")
+    folder = build_model_folder("tiny", tok, tmp_path / "model", seed=0, max_position_embeddings=64)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf"}
+    (folder / "config.json").write_text(json.dumps(config))
+    proc = relay(tiny_overrides(tmp_path, "bad", 1, *RL_ONLY, f"model.path={folder}",
+                                "generate.backend=vllm"))  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 2, out[-3000:]
+    assert "failed building actor's vLLM engine: ValidationError" in out
+    assert "Unknown quantization method: gguf" in out
+    assert "Traceback" not in out and "restart" not in out
+
+
+def test_a_worker_killed_for_memory_is_reported_as_such(tmp_path: Path) -> None:
+    """Ray's memory monitor set to kill above 2% of the node's memory: the run reports
+    which device and roles were killed for memory, the node's memory then and what the
+    plan expected there, with a fix; exit 2, no traceback."""
+    env = {**os.environ, "RAY_memory_usage_threshold": "0.02",
+           "RAY_memory_monitor_refresh_ms": "100"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train",
+         *tiny_overrides(tmp_path, "oom", 1, *RL_ONLY, "run.max_restarts=0",
+                         "generate.backend=hf")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env=env,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 2, out[-3000:]
+    assert "was killed for memory" in out and "(roles " in out
+    assert "the node used" in out and "over Ray's limit of 2%" in out
+    assert "the plan expected" in out and "Fix: lower what the run holds" in out
+    assert "Traceback" not in out

@@ -134,10 +134,10 @@ def test_micro_batches_x_accumulation_invariance(tmp_path: Path) -> None:
     initial = load_causal_lm(folder).state_dict()
     assert any(not torch.equal(initial[k], results[0][k]) for k in initial), "nothing trained"
     # Tolerance: the two sum in different orders (~1e-7 apart); Adam divides by sqrt(v),
-    # which magnifies that to ~1e-6 where v is tiny. A mean of micro-batch means is off
-    # by ~4e-3 here.
+    # which magnifies that where v is tiny: up to 3.4e-5 (3% of one step of lr 1e-3) at one
+    # weight of 49,152 on this machine. A mean of micro-batch means is off by ~4e-3 here.
     for k in results[0]:
-        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-4)
 
 
 def _sft_step(folder: Path, micro: int, strategy: str, batch: dict) -> dict[str, torch.Tensor]:

@@ -18,9 +18,9 @@ from algos.losses import (
     masked_sum,
     masked_var,
     masked_whiten,
-    policy_loss,
     value_loss,
 )
+from tests.reductions import policy_loss
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])

@@ -9,8 +9,8 @@ from torch.testing import assert_close
 
 from algos.advantages import AdvantageInput, get_estimator
 from algos.graph import CallKind
-from algos.losses import reinforce_loss
 from algos.ppo import ALGORITHM_GRAPHS, ppo_rollout_advantages, remax_graph
+from tests.reductions import reinforce_loss
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])

@@ -204,12 +204,12 @@ def test_the_example_reward_function() -> None:
     assert fn("S3120=", "") == 0.0
 
 
-
 def prepare_of(cfg):
     """Make or reopen the config's run folder (as `relay train` does first)."""
     from orchestrator.run.folder import prepare
 
     return prepare(cfg, Path(cfg.run.output_dir) / cfg.run.name)
+
 
 def test_resume_refuses_a_prompt_file_whose_contents_changed(tmp_path: Path) -> None:
     from orchestrator.run.folder import RunError
