@@ -12,6 +12,13 @@ trainer's precision); vLLM with bfloat16 weights (`generate.vllm_dtype=bfloat16`
 reported beside it. The vLLM processes also time `sync_weights` (the whole model pushed
 in place).
 
+Sharded plans: the same generation under a dp2 plan (two devices, each one thread: two
+vLLM engines, or transformers on two replicas, each on half the prompts) and a tp2 plan
+(one vLLM engine with a shard on each device, fed the replica's slices; transformers on
+the tensor-parallel model), run by Relay's runtime (PlanRuntime, a one-call generate
+graph), each in a process of its own; vLLM over transformers is reported per plan next to
+the unsharded figure.
+
 Sync share: a short PPO run of the default job on the same model (`relay train
 model.preset=large sft.enabled=false reward=verifier`, vLLM backend) reads
 `time/weight_sync` and `time/step_s` from its metrics.
@@ -108,6 +115,79 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+PLANS = {"dp2": (2, 1), "tp2": (1, 2)}
+
+
+def plan_worker(args: argparse.Namespace) -> None:
+    """One backend under one two-device plan, through the runtime: time `repeats`
+    generate calls after a warm-up one, print JSON."""
+    import random
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from algos.graph import MFC, CallKind, DataflowGraph
+    from algos.ppo import PROMPT, RESPONSE
+    from orchestrator.data.tasks import make_task
+    from orchestrator.data.text import encode_prompts
+    from orchestrator.engines.generate import SamplingParams
+    from orchestrator.engines.vllm_engine import VLLMSpec, kv_cache_bytes_for
+    from orchestrator.runtime.graph_runner import run_graph
+    from orchestrator.runtime.plan_runtime import PlanRuntime
+    from orchestrator.workers.spec import RoleSpec
+    from planner.layout import Layout, Mesh
+
+    folder = Path(args.folder) / "model"
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    task, rng = make_task("sort", 8), random.Random(0)
+    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(args.prompts)])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder))
+    context = config.max_position_embeddings
+    vllm = VLLMSpec(max_model_len=context, max_num_seqs=args.prompts,
+                    kv_cache_bytes=kv_cache_bytes_for(config, args.prompts, context))  # fmt: skip
+    spec = RoleSpec("actor", "causal", str(folder), str(folder), "sort", 8,
+                    generation_backend=args.worker,
+                    vllm=vllm if args.worker == "vllm" else None)  # fmt: skip
+    call = MFC("actor_gen", "actor", CallKind.GENERATE, "generate", PROMPT, RESPONSE)
+    graph = DataflowGraph("generate", [call], dataset_keys=PROMPT)
+    dp, tp = PLANS[args.plan]
+    ray.init(num_cpus=2, resources={"relay_device": 2}, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    t0 = time.perf_counter()
+    runtime = PlanRuntime(graph, {"actor_gen": (Mesh(0, 2), Layout(dp, tp, 1))}, [spec], 1, 2)
+    start_s = time.perf_counter() - t0
+    n, data = args.new_tokens, {"prompt_ids": ids, "prompt_mask": mask}
+    times = []
+    for r in range(args.repeats + 1):  # the first is the warm-up
+        params = SamplingParams(max_new_tokens=n, min_new_tokens=n, seed=r)
+        t0 = time.perf_counter()
+        run_graph(graph, runtime, data, {"actor_gen": {"sampling": params, "step": r}})
+        times.append(time.perf_counter() - t0)
+    runtime.stop()
+    ray.shutdown()
+    print("RESULT " + json.dumps({"backend": args.worker, "plan": args.plan, "threads": 1,
+                                  "engine_start_s": start_s, "generate_s": times[1:],
+                                  "tokens": args.prompts * n}), flush=True)  # fmt: skip
+
+
+def run_plan_worker(backend: str, plan: str, folder: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, "--plan", plan, "--folder", str(folder),
+           "--repeats", str(args.repeats), "--prompts", str(args.prompts),
+           "--new-tokens", str(args.new_tokens)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{backend} {plan} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    result = json.loads(lines[-1][len("RESULT ") :])
+    print(backend, plan, json.dumps(result), flush=True)
+    return result
+
+
 def run_worker(name: str, folder: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     backend, dtype = BACKENDS[name]
@@ -168,9 +248,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=("hf", "vllm"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", choices=tuple(PLANS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.worker and args.plan:
+        plan_worker(args)
+        return
     if args.worker:
         worker(args)
         return
@@ -180,9 +264,13 @@ def main() -> None:
         folder = Path(tmp)
         build_model(folder, context=32 + args.new_tokens)
         runs: dict[str, list[dict]] = {name: [] for name in BACKENDS}
+        planned: dict[str, list[dict]] = {f"{b}_{p}": [] for p in PLANS for b in ("hf", "vllm")}
         for _ in range(args.rounds):
             for name in BACKENDS:
                 runs[name].append(run_worker(name, folder, args))
+            for key in planned:
+                backend, plan = key.split("_")
+                planned[key].append(run_plan_worker(backend, plan, folder, args))
         sync = sync_share(folder / "runs", args.sync_steps)
     tokens = args.prompts * args.new_tokens
     median = {
@@ -214,14 +302,32 @@ def main() -> None:
             b: statistics.median(r["engine_start_s"] for r in rs) for b, rs in runs.items()
         },  # fmt: skip
         "model_sync_s_median": statistics.median(vllm_sync),
+        "plans": {
+            plan: {
+                "vllm_over_hf_tokens_per_s": statistics.median(
+                    t for r in planned[f"hf_{plan}"] for t in r["generate_s"]
+                )
+                / statistics.median(t for r in planned[f"vllm_{plan}"] for t in r["generate_s"]),
+                "tokens_per_s": {
+                    b: tokens
+                    / statistics.median(t for r in planned[f"{b}_{plan}"] for t in r["generate_s"])
+                    for b in ("hf", "vllm")
+                },  # fmt: skip
+                "engine_start_s": statistics.median(
+                    r["engine_start_s"] for r in planned[f"vllm_{plan}"]
+                ),  # fmt: skip
+            }
+            for plan in PLANS
+        },
         "sync_run": sync,
         "goal": {"vllm_over_hf_tokens_per_s": 5.0, "sync_share_of_step": 0.05},
         "runs": runs,
+        "plan_runs": planned,
     }
     out_path = REPO / "benchmarks" / "results" / "generation.json"
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     keys = ("vllm_over_hf_tokens_per_s", "vllm_bf16_over_hf_tokens_per_s", "sync_share_of_step",
-            "tokens_per_s")  # fmt: skip
+            "tokens_per_s", "plans")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}))
 
 

@@ -29,7 +29,9 @@ from orchestrator.workers.failures import (
 GIB = 2**30
 
 
-def with_restarts(run: Run, stage: str, body: Callable[[bool], dict[str, float]]) -> dict[str, float]:
+def with_restarts(
+    run: Run, stage: str, body: Callable[[bool], dict[str, float]]
+) -> dict[str, float]:
     """body(after_fault) again with new workers whenever a worker dies."""
     import ray
 
@@ -63,7 +65,9 @@ def memory_report(run: Run, stage: str, lost: WorkerLost) -> str:
     parts = []
     if lost.node_memory_gb is not None:
         used, total = lost.node_memory_gb
-        limit = f", over Ray's limit of {lost.threshold_percent:g}%" if lost.threshold_percent else ""
+        limit = (
+            f", over Ray's limit of {lost.threshold_percent:g}%" if lost.threshold_percent else ""
+        )
         parts.append(f"the node used {used:.2f} of {total:.1f} GB{limit}")
     else:
         import psutil

@@ -41,7 +41,8 @@ def rl_rows(run_dir: Path) -> dict[int, dict]:
 
 
 def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) -> None:
-    summary = run(tiny_overrides(tmp_path, "e2e", 2, "logger.wandb_mode=offline"))
+    summary = run(tiny_overrides(tmp_path, "e2e", 2, "logger.wandb_mode=offline",
+                                 "generate.backend=auto"))  # fmt: skip
     run_dir = Path(summary["run_dir"])
     rows = rl_rows(run_dir)
     assert sorted(rows) == [0, 1, 2]

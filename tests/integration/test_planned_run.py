@@ -163,3 +163,33 @@ def test_remax_refreshes_both_generation_replicas_ahead_of_the_step(
     assert rows["one"][2]["loss/policy"] != 0  # samples differ from the greedy responses
     for call in ("actor_gen", "actor_greedy_gen"):
         assert rows["split"][2][f"realloc/{call}_bytes"] > 0
+
+
+def test_pmoe_policy_and_zero3_under_sharded_plans(ray_cluster, tmp_path: Path) -> None:
+    """A PMOE actor (three experts) trained tensor parallel over d0-1 gives the one-device
+    run's numbers (the experts, router and Q head travel with the LM's slices, whole on
+    each rank); and ZeRO-3 data parallel over d0-1 (each rank a partition of the weights,
+    reallocation reading them gathered) gives the ZeRO-1 run's on one device."""
+    pmoe = ("policy=pmoe", "policy.num_experts=3")
+    sampled = ("generate.backend=hf", "train.eval_every_steps=100")  # PMOE: top_k off
+    greedyish = ("generate.backend=hf", "generate.top_k=1", "train.eval_every_steps=100")
+    rows = {}
+    for name, mesh, dp, tp, extra, rollouts in (
+        ("pmoe_dp1", "d0", 1, 1, pmoe, sampled),
+        ("pmoe_tp2", "d0-1", 1, 2, pmoe, sampled),
+        ("zero3_dp2", "d0-1", 2, 1, ("train.zero_stage=3",), greedyish),
+        ("zero1_dp1", "d0", 1, 1, ("train.zero_stage=1",), greedyish),
+    ):
+        path = plan_file(tmp_path, name, mesh, dp, tp, *extra)
+        run(tmp_path, name, "plan=file", f"plan.path={path}", "train.steps=2", *extra,
+            rollouts=rollouts)  # fmt: skip
+        rows[name] = rl_rows(tmp_path / name)
+    pairs = (("pmoe_tp2", "pmoe_dp1", ("loss/policy", "train/router_loss", "train/q_loss",
+                                       "loss/value")),
+             ("zero3_dp2", "zero1_dp1", ("loss/policy", "loss/value", "train/grad_norm_actor")))  # fmt: skip
+    for name, ref, keys in pairs:
+        for step in (1, 2):
+            for key in keys:
+                want = rows[ref][step][key]
+                got = rows[name][step][key]
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (name, step, key)

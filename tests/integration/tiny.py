@@ -10,7 +10,14 @@ RL_ONLY = ("sft.enabled=false", "reward=verifier")
 
 
 def tiny_overrides(out: Path, name: str, steps: int, *extra: str) -> list[str]:
+    """The run's overrides. Generation is transformers' unless `extra` names a backend:
+    every device of a plan starts a vLLM engine shard (seconds each on two cores), which
+    the tests of vLLM itself, of the default job and of roles sharing devices pay for."""
+    backend = (
+        [] if any(e.startswith("generate.backend=") for e in extra) else ["generate.backend=hf"]
+    )
     return [
+        *backend,
         f"run.output_dir={out}",
         f"run.name={name}",
         f"train.steps={steps}",
