@@ -4,7 +4,8 @@ per-role step time against another checkout of Relay, measured side by side.
 Runs the default job's PPO stage (after a short SFT; the verifier scores) on a local Ray
 cluster and reports, per step, the compute time of every call (measured on its worker),
 the step's wall time, the critical path through the graph (the longest chain of call
-times), and the share of wall time that is orchestration (wall minus critical path:
+times, a generating role's train call including the push of its weights into the vLLM
+engine), and the share of wall time that is orchestration (wall minus critical path:
 dispatch, object transfers, logging, checkpoints).
 
 With `--baseline DIR` (a checkout of an earlier commit, e.g. `git worktree add
@@ -88,7 +89,8 @@ with tempfile.TemporaryDirectory() as out:
     finally:
         ray.shutdown()
     total = time.perf_counter() - t0
-    rows = [r for r in read_metrics(os.path.join(out, "bench", "metrics.jsonl"))
+    from pathlib import Path
+    rows = [r for r in read_metrics(Path(out) / "bench" / "metrics.jsonl")
             if r["stage"] == "rl" and "time/step_s" in r]
 print("RESULT " + json.dumps({"rows": rows, "job_total_s": total}))
 """
@@ -106,12 +108,24 @@ def measure(tree: Path, steps: int, extra: list[str]) -> dict:
     return json.loads(line[-1][len("RESULT ") :])
 
 
+def call_times(graph, row: dict) -> dict[str, float]:
+    """Each call's time on its worker: its compute, and for the generating role's train
+    call the push of its new weights into the vLLM engine (`time/weight_sync`), work the
+    call's task does before it returns, not orchestration."""
+    generating = {c.role for c in graph.calls if c.kind.value == "generate"}
+    times = {c.name: row[f"time/{c.name}_s"] for c in graph.calls}
+    for c in graph.calls:
+        if c.kind.value == "train" and c.role in generating:
+            times[c.name] += row.get("time/weight_sync", 0.0)
+    return times
+
+
 def breakdown(rows: list[dict], graph) -> dict:
     rows = rows[2:]  # warm-up steps
-    calls = [c.name for c in graph.calls]
     wall = [r["time/step_s"] for r in rows if "eval/greedy_accuracy" not in r]
-    crit = [critical_path(graph, {c: r[f"time/{c}_s"] for c in calls}) for r in rows]
-    serial = [sum(r[f"time/{c}_s"] for c in calls) for r in rows]
+    crit = [critical_path(graph, call_times(graph, r)) for r in rows]
+    serial = [sum(call_times(graph, r).values()) for r in rows]
+    calls = [c.name for c in graph.calls]
     return {
         "steps_measured": len(rows),
         "per_call_s": {c: statistics.mean(r[f"time/{c}_s"] for r in rows) for c in calls},

@@ -1,1 +1,2 @@
-"""Relay orchestration: Ray controller, model workers, engines, checkpoints."""
+"""Relay orchestration: config, data, models, engines, interfaces, workers, runtime and
+the run, each a subpackage (docs/architecture.md)."""

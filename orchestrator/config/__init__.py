@@ -1,0 +1,1 @@
+"""The configuration: the Hydra schema (defaults once), composing it, and every rule."""

@@ -1,0 +1,1 @@
+"""What calls run with: DeepSpeed training, transformers' generate and vLLM."""

@@ -237,8 +237,9 @@ class TensorParallelTrainEngine:
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor, Shard
 
-        sharded = torch.zeros(())
-        replicated = torch.zeros(())
+        device = next(self.module.parameters()).device  # NCCL reduces tensors on the GPU
+        sharded = torch.zeros((), device=device)
+        replicated = torch.zeros((), device=device)
         for p in self.module.parameters():
             g = p.grad
             if g is None:

@@ -307,11 +307,11 @@ class DeviceWorker:
             assert source is not None, f"device {self.device} holds no {role} replica to send"
             with source.readable():
                 got = reallocate(source.current(), model.shape, src, dst, self.device,
-                                 devices_per_node=devices_per_node, dtype=dtype,
-                                 stats=stats)  # fmt: skip
+                                 devices_per_node=devices_per_node, dtype=dtype, stats=stats,
+                                 target=self.torch_device)  # fmt: skip
         else:
-            got = reallocate({}, model.shape, src, dst, self.device,
-                             devices_per_node=devices_per_node, dtype=dtype, stats=stats)  # fmt: skip
+            got = reallocate({}, model.shape, src, dst, self.device, devices_per_node=devices_per_node,
+                             dtype=dtype, stats=stats, target=self.torch_device)  # fmt: skip
         if self.device in dst[0].devices:
             if rep is None:
                 rep = self.replicas[key] = Replica(role, dst, model)

@@ -121,7 +121,9 @@ class EngineHost:
         specs = {t.name: t for t in model_tensors(shape)}
         names = [n for n in VOCAB_TENSORS if n in tensors]
         lo, hi = held_range(specs[names[0]], shape.layers, mesh, lay, self.device)  # type: ignore[misc]
-        outside = torch.tensor([float(want_lo < want_hi and (want_lo < lo or want_hi > hi))])
+        place = tensors[names[0]].device  # NCCL reduces tensors on the GPU
+        outside = torch.tensor([float(want_lo < want_hi and (want_lo < lo or want_hi > hi))],
+                               device=place)  # fmt: skip
         dist.all_reduce(outside, op=dist.ReduceOp.MAX, group=tp_group)
         if not outside.item():
             return {}

@@ -82,11 +82,14 @@ def reallocate(
     group: dist.ProcessGroup | None = None,
     ops: list[CommOp] | None = None,
     stats: ReallocStats | None = None,
+    target: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the comm plan from `src` to `dst` on this process (device `device`, holding
     `shards` of `src`); returns the slices it holds of `dst`. Every process of the group
     that appears in either mesh must call it with the same arguments but its own shards
-    and device. `rank_of` maps device numbers to process ranks (identity if None)."""
+    and device. `rank_of` maps device numbers to process ranks (identity if None);
+    `target` is where received slices go (default: where `shards` are, else the CPU; a
+    process that sends nothing over NCCL must name its GPU)."""
     tensors = {t.name: t for t in model_tensors(shape)}
     odd = sorted(k for k, v in shards.items() if v.dtype != dtype)
     if odd:
@@ -101,7 +104,8 @@ def reallocate(
     dst_held = {n: held_range(t, shape.layers, dmesh, dlay, device) for n, t in tensors.items()}
     out: dict[str, torch.Tensor] = {}
     like = next(iter(shards.values()), None)
-    target = like.device if like is not None else torch.device("cpu")
+    if target is None:
+        target = like.device if like is not None else torch.device("cpu")
     for name, held in dst_held.items():
         if held is not None:
             t = tensors[name]

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every test marked `gpu`, on a machine with a CUDA GPU, in one go (about 5 minutes on one
-# GPU): the PPO graph on a CUDA device worker under ZeRO 0-3 with a save and restore, the
-# vLLM engine's sleep/wake with fresh weights, the group estimators on CUDA tensors, and
-# `relay train` with every role on one GPU. Tests that need two GPUs (NCCL between device
-# workers) skip themselves on one.
+# Every test marked `gpu`, on a machine with a CUDA GPU, in one go (bounded at 8 minutes; not
+# yet timed on a GPU): the PPO graph on a CUDA device worker under ZeRO 0-3 with a save and
+# restore, the vLLM engine's sleep/wake with fresh weights, the group estimators on CUDA
+# tensors, and `relay train` with every role on one GPU. Tests that need two GPUs (NCCL
+# between device workers) skip themselves on one.
 #
 #   bash tests/gpu/run_gpu_checks.sh [pytest options]
 #

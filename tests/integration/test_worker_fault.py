@@ -68,8 +68,8 @@ def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path, plan: str)
     """per_role, and a sharded plan (every call data-parallel over the four devices: the
     other workers are left inside collectives with the dead one)."""
     run_dir = tmp_path / "fault"
-    # the sharded plan with vLLM: new workers start new engine shards on every device
-    backend = "generate.backend=" + ("vllm" if plan == "symmetric" else "hf")
+    # per_role with vLLM: the new workers start new engine shards
+    backend = "generate.backend=" + ("vllm" if plan == "per_role" else "hf")
     out = run_and_kill_a_worker(tmp_path, "fault", 6, f"plan={plan}", backend)  # saved every 2
     assert out.startswith("rc=0\n"), out
     assert "the worker of device" in out and "died during" in out and "restart 1 of 3" in out

@@ -49,3 +49,16 @@ def test_benchmark_scripts_put_the_repository_first_on_the_path() -> None:
             continue
         insert = text.find("sys.path.insert(0, str(REPO))")
         assert 0 <= insert < first.start(), f"{script.name}: insert REPO into sys.path first"
+
+
+def test_one_script_runs_every_gpu_test() -> None:
+    """tests/gpu/run_gpu_checks.sh selects the `gpu` marker over the whole test tree (so a
+    new GPU test is in it without a list), bounded in time, and is executable."""
+    import os
+
+    script = REPO / "tests" / "gpu" / "run_gpu_checks.sh"
+    text = script.read_text()
+    assert "-m gpu tests" in text and "timeout 480" in text
+    assert os.access(script, os.X_OK)
+    marked = [p for p in (REPO / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text()]
+    assert len(marked) >= 3, marked
