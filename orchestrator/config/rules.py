@@ -355,7 +355,7 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
 
 
 def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
-    from orchestrator.data.tasks import TASKS, make_task, max_eval_prompts
+    from orchestrator.data.tasks import MAX_DIGITS, TASKS, make_task, max_eval_prompts
 
     tc = cfg.task
     counts = ["num_digits", "num_rl_prompts", "num_eval_prompts"]
@@ -366,6 +366,17 @@ def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
         if v < 1:
             p.append(Problem(f"task.{name}", v, "must be >= 1", "use a positive count"))
     if tc.name not in TASKS or tc.num_digits < 1:
+        return
+    most = MAX_DIGITS.get(tc.name)
+    if most is not None and tc.num_digits > most:
+        p.append(
+            Problem(
+                "task.num_digits",
+                tc.num_digits,
+                f"the '{tc.name}' task takes at most {most} digits",
+                f"use task.num_digits between 1 and {most}",
+            )
+        )
         return
     task = make_task(tc.name, tc.num_digits)
     room = max_eval_prompts(task)

@@ -70,9 +70,12 @@ def prompt_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
     from orchestrator.data.user_data import prompt_file_problems, read_prompt_file
 
     path = cfg.task.prompt_file
-    if path is None or cfg.task.name not in TASKS or cfg.task.num_digits < 1:
+    if path is None or cfg.task.name not in TASKS:
         return
-    task = make_task(cfg.task.name, cfg.task.num_digits)
+    try:
+        task = make_task(cfg.task.name, cfg.task.num_digits)
+    except ValueError:  # a digit count out of range: its own rule reports it
+        return
     context = cfg.model.max_position_embeddings
     count_tokens: Any = len  # the tokenizer Relay builds has one token per character
     if cfg.model.path is not None:

@@ -135,6 +135,10 @@ def _random_digits(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(DIGITS) for _ in range(n))
 
 
+# the most digits a task takes (the bandit's arms are the ten digits)
+MAX_DIGITS: dict[str, int] = {"bandit": 10}
+
+
 def _check_num_digits(task: str, num_digits: int) -> None:
     if not isinstance(num_digits, int) or num_digits < 1:
         raise ValueError(f"task '{task}': num_digits = {num_digits!r}; it must be an integer >= 1")
@@ -278,8 +282,10 @@ class BanditTask:
 
     def __post_init__(self) -> None:
         _check_num_digits(self.name, self.num_digits)
-        if self.num_digits > 10:
-            raise ValueError(f"task 'bandit': num_digits = {self.num_digits}; at most 10")
+        if self.num_digits > MAX_DIGITS["bandit"]:
+            raise ValueError(
+                f"task 'bandit': num_digits = {self.num_digits}; at most {MAX_DIGITS['bandit']}"
+            )
 
     @property
     def num_distinct_prompts(self) -> int:

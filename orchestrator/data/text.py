@@ -1,7 +1,9 @@
 """Text to token ids and back, and the step's batch of a dataset.
 
-Prompts are left-padded with bos first, responses right-padded ending in eos; a dataset
-is read in a fresh permutation per epoch, so a step's batch is a function of (seed, step).
+Prompts are left-padded with bos first (where the tokenizer has one: Qwen2's has none),
+responses right-padded ending in eos; padding takes the tokenizer's pad id, or its eos id
+where it has no pad token. A dataset is read in a fresh permutation per epoch, so a
+step's batch is a function of (seed, step).
 
 Shapes: B = batch size, P = prompt tokens (bos included), T = response tokens.
 """
@@ -14,22 +16,43 @@ import numpy as np
 import torch
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id padding takes: the pad token's, else eos's (padding is masked out, and a
+    response is cut at its first eos before padding matters)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        "the tokenizer has neither a pad nor an eos token; Relay needs eos to end responses "
+        "(set eos_token in the model folder's tokenizer_config.json)"
+    )
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """[bos id] where the tokenizer has a bos token, else [] (as Qwen2's tokenizers)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [] if bos is None else [int(bos)]
+
+
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt ids [B, P] (long), bos first, LEFT-padded with the pad id, and the attention
-    mask [B, P] (long, 1 on bos and prompt tokens, 0 on padding)."""
+    """Prompt ids [B, P] (long), bos first where the tokenizer has one, LEFT-padded with
+    `pad_id`, and the attention mask [B, P] (long, 1 on bos and prompt tokens, 0 on
+    padding)."""
     if not prompts:
         raise ValueError("encode_prompts: no prompts given")
-    if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
-        raise ValueError(
-            f"encode_prompts: the tokenizer has bos id {tokenizer.bos_token_id} and pad id "
-            f"{tokenizer.pad_token_id}; both are needed (set bos_token and pad_token)"
-        )
+    prefix, pad = bos_prefix(tokenizer), pad_id(tokenizer)
     rows = [
-        [tokenizer.bos_token_id, *ids]
-        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        [*prefix, *ids] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     ]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(
+            f"prompt {empty[0]} encodes to no tokens and the tokenizer has no bos token to "
+            "start it; give every prompt some text"
+        )
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
@@ -43,9 +66,7 @@ def decode_responses(tokenizer: Any, response_ids: torch.Tensor) -> list[str]:
     "<unk>", so a response cannot become correct by hiding them."""
     ids = response_ids.detach().to("cpu", torch.long)
     before_eos = torch.cumsum(ids == tokenizer.eos_token_id, dim=1) == 0
-    keep = before_eos
-    if tokenizer.pad_token_id is not None:
-        keep = keep & (ids != tokenizer.pad_token_id)
+    keep = before_eos & (ids != pad_id(tokenizer))
     rows = [row[k].tolist() for row, k in zip(ids, keep)]
     return [tokenizer.decode(r, skip_special_tokens=False) for r in rows]
 
@@ -54,7 +75,7 @@ def encode_responses(
     tokenizer: Any, responses: list[str], width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded response ids [B, width] ending in eos, and their mask."""
-    ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(responses), width), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(responses), width), dtype=torch.long)
     for i, r in enumerate(responses):
         toks = tokenizer.encode(r, add_special_tokens=False)[: width - 1] + [tokenizer.eos_token_id]

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.data.text import pad_id
 from orchestrator.workers.engine_host import EngineGenerator
 from orchestrator.workers.failures import portable
 from orchestrator.workers.groups import (
@@ -153,7 +154,7 @@ class DeviceWorker:
         from orchestrator.workers.engine_host import EngineHost
 
         spec, tok = self.specs[role], self.tokenizer
-        engine = VLLMEngine(spec.init_path, tok.eos_token_id, tok.pad_token_id, spec.vllm,
+        engine = VLLMEngine(spec.init_path, tok.eos_token_id, pad_id(tok), spec.vllm,
                             self.threads, tensor_parallel_size=tp)  # fmt: skip
         self.engine = EngineHost(engine, tp, self.device)
         torch.manual_seed(spec.seed)  # vLLM reset the global seed when it started
@@ -252,7 +253,7 @@ class DeviceWorker:
         _, lay = rep.sharding
         fixed = bool(spec.optim and spec.optim.zero_stage == 3 and lay.dp > 1)
         tok = self.tokenizer
-        return HFGenerateEngine(rep.ctx.module, tok.eos_token_id, tok.pad_token_id,
+        return HFGenerateEngine(rep.ctx.module, tok.eos_token_id, pad_id(tok),
                                 fixed_length=fixed)  # fmt: skip
 
     def push_engine(self, rep: Replica) -> float | None:

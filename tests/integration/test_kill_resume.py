@@ -1,5 +1,7 @@
 """SIGKILL of the driver at a random moment: resume loses at most the steps since the
-last checkpoint and never loads an incomplete checkpoint."""
+last checkpoint and never loads an incomplete checkpoint. Both tests run a sharded plan
+(`plan=symmetric`: every call data-parallel over the four device workers), so the kill
+and the stop reach device workers that each hold a slice of every role's batch."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from safetensors.torch import load_file
 
 from orchestrator.run.checkpoint import CheckpointManager
 from tests.integration.tiny import RL_ONLY, tiny_overrides
+
+SHARDED = "plan=symmetric"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,7 +51,13 @@ def relay(args: list[str], log: Any = subprocess.PIPE) -> subprocess.Popen:
 
 def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     overrides = tiny_overrides(
-        tmp_path, "killed", 8, "run.save_every_steps=1", "logger.wandb_mode=offline", *RL_ONLY
+        tmp_path,
+        "killed",
+        8,
+        "run.save_every_steps=1",
+        "logger.wandb_mode=offline",
+        SHARDED,
+        *RL_ONLY,
     )
     run_dir = tmp_path / "killed"
     ckpts = CheckpointManager(run_dir, keep=2)
@@ -56,7 +66,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     with straight_log.open("w") as log:
         straight = relay(
             tiny_overrides(tmp_path, "straight", 8, "run.save_every_steps=1",
-                           "logger.wandb_mode=offline", *RL_ONLY), log)  # fmt: skip
+                           "logger.wandb_mode=offline", SHARDED, *RL_ONLY), log)  # fmt: skip
     request.addfinalizer(lambda: kill_group(straight))
     proc = relay(overrides)
     try:
@@ -102,7 +112,9 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(tmp_path: Path) -> None:
-    overrides = tiny_overrides(tmp_path, "stopped", 30, "run.save_every_steps=100", *RL_ONLY)
+    overrides = tiny_overrides(
+        tmp_path, "stopped", 30, "run.save_every_steps=100", SHARDED, *RL_ONLY
+    )
     run_dir = tmp_path / "stopped"
     proc = relay(overrides)
     try:

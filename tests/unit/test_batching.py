@@ -67,3 +67,37 @@ def test_reward_scores_read_the_last_valid_token_whatever_the_padding(tmp_path) 
                 ids += [*tok.encode(r, add_special_tokens=False), tok.eos_token_id]
             alone = model(input_ids=torch.tensor([ids])).logits[0, -1, 0]
             torch.testing.assert_close(scores[i], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def no_bos_tokenizer():
+    """A byte-level BPE tokenizer as Qwen2 ships one: no bos token, pad = eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = ["What is 12 plus 30? The answer is 42.", "Sort 3 1 2: 1 2 3."] * 20
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def test_a_tokenizer_without_bos_and_with_pad_equal_to_eos(no_bos_tokenizer) -> None:
+    """Qwen2's tokenizers have no bos token: prompts start with their own first token,
+    padding takes the pad (= eos) id, and responses still end at their first eos."""
+    tok = no_bos_tokenizer
+    assert tok.bos_token_id is None and tok.pad_token_id == tok.eos_token_id
+    prompts = ["What is 12 plus 30?", "Sort 3 1 2:"]
+    ids, mask = encode_prompts(tok, prompts)
+    for row, m, p in zip(ids, mask, prompts):
+        own = tok.encode(p, add_special_tokens=False)
+        assert row[m.bool()].tolist() == own  # no bos, nothing else added
+        assert (row[~m.bool()] == tok.eos_token_id).all()
+    rids, rmask = encode_responses(tok, [" The answer is 42.", " 1 2 3."], width=12)
+    assert decode_responses(tok, rids) == [" The answer is 42.", " 1 2 3."]
+    with pytest.raises(ValueError, match="no bos token"):
+        encode_prompts(tok, ["", "x"])

@@ -250,3 +250,22 @@ def test_stop_tokens_must_be_single_tokens(tmp_path: Path) -> None:
                                                tok.convert_tokens_to_ids("S"))  # fmt: skip
     with pytest.raises(ConfigError, match=r"generate.stop_tokens.*\['12', 'x'\]"):
         stop_token_ids(tok, ["=", "12", "x"])
+
+
+def test_a_digit_count_a_task_cannot_take_is_a_config_error() -> None:
+    """`task=bandit task.num_digits=12` (the bandit has ten arms): the usual field / value
+    / rule / fix message and exit 2, not a traceback from inside validation."""
+    msgs = problems_of(["task=bandit", "task.num_digits=12"])
+    assert any(
+        m.startswith("task.num_digits = 12: the 'bandit' task takes at most 10") for m in msgs
+    )
+    relay = Path(sys.executable).parent / "relay"
+    cmd = [str(relay)] if relay.exists() else [sys.executable, "-m", "launch.cli"]
+    out = subprocess.run(
+        [*cmd, "train", "task=bandit", "task.num_digits=12"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "task.num_digits = 12" in out.stderr and "Traceback" not in out.stderr + out.stdout
