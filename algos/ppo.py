@@ -17,6 +17,8 @@ from algos.rewards import kl_estimate, shaped_token_rewards
 PROMPT = ("prompt_ids", "prompt_mask")
 RESPONSE = ("response_ids", "response_mask")
 UNIQUE_PROMPT = ("unique_prompt_ids", "unique_prompt_mask")
+# the prompts' rows in the RL dataset: the reward reads their labels and other fields
+INDEX, UNIQUE_INDEX = ("prompt_index",), ("unique_prompt_index",)
 GREEDY_RESPONSE = ("greedy_response_ids", "greedy_response_mask")
 PAIR = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
 
@@ -38,7 +40,7 @@ def _rollout_calls() -> list[MFC]:
             "reward",
             CallKind.INFERENCE,
             "reward",
-            (*PROMPT, *RESPONSE),
+            (*PROMPT, *RESPONSE, *INDEX),
             ("scores", "task_correct"),
         ),
     ]
@@ -62,7 +64,7 @@ def ppo_graph() -> DataflowGraph:
             MFC("actor_train", "actor", CallKind.TRAIN, "ppo_actor_train", rollout),
             MFC("critic_train", "critic", CallKind.TRAIN, "ppo_critic_train", rollout),
         ],
-        dataset_keys=PROMPT,
+        dataset_keys=(*PROMPT, *INDEX),
     )
 
 
@@ -107,13 +109,13 @@ def remax_graph() -> DataflowGraph:
                 "reward",
                 CallKind.INFERENCE,
                 "reward",
-                (*UNIQUE_PROMPT, *GREEDY_RESPONSE),
+                (*UNIQUE_PROMPT, *GREEDY_RESPONSE, *UNIQUE_INDEX),
                 ("baseline_scores", "greedy_task_correct"),
                 options={"metric_prefix": "rollout/greedy_"},
             ),
             MFC("actor_train", "actor", CallKind.TRAIN, "ppo_actor_train", rollout),
         ],
-        dataset_keys=(*PROMPT, *UNIQUE_PROMPT),
+        dataset_keys=(*PROMPT, *INDEX, *UNIQUE_PROMPT, *UNIQUE_INDEX),
     )
 
 
@@ -127,7 +129,7 @@ def group_baseline_graph(name: str) -> DataflowGraph:
             *_rollout_calls(),
             MFC("actor_train", "actor", CallKind.TRAIN, "ppo_actor_train", rollout),
         ],
-        dataset_keys=PROMPT,
+        dataset_keys=(*PROMPT, *INDEX),
     )
 
 

@@ -176,6 +176,8 @@ class ModelShape:
     vocab: int
     value_head: bool = False
     extra: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    qkv_bias: bool = False  # q, k and v projections with biases (Qwen2)
+    o_bias: bool = False  # the output projection with a bias (Llama's attention_bias)
 
     @property
     def head_dim(self) -> int:
@@ -185,7 +187,8 @@ class ModelShape:
     def layer_params(self) -> int:
         kv = self.kv_heads * self.head_dim
         attn = 2 * self.hidden * self.hidden + 2 * self.hidden * kv  # q, o; k, v
-        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden  # mlp, norms
+        bias = (self.hidden + 2 * kv) * self.qkv_bias + self.hidden * self.o_bias
+        return attn + bias + 3 * self.hidden * self.intermediate + 2 * self.hidden  # mlp, norms
 
     @property
     def head_out(self) -> int:
@@ -218,7 +221,10 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 
 
 def shape_from_hf_config(name: str, cfg: dict[str, Any]) -> ModelShape:
-    """A shape from a Hugging Face Llama config dict (config.json or a size preset)."""
+    """A shape from a Hugging Face Llama or Qwen2 config dict (config.json or a size
+    preset). Qwen2 has biases on q, k and v; Llama's attention_bias adds them to o too."""
+    qwen2 = cfg.get("model_type") == "qwen2"
+    attention_bias = bool(cfg.get("attention_bias", False))
     return ModelShape(
         name,
         hidden=int(cfg["hidden_size"]),
@@ -227,4 +233,6 @@ def shape_from_hf_config(name: str, cfg: dict[str, Any]) -> ModelShape:
         kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
         intermediate=int(cfg["intermediate_size"]),
         vocab=int(cfg.get("vocab_size", 32)),
+        qkv_bias=qwen2 or attention_bias,
+        o_bias=attention_bias and not qwen2,
     )

@@ -57,7 +57,13 @@ def layer_tensors(shape: ModelShape, layer: int) -> list[TensorSpec]:
     h, hd = shape.hidden, shape.head_dim
     q, kv, i = shape.heads * hd, shape.kv_heads * hd, shape.intermediate
     p = f"model.layers.{layer}."
-    return [
+    biases = []
+    if shape.qkv_bias:  # split with their projections' rows
+        biases += [TensorSpec(p + f"self_attn.{n}_proj.bias", (d,), 0, layer)
+                   for n, d in (("q", q), ("k", kv), ("v", kv))]  # fmt: skip
+    if shape.o_bias:  # added once after the row-parallel sum: replicated
+        biases.append(TensorSpec(p + "self_attn.o_proj.bias", (h,), None, layer))
+    return biases + [
         TensorSpec(p + "self_attn.q_proj.weight", (q, h), 0, layer),
         TensorSpec(p + "self_attn.k_proj.weight", (kv, h), 0, layer),
         TensorSpec(p + "self_attn.v_proj.weight", (kv, h), 0, layer),

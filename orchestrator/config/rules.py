@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.data_rules import data_file_rules, data_setting_rules
 from orchestrator.config.run_rules import local_run_rules, prompt_file_rules
 from orchestrator.config.schema import (
     GENERATION_BACKENDS,
@@ -168,7 +169,8 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
                 f"use a divisor of {s.batch_samples}",
             )
         )
-    if cfg.task.prompt_file is None and cfg.task.num_rl_prompts < t.rollout_batch_prompts:
+    own_prompts = cfg.task.prompt_file is not None or cfg.data.train_files
+    if not own_prompts and cfg.task.num_rl_prompts < t.rollout_batch_prompts:
         p.append(
             Problem(
                 "task.num_rl_prompts",
@@ -201,9 +203,11 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
             )
 
     pipeline_rules(p, cfg)
+    data_setting_rules(p, cfg)
     if for_run:
         local_run_rules(p, cfg)
         prompt_file_rules(p, cfg)
+        data_file_rules(p, cfg)
     resume = cfg.run.resume
     if resume not in ("never", "auto") and not Path(resume).is_dir():
         p.append(
@@ -391,7 +395,7 @@ def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:
             )
         )
     need = task.answer_tokens
-    if cfg.generate.max_new_tokens < need:
+    if cfg.generate.max_new_tokens < need and not cfg.data.train_files:
         p.append(
             Problem(
                 "generate.max_new_tokens",

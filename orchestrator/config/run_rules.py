@@ -61,6 +61,14 @@ def local_run_rules(p: list[Problem], cfg: RelayConfig) -> None:
             )
 
 
+def model_context(cfg: RelayConfig) -> int:
+    """Positions the model holds: model.path's config, else model.max_position_embeddings."""
+    if cfg.model.path is None:
+        return cfg.model.max_position_embeddings
+    config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    return int(config.get("max_position_embeddings", cfg.model.max_position_embeddings))
+
+
 def prompt_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
     """`task.prompt_file`: readable JSONL, every line a prompt of the task that fits the
     model's context with bos and generate.max_new_tokens (line-numbered problems)."""

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
+from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -52,6 +45,25 @@ class TaskConfig:
     num_eval_prompts: int = 256
     # a JSONL file of {"prompt": ...} lines: the RL stage's prompts instead of sampled ones
     prompt_file: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Your own RL prompts, from files read by the `datasets` library (docs/data.md)."""
+
+    # RL prompts: JSONL, JSON, Parquet or Arrow files, or a `save_to_disk` folder; the
+    # built-in task's prompts when unset
+    train_files: list[str] | None = None
+    eval_files: list[str] | None = None  # held-out prompts (the eval/ metrics)
+    prompt_key: str = "prompt"  # text, or chat messages [{"role": ..., "content": ...}]
+    label_key: str = "label"  # the ground truth handed to the reward (optional column)
+    # auto: messages go through the chat template, text as it is; always: text prompts
+    # too, as one user message; never: no template (messages are refused)
+    chat: str = "auto"
+    chat_template: str | None = (
+        None  # a Jinja template (or a file of one) instead of the tokenizer's
+    )
+    too_long: str = "filter"  # prompts that leave no room for the response: filter | error
 
 
 @dataclass
@@ -218,6 +230,7 @@ class RelayConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

@@ -35,13 +35,15 @@ def bos_prefix(tokenizer: Any) -> list[int]:
     return [] if bos is None else [int(bos)]
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt ids [B, P] (long), bos first where the tokenizer has one, LEFT-padded with
-    `pad_id`, and the attention mask [B, P] (long, 1 on bos and prompt tokens, 0 on
-    padding)."""
+def encode_prompts(
+    tokenizer: Any, prompts: list[str], add_bos: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids [B, P] (long), bos first where the tokenizer has one (and `add_bos`:
+    a chat template's text brings its own special tokens), LEFT-padded with `pad_id`, and
+    the attention mask [B, P] (long, 1 on bos and prompt tokens, 0 on padding)."""
     if not prompts:
         raise ValueError("encode_prompts: no prompts given")
-    prefix, pad = bos_prefix(tokenizer), pad_id(tokenizer)
+    prefix, pad = bos_prefix(tokenizer) if add_bos else [], pad_id(tokenizer)
     rows = [
         [*prefix, *ids] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     ]
@@ -99,3 +101,10 @@ def take(items: list[Any], batch_size: int, step: int, seed: int) -> list[Any]:
         out.extend(items[i] for i in order[offset : offset + n])
         pos += n
     return out
+
+
+def data_position(n: int, batch_size: int, steps_done: int, seed: int) -> dict[str, int]:
+    """Where reading stands after `steps_done` steps of `take`: the epoch, the index in
+    that epoch's permutation, the permutation's seed, and the dataset's size."""
+    epoch, index = divmod(steps_done * batch_size, n)
+    return {"epoch": epoch, "index": index, "seed": seed, "rows": n}

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.data.prompts import PromptRow
+from orchestrator.data.reward_fns import BUILTIN, RewardError, call_reward
+
 MAX_LISTED = 8
-RewardFunction = Callable[[str, str], float]
-
-
-class RewardError(RuntimeError):
-    """A reward call produced no usable score for some sample."""
+RewardFunction = Callable[..., Any]
+__all__ = ["RewardError", "load_reward_function", "call_reward_function", "check_finite"]
 
 
 # ------------------------------------------------------------------- prompt files
@@ -171,10 +171,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_reward_function(spec: str) -> RewardFunction:
-    """`path/to/file.py:name` or `package.module:name` -> the callable (prompt, response)
-    -> float. ValueError naming what is wrong."""
+    """`path/to/file.py:name`, `package.module:name` or a built-in name (`math`, `format`)
+    -> the callable (orchestrator/data/reward_fns.py has the forms it may take).
+    ValueError naming what is wrong."""
+    if isinstance(spec, str) and spec in BUILTIN:
+        return BUILTIN[spec]
     if not isinstance(spec, str) or spec.count(":") != 1 or spec.endswith(":"):
-        raise ValueError("must have the form 'path/to/file.py:name' or 'package.module:name'")
+        raise ValueError(
+            "must have the form 'path/to/file.py:name' or 'package.module:name', or be a "
+            f"built-in reward ({', '.join(sorted(BUILTIN))})"
+        )
     where, name = spec.split(":")
     if where.endswith(".py"):
         path = Path(where)
@@ -208,40 +214,10 @@ def load_reward_function(spec: str) -> RewardFunction:
 def call_reward_function(
     fn: RewardFunction, spec: str, pairs: Sequence[tuple[str, str]]
 ) -> list[float]:
-    """fn(prompt, response) for every pair, as floats; RewardError on the first pair that
-    raises or returns something that is not a real number."""
-    out: list[float] = []
-    for prompt, response in pairs:
-        try:
-            value: Any = fn(prompt, response)
-        except Exception as e:
-            raise RewardError(
-                f"reward.function {spec} raised {type(e).__name__}: {e} "
-                f"(prompt {prompt!r}, response {response!r})"
-            ) from None
-        number = _as_float(value)
-        if number is None:
-            raise RewardError(
-                f"reward.function {spec} returned {value!r} (a {type(value).__name__}) for "
-                f"prompt {prompt!r}, response {response!r}; it must return a float"
-            )
-        out.append(number)
-    return out
-
-
-def _as_float(value: Any) -> float | None:
-    """A real number (Python, numpy or a one-element torch tensor) as a float, else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        if isinstance(value, (int, float)):
-            return float(value)
-        item = value.item()
-        if isinstance(item, (int, float)) and not isinstance(item, bool):
-            return float(item)
-    except Exception:  # no .item(), or an int too large for a float
-        return None
-    return None
+    """fn's scores of (prompt, response) pairs with no label; RewardError on the first pair
+    that raises or returns something that is not a score."""
+    rows = [PromptRow(p, p) for p, _ in pairs]
+    return call_reward(fn, spec, rows, [r for _, r in pairs]).scores
 
 
 def check_finite(scores: Sequence[float], pairs: Sequence[tuple[str, str]], source: str) -> None:

@@ -6,12 +6,13 @@ Shape legend: B = sequences, P = prompt tokens, T = response tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from orchestrator.data.user_data import call_reward_function, check_finite
+from orchestrator.data.user_data import check_finite
 from orchestrator.interfaces.common import canonical, module_of, outputs_as
 from orchestrator.interfaces.registry import Metrics, WorkerContext, interface
 from orchestrator.models.batch import (
@@ -40,14 +41,6 @@ def values(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tupl
     return {"values": v}, {}
 
 
-def decode_pairs(tokenizer: Any, batch: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    from orchestrator.data.text import decode_responses
-
-    prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
-    responses = decode_responses(tokenizer, batch["response_ids"])
-    return [p.replace(" ", "") for p in prompts], responses
-
-
 def sequence_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Reward-model scores [B]: the scalar head's output at the last valid token of
     prompt + response (the last prompt token if the response is empty)."""
@@ -59,33 +52,40 @@ def sequence_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -
 
 @interface("reward")
 def reward(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tuple[Batch, Metrics]:
-    """Scores from the role's reward model, or from the task's verifier if the role holds
-    no model; the verifier's exact-match flags (task accuracy) are returned either way."""
-    b = canonical(batch, options, ("prompt_ids", "prompt_mask", "response_ids", "response_mask"))
-    prompts, responses = decode_pairs(ctx.tokenizer, b)
+    """Scores from the role's reward function, its reward model, or else the task's
+    verifier; the verifier's exact-match flags (or the function's "correct") are returned
+    as task_correct, NaN where neither says."""
+    from orchestrator.data.scoring import score_rows
+    from orchestrator.data.text import decode_responses
+
+    names = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "prompt_index")
+    b = canonical(batch, options, names)
+    rows = ctx.rows.at("train", b["prompt_index"].tolist())
+    responses = decode_responses(ctx.tokenizer, b["response_ids"])
     device = b["response_ids"].device
-    pairs = list(zip(prompts, responses))
-    verifier = torch.tensor([ctx.task.reward(p, r) for p, r in pairs], device=device).float()
-    correct = torch.tensor([float(ctx.task.correct(p, r)) for p, r in pairs], device=device)
-    if ctx.reward_fn is not None:
-        spec = str(ctx.reward_function)
-        values = call_reward_function(ctx.reward_fn, spec, pairs)
-        scores = torch.tensor(values, device=device, dtype=torch.float32)
-        source = f"reward.function {spec}"
+    scored = score_rows(ctx.task, ctx.task_rows, ctx.reward_fn, ctx.reward_function, rows,
+                        responses)  # fmt: skip
+    if scored.scores is not None:
+        scores = torch.tensor(scored.scores, device=device, dtype=torch.float32)
+        source = f"reward.function {ctx.reward_function}"
     elif ctx.module is None:
-        scores, source = verifier, "the task's verifier"
+        if scored.verifier is None:
+            raise RuntimeError("no reward: the rows are not the task's and no function is given")
+        scores, source = torch.tensor(scored.verifier, device=device).float(), "the task's verifier"
     else:
         ctx.module.eval()
         with torch.no_grad():
             scores = sequence_scores(ctx.module, b)
         source = "the reward model"
+    pairs = [(str(r.prompt), s) for r, s in zip(rows, responses)]
     check_finite(scores.tolist(), pairs, source)
+    correct = torch.tensor(scored.correct if scored.correct is not None else [math.nan] * len(rows),
+                           device=device, dtype=torch.float32)  # fmt: skip
     prefix = options.get("metric_prefix", "rollout/")
     metrics = {
         f"{prefix}reward_mean": float(scores.mean()),
         f"{prefix}reward_min": float(scores.min()),
         f"{prefix}reward_max": float(scores.max()),
-        f"{prefix}task_accuracy": float(correct.mean()),
-        f"{prefix}verifier_reward_mean": float(verifier.mean()),
+        **scored.metrics(prefix),
     }
-    return outputs_as(options, [scores, correct.float()]), metrics
+    return outputs_as(options, [scores, correct]), metrics

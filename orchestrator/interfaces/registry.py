@@ -31,8 +31,10 @@ class WorkerContext:
     train: TrainEngine | Any = None  # TrainEngine, or TensorParallelTrainEngine (tp > 1)
     generator: GenerationEngine | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    reward_function: str | None = None  # 'file.py:name': the user's reward, called per sample
-    reward_fn: Callable[[str, str], float] | None = None
+    reward_function: str | None = None  # 'file.py:name' or a built-in: the user's reward
+    reward_fn: Callable[..., Any] | None = None
+    rows: Any = None  # orchestrator.data.prompts.RowTable: the run's RL rows, per split
+    task_rows: bool = True  # the rows are the task's own prompts (its verifier applies)
 
 
 Interface = Callable[[WorkerContext, Batch, Mapping[str, Any]], tuple[Batch, Metrics]]

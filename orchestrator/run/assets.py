@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.schema import ConfigError, Problem, RelayConfig
+from orchestrator.data.prompts import PromptRow, write_rows
 from orchestrator.run.folder import RunError, RunPaths
 
 
@@ -21,6 +22,9 @@ class Assets:
     base: Path  # the Hugging Face folder every role starts from (before SFT)
     stop_token_ids: tuple[int, ...]
     num_params: int
+    rl_rows: list[Any]  # orchestrator.data.prompts.PromptRow: the RL prompts, labels, fields
+    eval_rows: list[Any]  # the held-out ones (empty: no evaluation)
+    task_rows: bool  # the rows are the task's own prompts (its verifier scores them)
 
 
 def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> tuple[int, ...]:
@@ -97,9 +101,47 @@ def build_assets(cfg: RelayConfig, paths: RunPaths, reward_pairs: bool) -> Asset
             shutil.rmtree(tmp, ignore_errors=True)
             (base / "DONE").write_text("ok\n")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if cfg.data.train_files:
+        rl_rows = dataset_rows(cfg, tokenizer, cfg.data.train_files, "data.train_files")
+        eval_rows = (dataset_rows(cfg, tokenizer, cfg.data.eval_files, "data.eval_files")
+                     if cfg.data.eval_files else [])  # fmt: skip
+    else:
+        rl_rows, eval_rows = task_rows(task, data.rl_prompts), task_rows(task, data.eval_prompts)
+    write_rows(paths.data / "rl_train.jsonl", rl_rows)
+    write_rows(paths.data / "rl_eval.jsonl", eval_rows)
     return Assets(task, data, tokenizer, tokenizer_path, base,
                   stop_token_ids(tokenizer, cfg.generate.stop_tokens),
-                  count_parameters(load_causal_lm(base)))  # fmt: skip
+                  count_parameters(load_causal_lm(base)), rl_rows, eval_rows,
+                  not cfg.data.train_files)  # fmt: skip
+
+
+def task_rows(task: Any, prompts: list[str]) -> list[PromptRow]:
+    """The task's prompts as rows, each labelled with the task's answer."""
+    return [PromptRow(p, p, task.answer(p)) for p in prompts]
+
+
+def dataset_rows(cfg: RelayConfig, tokenizer: Any, files: list[str], name: str) -> list[PromptRow]:
+    """The rows of a user's dataset files (checked when the config loaded), rendered."""
+    report = read_prompt_rows(cfg, tokenizer, files)
+    if report.problems:  # the files changed since the config was checked
+        raise RunError(f"{name} = {files} no longer reads cleanly; run `relay config <the "
+                       "same overrides>` to see its problems")  # fmt: skip
+    if report.too_long:
+        print(f"relay: {report.too_long} prompt(s) of {name} leave no room for the response "
+              "and are left out (data.too_long=filter)")  # fmt: skip
+    return report.rows
+
+
+def read_prompt_rows(cfg: RelayConfig, tokenizer: Any, files: list[str]) -> Any:
+    """The PromptReport of `files` under the config's data settings and the model's
+    context (DataFileError on a file that cannot be read)."""
+    from orchestrator.config.run_rules import model_context
+    from orchestrator.data.prompts import read_prompts
+
+    d = cfg.data
+    return read_prompts(list(files), tokenizer, d.prompt_key, d.label_key, d.chat,
+                        d.chat_template, d.too_long,
+                        model_context(cfg) - cfg.generate.max_new_tokens)  # fmt: skip
 
 
 def file_prompts(cfg: RelayConfig, task: Any, data: Any) -> list[str]:

@@ -1,4 +1,6 @@
-"""The policy's task accuracy and reward on the held-out prompts, greedy and sampled."""
+"""The policy's task accuracy and reward on the held-out prompts, greedy and sampled
+(none without held-out prompts; accuracy only where the verifier or the reward function
+says what is correct)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,12 @@ def evaluate_policy(run: Run, runtime: Any, step: int) -> dict[str, float]:
     """eval/ metrics of the actor on its generating replica (both evaluations at once)."""
     import ray
 
-    prompts = run.assets.data.eval_prompts
-    greedy = runtime.evaluate(prompts, sampling(run, 0, greedy=True))
-    sampled = runtime.evaluate(prompts, sampling(run, call_seed(run.cfg.run.seed, step, "eval")))
+    count = len(run.assets.eval_rows)
+    if not count:
+        return {}
+    greedy = runtime.evaluate(count, sampling(run, 0, greedy=True))
+    sampled = runtime.evaluate(count, sampling(run, call_seed(run.cfg.run.seed, step, "eval")))
     g, s = ray.get([greedy, sampled])
     return {
-        "eval/greedy_accuracy": g["accuracy"],
-        "eval/greedy_reward": g["reward"],
-        "eval/sampled_accuracy": s["accuracy"],
-        "eval/sampled_reward": s["reward"],
+        f"eval/{kind}_{k}": v for kind, r in (("greedy", g), ("sampled", s)) for k, v in r.items()
     }

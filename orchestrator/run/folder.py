@@ -45,6 +45,11 @@ class RunPaths:
         return self.assets / "base_model"
 
     @property
+    def data(self) -> Path:
+        """The RL rows a run reads, whatever their source: rl_train.jsonl, rl_eval.jsonl."""
+        return self.root / "data"
+
+    @property
     def sft_model(self) -> Path:
         return self.root / "models" / "sft"
 
@@ -80,6 +85,22 @@ def prompt_file_digest(cfg: RelayConfig) -> str | None:
     return file_sha256(path) if path is not None else None
 
 
+def data_digests(cfg: RelayConfig) -> dict[str, str]:
+    """sha256 of each of data.train_files and data.eval_files (a folder: of its files)."""
+    import hashlib
+
+    out = {}
+    for path in [*(cfg.data.train_files or []), *(cfg.data.eval_files or [])]:
+        p = Path(path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            h.update(f.read_bytes())
+        out[str(path)] = h.hexdigest()
+    return out
+
+
 def prepare(cfg: RelayConfig, root: Path) -> dict[str, Any]:
     """Create or reopen the run folder; returns the run's marker (with its wandb id)."""
     marker_path = root / RUN_MARKER
@@ -102,6 +123,11 @@ def prepare(cfg: RelayConfig, root: Path) -> dict[str, Any]:
         if before != digest and before is not None and digest is not None:
             changed.append(("task.prompt_file (contents)", f"sha256 {before[:12]}",
                             f"sha256 {digest[:12]}"))  # fmt: skip
+        old_data, new_data = marker.get("data_sha256", {}), data_digests(cfg)
+        for path in sorted(set(old_data) & set(new_data)):
+            if old_data[path] != new_data[path]:
+                changed.append((f"data file {path} (contents)", f"sha256 {old_data[path][:12]}",
+                                f"sha256 {new_data[path][:12]}"))  # fmt: skip
         if changed and not cfg.run.allow_config_change:
             lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
             raise RunError(
@@ -122,6 +148,7 @@ def prepare(cfg: RelayConfig, root: Path) -> dict[str, Any]:
         "created": time.time(),
         "config": to_dict(cfg),
         "prompt_file_sha256": prompt_file_digest(cfg),
+        "data_sha256": data_digests(cfg),
     }
     write_atomic(marker_path, json.dumps(marker))
     write_atomic(root / "config.yaml", to_yaml(cfg))

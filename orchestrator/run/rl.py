@@ -23,7 +23,7 @@ from algos.graph import CallKind, DataflowGraph
 from algos.ppo import ALGORITHM_GRAPHS
 from algos.rewards import make_kl_controller
 from orchestrator.config.schema import to_dict
-from orchestrator.data.text import encode_prompts, take
+from orchestrator.data.text import data_position, encode_prompts, take
 from orchestrator.data.user_data import RewardError
 from orchestrator.run.checkpoint import write_atomic
 from orchestrator.run.context import Run, call_seed
@@ -123,13 +123,16 @@ def rl_runtime(run: Run, graph: DataflowGraph) -> PlanRuntime:
 def step_batch(run: Run, graph: DataflowGraph, step: int) -> dict[str, torch.Tensor]:
     """The step's prompts, each repeated samples_per_prompt times in place (and once each
     for graphs that decode every prompt once, as ReMax's greedy baseline)."""
-    t, tok = run.cfg.train, run.assets.tokenizer
-    unique = take(run.assets.data.rl_prompts, t.rollout_batch_prompts, step - 1, run.cfg.run.seed)
-    ids, mask = encode_prompts(tok, [p for p in unique for _ in range(t.samples_per_prompt)])
-    dataset = {"prompt_ids": ids, "prompt_mask": mask}
+    t, tok, rows = run.cfg.train, run.assets.tokenizer, run.assets.rl_rows
+    unique = take(list(range(len(rows))), t.rollout_batch_prompts, step - 1, run.cfg.run.seed)
+    repeated = [i for i in unique for _ in range(t.samples_per_prompt)]
+    bos = not rows[0].templated  # a chat template's text brings its own special tokens
+    ids, mask = encode_prompts(tok, [rows[i].text for i in repeated], add_bos=bos)
+    dataset = {"prompt_ids": ids, "prompt_mask": mask, "prompt_index": torch.tensor(repeated)}
     if "unique_prompt_ids" in graph.dataset_keys:
-        uids, umask = encode_prompts(tok, unique)
-        dataset.update(unique_prompt_ids=uids, unique_prompt_mask=umask)
+        uids, umask = encode_prompts(tok, [rows[i].text for i in unique], add_bos=bos)
+        dataset.update(unique_prompt_ids=uids, unique_prompt_mask=umask,
+                       unique_prompt_index=torch.tensor(unique))  # fmt: skip
     return dataset
 
 
@@ -220,6 +223,14 @@ def restore(
 ) -> tuple[int, int]:
     """Load a checkpoint into the runtime and this process; returns (step, skipped)."""
     state = json.loads((folder / "controller.json").read_text())
+    position, rows = state.get("data_position"), len(run.assets.rl_rows)
+    if position is not None and position["rows"] != rows:
+        raise RunError(
+            f"the checkpoint {folder} read an RL dataset of {position['rows']} rows; this run "
+            f"has {rows} (a changed file, or other prompts filtered for length), so its data "
+            "position would not continue where it stopped. Fix: resume with the data and "
+            "settings it used, or start a new run.name"
+        )
     runtime.load(folder, trainable)
     kl_ctl.load_state_dict(state["kl_controller"])
     rng = torch.load(folder / "rng.pt", weights_only=False)
@@ -255,6 +266,9 @@ def save_checkpoint(
         "step": step,
         "skipped_steps": skipped,
         "data_position_prompts": step * run.cfg.train.rollout_batch_prompts,
+        "data_position": data_position(
+            len(run.assets.rl_rows), run.cfg.train.rollout_batch_prompts, step, run.cfg.run.seed
+        ),  # fmt: skip
         "kl_controller": kl_ctl.state_dict(),
         "wandb_id": run.wandb_id,
         "config": to_dict(run.cfg),

@@ -38,6 +38,9 @@ def role_spec(
         seed=c.run.seed,
         policy_experts=policy_experts,
         expert_rank=c.policy.expert_rank,
+        rows_folder=str(run.paths.data),
+        task_rows=run.assets.task_rows,
+        eval_function=c.reward.function if generates and c.reward.source == "function" else None,
     )
 
 
@@ -48,7 +51,7 @@ def vllm_spec(run: Run, init: Path | None) -> VLLMSpec:
 
     c, t = run.cfg, run.cfg.train
     config = AutoConfig.from_pretrained(str(init))
-    sequences = max(t.rollout_batch_prompts * t.samples_per_prompt, c.task.num_eval_prompts)
+    sequences = max(t.rollout_batch_prompts * t.samples_per_prompt, len(run.assets.eval_rows))
     context = config.max_position_embeddings
     g = c.generate
     return VLLMSpec(

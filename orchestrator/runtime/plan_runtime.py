@@ -284,8 +284,9 @@ class PlanRuntime:
 
     # -- evaluation and checkpoints ---------------------------------------------------
 
-    def evaluate(self, prompts: list[str], params: Any, role: str = "actor") -> Any:
-        """A reference to {'accuracy', 'reward'} of `role`'s responses, generated on the
+    def evaluate(self, count: int, params: Any, role: str = "actor") -> Any:
+        """A reference to {'accuracy', 'reward'} of `role`'s responses to the first `count`
+        evaluation rows (the run folder's data/rl_eval.jsonl), generated on the
         replica (and layout) of its first generate call, or of its train call if it has
         none (the one-call SFT stage)."""
         gen = [c for c in self.graph.calls if c.role == role and c.kind is CallKind.GENERATE]
@@ -295,7 +296,7 @@ class PlanRuntime:
         reallocs = self._refresh(role, sh)
         if reallocs:
             ray.get(reallocs)
-        parts = [w.evaluate.remote(role, sh, prompts, params, r.version)
+        parts = [w.evaluate.remote(role, sh, count, params, r.version)
                  for w in self.cluster.on(sh[0])]  # fmt: skip
         return self.workers[sh[0].start].merge_evaluation.remote(*parts)
 

@@ -133,6 +133,7 @@ class DeviceWorker:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from orchestrator.data.prompts import RowTable
         from orchestrator.data.tasks import make_task
 
         hf_logging.set_verbosity_error()
@@ -144,6 +145,7 @@ class DeviceWorker:
         first = specs[0]
         self.tokenizer = AutoTokenizer.from_pretrained(first.tokenizer_path)
         self.task = make_task(first.task_name, first.task_digits)
+        self.rows = RowTable(first.rows_folder)
         torch.manual_seed(first.seed)
 
     @portable
@@ -207,7 +209,8 @@ class DeviceWorker:
                 module = rep.build(self._group(self._my_group(rep.sharding, "tp")),
                                    self.torch_device)  # fmt: skip
                 module.requires_grad_(False)
-            rep.ctx = WorkerContext(rep.role, module, self.tokenizer, self.task)
+            rep.ctx = WorkerContext(rep.role, module, self.tokenizer, self.task, rows=self.rows,
+                                    task_rows=spec.task_rows)  # fmt: skip
             if spec.reward_function is not None:
                 from orchestrator.data.user_data import load_reward_function
 
@@ -460,22 +463,25 @@ class DeviceWorker:
 
     @portable
     def evaluate(
-        self, role: str, sharding: Sharding, prompts: list[str], params: Any, version: int
+        self, role: str, sharding: Sharding, count: int, params: Any, version: int
     ) -> tuple[int, list[float], list[float]] | None:
-        """Correctness and reward of responses to this dp rank's share of `prompts`
-        (np.array_split order); None from all but the first rank of each tp group."""
+        """Correctness and reward of responses to this dp rank's share of the first `count`
+        evaluation rows (np.array_split order); None from all but the first rank of each tp
+        group. Correctness is NaN where nothing says (a function without "correct")."""
         import numpy as np
 
+        from orchestrator.data.scoring import score_rows
         from orchestrator.data.text import decode_responses, encode_prompts
 
         rep = self._replica(role, sharding)
         rep.version = version
         ctx = self._context(rep, train=False, generates=True)
         dp_i, dp, first = self._ranks(sharding)
-        mine = [str(p) for p in np.array_split(np.array(prompts, dtype=object), dp)[dp_i]]
+        mine = self.rows.at("eval", np.array_split(np.arange(count), dp)[dp_i])
         if not mine:
             return (dp_i, [], []) if first else None
-        ids, mask = encode_prompts(ctx.tokenizer, mine)
+        ids, mask = encode_prompts(ctx.tokenizer, [r.text for r in mine],
+                                   add_bos=not mine[0].templated)  # fmt: skip
         self._reload(rep.key)
         try:
             gen = ctx.generator.generate(ids.to(self.torch_device), mask.to(self.torch_device),
@@ -486,16 +492,31 @@ class DeviceWorker:
 
                 self.parked[rep.key] = offload(rep.module)
         responses = decode_responses(ctx.tokenizer, gen.response_ids.cpu())
-        correct = [float(self.task.correct(p, r)) for p, r in zip(mine, responses)]
-        rewards = [float(self.task.reward(p, r)) for p, r in zip(mine, responses)]
+        spec = self.specs[role]
+        fn = None
+        if not spec.task_rows and spec.eval_function is not None:
+            from orchestrator.data.user_data import load_reward_function
+
+            fn = getattr(self, "_eval_fn", None) or load_reward_function(spec.eval_function)
+            self._eval_fn = fn  # imported once per worker
+        s = score_rows(self.task, spec.task_rows, fn, spec.eval_function, mine, responses)
+        nan = [float("nan")] * len(mine)
+        rewards = s.verifier if s.verifier is not None else s.scores or nan
+        correct = s.correct if s.correct is not None else nan
         return (dp_i, correct, rewards) if first else None
 
     def merge_evaluation(self, *parts: Any) -> dict[str, float]:
-        """{'accuracy', 'reward'} over the ranks' (dp index, correct, rewards)."""
+        """{'accuracy', 'reward'} over the ranks' (dp index, correct, rewards); a figure
+        no sample has (NaN throughout) is left out."""
+        import math
+
         rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
-        correct = [c for _, cs, _ in rows for c in cs]
-        rewards = [r for _, _, rs in rows for r in rs]
-        return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards)}
+        out = {}
+        for name, i in (("accuracy", 1), ("reward", 2)):
+            values = [v for p in rows for v in p[i] if not math.isnan(v)]
+            if values:
+                out[name] = sum(values) / len(values)
+        return out
 
     # -- checkpoints ------------------------------------------------------------------
 

@@ -24,6 +24,9 @@ class RoleSpec:
     policy_experts: int | None = None  # a PMOE policy head with this many experts
     expert_rank: int = 8
     reward_function: str | None = None  # a verifier role: the user's 'file.py:name' instead
+    rows_folder: str | None = None  # the run's RL rows (data/rl_<split>.jsonl)
+    task_rows: bool = True  # the rows are the task's prompts: its verifier scores them
+    eval_function: str | None = None  # a generating role: what scores evaluation responses
 
     def kind(self) -> ModelKind:
         """The model this role holds (orchestrator.models.kinds)."""

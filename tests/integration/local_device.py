@@ -43,7 +43,21 @@ class LocalDevice:
     def load(self, role: str, folder: Path) -> None:
         self.worker.load_rank(role, ONE, str(folder), version=1)
 
-    def evaluate(self, prompts: list[str], params: Any) -> dict[str, float]:
+    def evaluate(self, count: int, params: Any) -> dict[str, float]:
+        """Accuracy and reward on the first `count` rows of the eval split."""
         return self.worker.merge_evaluation(
-            self.worker.evaluate("actor", ONE, prompts, params, version=0)
+            self.worker.evaluate("actor", ONE, count, params, version=0)
         )
+
+
+def task_rows(
+    tokenizer: Any, task: Any, prompts: list[str], folder: Path, split: str = "train"
+) -> dict[str, torch.Tensor]:
+    """Write `prompts` as the run's rows of `split` in `folder` (labelled with the task's
+    answers, as a run does) and return their batch, prompt_index included."""
+    from orchestrator.data.prompts import PromptRow, write_rows
+    from orchestrator.data.text import encode_prompts
+
+    write_rows(folder / f"rl_{split}.jsonl", [PromptRow(p, p, task.answer(p)) for p in prompts])
+    ids, mask = encode_prompts(tokenizer, prompts)
+    return {"prompt_ids": ids, "prompt_mask": mask, "prompt_index": torch.arange(len(prompts))}

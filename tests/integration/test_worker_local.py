@@ -19,7 +19,7 @@ from orchestrator.engines.generate import SamplingParams
 from orchestrator.engines.train import OptimSpec
 from orchestrator.models.hf import build_model_folder, load_causal_lm, train_tokenizer
 from orchestrator.workers.spec import RoleSpec
-from tests.integration.local_device import LocalDevice
+from tests.integration.local_device import LocalDevice, task_rows
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -28,8 +28,10 @@ DEVICES = [
 
 
 def make_workers(folder: Path, device: str, zero_stage: int) -> LocalDevice:
+    """Every PPO role on one device; the run's rows are read from folder/../data."""
     optim = OptimSpec(1e-3, 1, 0.0, 1.0, zero_stage, 8, 4)
-    common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
+    common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4,
+                  rows_folder=str(folder.parent / "data"))  # fmt: skip
     specs = [
         RoleSpec("actor", "causal", str(folder), optim=optim, generation_backend="hf", **common),
         RoleSpec("ref", "causal", str(folder), **common),
@@ -60,8 +62,8 @@ def actor_train_inputs(tmp_path: Path, seed: int) -> tuple[Path, object, list, d
     folder = build_model_folder("tiny", tok, tmp_path / "base", seed=0, max_position_embeddings=32)
     workers = make_workers(folder, "cpu", 0)
     rng = random.Random(seed)
-    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
-    dataset = {"prompt_ids": ids, "prompt_mask": mask}
+    prompts = [task.sample_prompt(rng) for _ in range(16)]
+    dataset = task_rows(tok, task, prompts, tmp_path / "data")
     opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
             "algo": AlgoConfig(), "temperature": 1.0}  # fmt: skip
     outputs = rollout(workers, dataset, opts)
@@ -81,9 +83,11 @@ def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> N
     graph = ppo_graph()
     before = workers.state_dict("actor")
     rng = random.Random(0)
+    prompts = [task.sample_prompt(rng) for _ in range(32)]
+    every = task_rows(tok, task, prompts, tmp_path / "data")
+    task_rows(tok, task, prompts[:8], tmp_path / "data", "eval")
     for step in range(2):
-        ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
-        dataset = {"prompt_ids": ids, "prompt_mask": mask}
+        dataset = {k: v[step * 16 : (step + 1) * 16] for k, v in every.items()}
         outputs: dict[str, dict] = {}
         metrics: dict[str, float] = {}
         for call in graph.order:
@@ -109,9 +113,7 @@ def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> N
     restored = fresh.state_dict("actor")
     for k in after:
         assert torch.equal(after[k].cpu(), restored[k].cpu()), k
-    acc = fresh.evaluate(
-        [task.sample_prompt(rng) for _ in range(8)], SamplingParams(6, greedy=True)
-    )
+    acc = fresh.evaluate(8, SamplingParams(6, greedy=True))
     assert 0.0 <= acc["accuracy"] <= 1.0
 
 
@@ -232,8 +234,7 @@ def test_reward_model_and_policy_reweighting_run_on_workers(tmp_path: Path) -> N
 
     workers = make_workers(folder, "cpu", 0)
     graph = ppo_graph()
-    ids, mask = encode_prompts(tok, [task.sample_prompt(rng) for _ in range(16)])
-    dataset = {"prompt_ids": ids, "prompt_mask": mask}
+    dataset = task_rows(tok, task, [task.sample_prompt(rng) for _ in range(16)], tmp_path / "data")
     opts = {"seed": 0, "sampling": SamplingParams(6, seed=0), "kl_coef": 0.02,
             "algo": AlgoConfig(), "temperature": 1.0,
             "reweight": ReweightConfig(strategy="linupper", policy_proxy="abs_advantage")}  # fmt: skip

@@ -1,0 +1,232 @@
+"""RL prompts from a user's dataset rows: the prompt (text or chat messages), its label
+(the ground truth the reward sees) and every other field, passed through to the reward.
+
+A prompt given as messages goes through the tokenizer's chat template with the
+generation prompt (or `data.chat_template`); the rendered text already holds the
+template's special tokens, so it is tokenized as it is, with no bos added: the ids are
+those `apply_chat_template(messages, add_generation_prompt=True)` gives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHAT_MODES = ("auto", "always", "never")
+TOO_LONG = ("filter", "error")
+MAX_LISTED = 5
+
+
+@dataclass
+class PromptRow:
+    """One RL prompt: `text` is what is tokenized; `prompt`, `label` and `extras` are the
+    row's own values, which the reward function gets."""
+
+    text: str
+    prompt: Any  # str, or a list of {"role", "content"} messages
+    label: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    templated: bool = False  # `text` is a chat template's output (no bos is added)
+
+
+def load_template(spec: str | None) -> str | None:
+    """`data.chat_template`: a Jinja template, or the path of a file holding one."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if "{" not in spec and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return spec
+
+
+def is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def renderer(tokenizer: Any, template: str | None) -> Callable[[list[dict]], str]:
+    """messages -> the chat template's text, ending with the assistant's turn opened."""
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=template
+        )
+
+    return render
+
+
+@dataclass
+class PromptReport:
+    rows: list[PromptRow]
+    problems: list[tuple[str, str]]  # (rule, fix)
+    too_long: int = 0  # rows filtered for length
+
+
+def _listed(items: list[str]) -> str:
+    more = len(items) - MAX_LISTED
+    return "; ".join(items[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
+
+
+def prompt_rows(
+    rows: list[dict[str, Any]],
+    prompt_key: str,
+    label_key: str,
+    chat: str,
+    render: Callable[[list[dict]], str] | None,
+    count_tokens: Callable[[str, bool], int],
+    room: int,
+    too_long: str,
+) -> PromptReport:
+    """PromptRows of dataset rows, and the problems found, by kind, with row numbers.
+    `count_tokens(text, templated)` counts a prompt's tokens as they will be encoded
+    (bos included); a prompt may have at most `room` of them."""
+    out: list[PromptRow] = []
+    missing, mistyped, unrendered, long_rows = [], [], [], []
+    kinds = set()
+    for number, row in enumerate(rows, start=1):
+        if prompt_key not in row or row[prompt_key] is None:
+            # files with the field elsewhere give this row None there: list the fields it has
+            missing.append(
+                f"row {number} (fields {sorted(k for k, v in row.items() if v is not None)})"
+            )
+            continue
+        value = row[prompt_key]
+        if isinstance(value, str):
+            kind = "text"
+        elif is_messages(value):
+            kind = "messages"
+        else:
+            mistyped.append(
+                f"row {number}: {type(value).__name__} {json.dumps(value, default=str)[:60]}"
+            )
+            continue
+        kinds.add(kind)
+        templated = kind == "messages" or chat == "always"
+        if templated and render is None:
+            unrendered.append(f"row {number}")
+            continue
+        if templated:
+            messages = value if kind == "messages" else [{"role": "user", "content": value}]
+            try:
+                text = render(messages)  # type: ignore[misc]
+            except Exception as e:
+                unrendered.append(f"row {number} ({type(e).__name__}: {str(e)[:80]})")
+                continue
+        else:
+            text = value
+        tokens = count_tokens(text, templated)
+        if tokens > room:
+            long_rows.append(f"row {number}: {tokens} tokens")
+            continue
+        extras = {k: v for k, v in row.items() if k not in (prompt_key, label_key)}
+        out.append(PromptRow(text, value, row.get(label_key), extras, templated))
+    problems: list[tuple[str, str]] = []
+    if missing:
+        problems.append((f"{len(missing)} row(s) have no '{prompt_key}' field: {_listed(missing)}",
+                         "add the field, or name the prompt's field with data.prompt_key"))  # fmt: skip
+    if mistyped:
+        problems.append((f"{len(mistyped)} prompt(s) are neither text nor chat messages: "
+                         f"{_listed(mistyped)}",
+                         'give a string, or a list of {"role": ..., "content": ...} messages'))  # fmt: skip
+    if unrendered:
+        why = ("data.chat=never, but they are chat messages" if chat == "never"
+               else "the chat template failed or the tokenizer has none")  # fmt: skip
+        problems.append((f"{len(unrendered)} prompt(s) could not be rendered: {why}: "
+                         f"{_listed(unrendered)}",
+                         "use data.chat=auto with a tokenizer that has a chat template, or give "
+                         "one with data.chat_template"))  # fmt: skip
+    if len(kinds) > 1:
+        problems.append(("the prompts mix text and chat messages",
+                         "give every prompt in one form (data.chat=always renders text as a "
+                         "user message)"))  # fmt: skip
+    if long_rows and too_long == "error":
+        problems.append((f"{len(long_rows)} prompt(s) leave no room for the response: "
+                         f"{_listed(long_rows)}; a prompt may take at most {room} tokens",
+                         "shorten them, lower generate.max_new_tokens, or pass "
+                         "data.too_long=filter to drop them"))  # fmt: skip
+    if not problems and not out:
+        problems.append(("no prompt is left" + (f" ({len(long_rows)} too long)" if long_rows else ""),
+                         "add prompts that fit the model's context"))  # fmt: skip
+    return PromptReport(out, problems, len(long_rows))
+
+
+def read_prompts(
+    files: list[str],
+    tokenizer: Any,
+    prompt_key: str,
+    label_key: str,
+    chat: str,
+    chat_template: str | None,
+    too_long: str,
+    room: int,
+) -> PromptReport:
+    """The PromptReport of dataset files (`data.*` settings); a prompt may take `room`
+    tokens, bos included. DataFileError on a file that cannot be read."""
+    from orchestrator.data.files import read_rows
+    from orchestrator.data.text import bos_prefix
+
+    template = load_template(chat_template)
+    has_template = template is not None or getattr(tokenizer, "chat_template", None) is not None
+    render = renderer(tokenizer, template) if has_template and chat != "never" else None
+    bos = len(bos_prefix(tokenizer))
+
+    def count(text: str, templated: bool) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + (
+            0 if templated else bos
+        )
+
+    rows = read_rows(files)
+    return prompt_rows(rows, prompt_key, label_key, chat, render, count, room, too_long)
+
+
+# ------------------------------------------------------------------- the run's rows
+
+SPLITS = ("train", "eval")
+
+
+def write_rows(path: Path, rows: list[PromptRow]) -> None:
+    """The rows as JSON Lines (the run folder's data/rl_<split>.jsonl), atomically."""
+    from dataclasses import asdict
+
+    tmp = path.with_suffix(".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(asdict(row), default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_rows_file(path: Path) -> list[PromptRow]:
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as f:
+        return [PromptRow(**json.loads(line)) for line in f if line.strip()]
+
+
+class RowTable:
+    """A worker's view of the run's RL rows, per split, read once from the run folder."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.folder = Path(folder) if folder else None
+        self._rows: dict[str, list[PromptRow]] = {}
+
+    def rows(self, split: str) -> list[PromptRow]:
+        if split not in self._rows:
+            path = self.folder / f"rl_{split}.jsonl" if self.folder else None
+            self._rows[split] = read_rows_file(path) if path else []
+        return self._rows[split]
+
+    def at(self, split: str, indices: Any) -> list[PromptRow]:
+        table = self.rows(split)
+        return [table[int(i)] for i in indices]

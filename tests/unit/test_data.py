@@ -1,0 +1,229 @@
+"""A user's RL data: dataset files through `datasets`, prompts as text or chat messages
+(tokenized as the tokenizer's own chat template does), labels and fields handed to reward
+functions of either form, the built-in math reward, and each data problem with its row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.data.files import DataFileError, read_rows
+from orchestrator.data.prompts import PromptRow, read_prompts
+from orchestrator.data.reward_fns import RewardError, call_reward, final_answer, math_reward
+from orchestrator.data.text import encode_prompts
+from tests.qwen_like import qwen_tokenizer
+
+ROWS = [
+    {"prompt": [{"role": "user", "content": "What is 12 plus 30?"}], "label": "42", "level": 1},
+    {"prompt": [{"role": "user", "content": "Compute 5 times 6."}], "label": "30", "level": 2},
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return qwen_tokenizer()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "arrow", "disk"])
+def test_every_format_reads_the_same_rows(tmp_path: Path, fmt: str) -> None:
+    from datasets import Dataset
+
+    ds = Dataset.from_list(ROWS)
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, ROWS)
+    elif fmt == "json":
+        path.write_text(json.dumps(ROWS))
+    elif fmt == "parquet":
+        ds.to_parquet(str(path))
+    elif fmt == "arrow":
+        ds.save_to_disk(str(tmp_path / "saved"))
+        path = next((tmp_path / "saved").glob("*.arrow"))
+    else:
+        path = tmp_path / "saved_folder"
+        ds.save_to_disk(str(path))
+    assert read_rows([str(path)]) == ROWS
+
+
+def test_file_problems_name_the_file_and_the_line(tmp_path: Path) -> None:
+    with pytest.raises(DataFileError, match="no such file"):
+        read_rows([str(tmp_path / "missing.jsonl")])
+    (tmp_path / "rows.txt").write_text("x")
+    with pytest.raises(DataFileError, match="unknown format '.txt'"):
+        read_rows([str(tmp_path / "rows.txt")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    with pytest.raises(DataFileError, match="line 2: not valid JSON"):
+        read_rows([str(bad)])
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(ROWS)}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    with pytest.raises(DataFileError, match="several splits") as e:
+        read_rows([str(tmp_path / "dd")])
+    assert str(tmp_path / "dd" / "test") in e.value.fix
+
+
+def test_chat_prompts_are_the_tokenizers_own_template(tmp_path: Path, tok) -> None:
+    """Messages go through apply_chat_template with the generation prompt; the ids the run
+    feeds the model are exactly the tokenizer's own, with no bos added (Qwen2 has none)."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    report = read_prompts([str(path)], tok, "prompt", "label", "auto", None, "error", 200)
+    assert report.problems == [] and len(report.rows) == 2
+    row = report.rows[0]
+    assert row.templated and row.label == "42" and row.extras == {"level": 1}
+    ids, mask = encode_prompts(tok, [r.text for r in report.rows], add_bos=False)
+    for r, i, m in zip(ROWS, ids, mask):
+        want = tok.apply_chat_template(r["prompt"], add_generation_prompt=True)["input_ids"]
+        assert i[m.bool()].tolist() == want
+
+
+def test_text_prompts_and_the_chat_modes(tmp_path: Path, tok) -> None:
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "What is 1 plus 2?", "label": 3}])
+    plain = read_prompts([str(text)], tok, "prompt", "label", "auto", None, "error", 200)
+    assert plain.rows[0].text == "What is 1 plus 2?" and not plain.rows[0].templated
+    wrapped = read_prompts([str(text)], tok, "prompt", "label", "always", None, "error", 200)
+    assert wrapped.rows[0].text.startswith("<|im_start|>user\nWhat is 1 plus 2?")
+    custom = read_prompts([str(text)], tok, "prompt", "label", "always",
+                          "Q: {{ messages[0]['content'] }} A:", "error", 200)  # fmt: skip
+    assert custom.rows[0].text == "Q: What is 1 plus 2? A:"
+    chat = write_jsonl(tmp_path / "chat.jsonl", ROWS)
+    never = read_prompts([str(chat)], tok, "prompt", "label", "never", None, "error", 200)
+    assert "data.chat=never" in never.problems[0][0]
+
+
+def test_row_problems_have_row_numbers(tmp_path: Path, tok) -> None:
+    rows = [{"prompt": "fine"}, {"question": "no prompt"}, {"prompt": 7}, {"prompt": "x " * 300}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    report = read_prompts([str(path)], tok, "prompt", "label", "auto", None, "error", 50)
+    rules = " | ".join(rule for rule, _ in report.problems)
+    assert "row 2 (fields ['question'])" in rules
+    assert "row 3: int 7" in rules
+    assert "row 4:" in rules and "at most 50 tokens" in rules
+    filtered = read_prompts([str(path)], tok, "prompt", "label", "auto", None, "filter", 50)
+    assert filtered.too_long == 1 and "row 4" not in " ".join(r for r, _ in filtered.problems)
+
+
+def rows_of(*labels: str) -> list[PromptRow]:
+    return [PromptRow(f"q{i}", f"q{i}", label, {"level": i}) for i, label in enumerate(labels)]
+
+
+def test_reward_functions_of_both_forms_get_labels_and_fields() -> None:
+    rows = rows_of("42", "7")
+
+    def per_sample(prompt, response, label, level):
+        return {"score": float(response == label), "level_seen": level}
+
+    def per_batch(prompts, responses, labels, **fields):
+        return {"score": [float(r == lab) for r, lab in zip(responses, labels)],
+                "level_seen": fields["level"]}  # fmt: skip
+
+    for fn in (per_sample, per_batch):
+        out = call_reward(fn, "f.py:g", rows, ["42", "8"])
+        assert out.scores == [1.0, 0.0] and out.extras == {"level_seen": [0.0, 1.0]}
+    assert call_reward(lambda p, r: 0.5, "s", rows, ["a", "b"]).scores == [0.5, 0.5]
+    with pytest.raises(RewardError, match="returned 1 values for 2 samples"):
+        call_reward(lambda prompts, responses: [1.0], "s", rows, ["a", "b"])
+    with pytest.raises(RewardError, match="without a number under 'score'"):
+        call_reward(lambda p, r: {"value": 1.0}, "s", rows, ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "response,label,correct",
+    [
+        ("12 + 30 = 42. The answer is 42.", "42", True),
+        ("so we get \\boxed{1,234}", "1234", True),
+        ("Tom has 7 apples.\n#### 7", "He buys 4 more: 3 + 4 = 7\n#### 7", True),
+        ("I think 41", "42", False),
+        ("no number at all", "42", False),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True),
+    ],
+)
+def test_math_reward(response: str, label: str, correct: bool) -> None:
+    out = math_reward("q", response, label)
+    assert out["score"] == float(correct) and out["correct"] == float(correct)
+
+
+def test_final_answer_prefers_the_boxed_one() -> None:
+    assert final_answer("first 3, then \\boxed{x^{2}} and 5") == "x^{2}"
+    assert final_answer("nothing") is None
+
+
+def test_prompt_index_travels_with_the_batch() -> None:
+    """The reward reads each sample's row through prompt_index; the RL graphs declare it."""
+    from algos.ppo import ALGORITHM_GRAPHS
+
+    for name, make in ALGORITHM_GRAPHS.items():
+        graph = make()
+        reward = [c for c in graph.calls if c.interface == "reward"]
+        assert reward and all(c.inputs[-1].endswith("prompt_index") for c in reward), name
+        assert "prompt_index" in graph.dataset_keys
+    assert torch.tensor([3, 1]).dtype == torch.int64
+
+
+def test_answers_compare_as_numbers_without_math_verify(monkeypatch) -> None:
+    import sys
+
+    from orchestrator.data.reward_fns import answers_equal
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import fails: the parser alone
+    assert answers_equal("1,234", "1234") and answers_equal("$7.0", "7")
+    assert not answers_equal("0.5", "\\frac{1}{2}") and not answers_equal("41", "42")
+
+
+def test_the_config_check_reads_your_files_and_a_resume_refuses_changed_ones(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.config.load import load_config
+    from orchestrator.config.schema import ConfigError
+    from orchestrator.run.folder import RunError, prepare
+    from tests.qwen_like import qwen_folder
+
+    folder = qwen_folder(tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS * 40)
+    ok = [f"model.path={folder}", f"data.train_files=['{train}']", "sft.enabled=false",
+          "reward=function", "reward.function=math", f"run.output_dir={tmp_path / 'runs'}"]  # fmt: skip
+
+    def problems(*extra: str) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_config([*ok, *extra])
+        return "\n".join(str(p) for p in err.value.problems)
+
+    assert "data.train_files = " in problems(f"data.train_files=['{tmp_path / 'no.jsonl'}']")
+    assert "no such file" in problems(f"data.train_files=['{tmp_path / 'no.jsonl'}']")
+    unlabelled = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "What is 1 plus 1?"}] * 80)
+    assert "data.label_key = 'label': the math reward needs a label" in problems(
+        f"data.train_files=['{unlabelled}']"
+    )
+    ruled_out = problems("sft.enabled=true", "reward=verifier", "task.prompt_file=x.jsonl")
+    for field in ("sft.enabled = True", "reward.source = 'verifier'", "task.prompt_file = "):
+        assert field in ruled_out
+    assert "data.chat = 'sometimes'" in problems("data.chat=sometimes")
+
+    cfg = load_config(ok)
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    prepare(cfg, root)
+    prepare(load_config(ok), root)  # the same files: reopened
+    write_jsonl(train, list(reversed(ROWS)) * 40)
+    with pytest.raises(RunError, match=r"data file .*train.jsonl \(contents\)"):
+        prepare(load_config(ok), root)
+
+
+def test_the_data_position_is_where_take_stands() -> None:
+    from orchestrator.data.text import data_position, take
+
+    items = list(range(10))
+    assert data_position(10, 4, 3, seed=5) == {"epoch": 1, "index": 2, "seed": 5, "rows": 10}
+    # the next step reads on from there: the second epoch's permutation from index 2
+    from orchestrator.data.text import epoch_order
+
+    assert take(items, 4, 3, seed=5) == [items[i] for i in epoch_order(10, 5, 1)[2:6]]
