@@ -79,7 +79,7 @@ def data_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
                                  f"train.rollout_batch_prompts ({cfg.train.rollout_batch_prompts})",
                                  "add prompts, or lower train.rollout_batch_prompts"))  # fmt: skip
             labelled = sum(r.label is not None for r in report.rows)
-            if cfg.reward.function == "math" and labelled < n:
+            if "math" in (cfg.reward.function, *cfg.reward.functions) and labelled < n:
                 p.append(Problem("data.label_key", d.label_key, f"the math reward needs a label "
                                  f"in every row; {n - labelled} of {n} rows have none",
                                  "name the answer's field with data.label_key"))  # fmt: skip

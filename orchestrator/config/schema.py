@@ -81,6 +81,9 @@ class RewardConfig:
     # model (Bradley-Terry reward model) | verifier (the task's own) | function (yours)
     source: str = "model"
     function: str | None = None  # source=function: 'path/to/file.py:name' or 'pkg.mod:name'
+    functions: list[str] = field(default_factory=list)  # several, summed with reward.weights
+    weights: list[float] = field(default_factory=list)  # one per function (default: all 1)
+    timeout_s: float | None = None  # one call of a function may take at most this long
     on_error: str = "stop"  # a reward that raises or is NaN: stop (with a checkpoint) | skip
     steps: int = 600  # reward-model training steps (one batch of pairs each)
     batch_pairs: int = 128

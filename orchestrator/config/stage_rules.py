@@ -160,22 +160,40 @@ def _backend_rules(p: list[Problem], cfg: RelayConfig) -> None:
 
 
 def _reward_function_rules(p: list[Problem], cfg: RelayConfig) -> None:
-    """reward.function: set exactly with reward.source=function, and it must load."""
+    """reward.function (or reward.functions): set exactly with reward.source=function, each
+    must load; reward.weights one finite number per function; reward.timeout_s > 0."""
+    import math
+
     from orchestrator.data.user_data import load_reward_function
 
     r = cfg.reward
-    if r.source == "function" and r.function is None:
+    if r.function is not None and r.functions:
+        p.append(Problem("reward.functions", list(r.functions), "reward.function and "
+                         "reward.functions are alternatives", "list every function in "
+                         "reward.functions and drop reward.function"))  # fmt: skip
+    specs = list(r.functions) or ([r.function] if r.function is not None else [])
+    field = "reward.functions" if r.functions else "reward.function"
+    if r.source == "function" and not specs:
         p.append(Problem("reward.function", None, "reward.source=function needs a function",
                          "pass reward.function=path/to/file.py:name (called as "
-                         "name(prompt, response) -> float)"))  # fmt: skip
-    elif r.source != "function" and r.function is not None:
-        p.append(Problem("reward.function", r.function,
+                         "name(prompt, response) -> float), or a built-in: math, format"))  # fmt: skip
+    elif r.source != "function" and specs:
+        p.append(Problem(field, r.functions or r.function,
                          f"a reward function is used only with reward.source=function (it is "
-                         f"'{r.source}')", "add reward.source=function, or drop reward.function"))  # fmt: skip
-    elif r.function is not None:
+                         f"'{r.source}')", f"add reward.source=function, or drop {field}"))  # fmt: skip
+    for spec in specs:
         try:
-            load_reward_function(r.function)
+            load_reward_function(spec)
         except ValueError as e:
-            p.append(Problem("reward.function", r.function, str(e),
+            p.append(Problem(field, spec, str(e),
                              "pass 'path/to/file.py:name' or 'package.module:name' of a "
-                             "function (prompt, response) -> float"))  # fmt: skip
+                             "function (prompt, response) -> float, or math or format"))  # fmt: skip
+    if r.weights and len(r.weights) != len(specs):
+        p.append(Problem("reward.weights", list(r.weights), f"one weight per function "
+                         f"({len(specs)} given)", f"give {len(specs)} weights, or none (all 1)"))  # fmt: skip
+    if any(not math.isfinite(w) for w in r.weights):
+        p.append(Problem("reward.weights", list(r.weights), "weights must be finite numbers",
+                         "use finite weights"))  # fmt: skip
+    if r.timeout_s is not None and not r.timeout_s > 0:
+        p.append(Problem("reward.timeout_s", r.timeout_s, "must be > 0 (or null: no limit)",
+                         "e.g. reward.timeout_s=30"))  # fmt: skip

@@ -234,3 +234,74 @@ def format_reward(prompt: Any, response: str) -> float:
 
 
 BUILTIN: dict[str, Callable] = {"math": math_reward, "format": format_reward}
+
+
+# ------------------------------------------------------------------- several functions
+
+
+@dataclass(frozen=True)
+class RewardMix:
+    """The reward functions of a run (specs made absolute), their weights, and the time
+    one call of each may take (None: no limit)."""
+
+    specs: tuple[str, ...]
+    weights: tuple[float, ...]
+    timeout_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        return " + ".join(f"{w:g} x {s}" if len(self.specs) > 1 else s
+                          for s, w in zip(self.specs, self.weights))  # fmt: skip
+
+
+def _short(spec: str) -> str:
+    """A function's name in metric keys: `math`, or the `name` of `file.py:name`."""
+    return spec.rsplit(":", 1)[-1]
+
+
+def _with_timeout(fn: Callable, timeout_s: float | None, spec: str) -> Callable:
+    """fn, failing with RewardError when one call takes longer than `timeout_s` (the call
+    itself runs on in its thread: Python cannot stop it)."""
+    if timeout_s is None:
+        return fn
+    import concurrent.futures as cf
+
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        future = pool.submit(fn, *args, **kwargs)
+        try:
+            return future.result(timeout=timeout_s)
+        except cf.TimeoutError:
+            raise RewardError(f"reward.function {spec} took longer than reward.timeout_s = "
+                              f"{timeout_s:g} s") from None  # fmt: skip
+
+    limited.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    return limited
+
+
+class LoadedReward:
+    """A RewardMix's functions, imported: the weighted sum of their scores, and their other
+    values (with several functions each under its own name, its score included)."""
+
+    def __init__(self, mix: RewardMix, load: Callable[[str], Callable]) -> None:
+        self.mix = mix
+        self.fns = [(s, _with_timeout(load(s), mix.timeout_s, s), w)
+                    for s, w in zip(mix.specs, mix.weights)]  # fmt: skip
+
+    def __call__(self, rows: Sequence[PromptRow], responses: Sequence[str]) -> RewardValues:
+        if len(self.fns) == 1:
+            spec, fn, w = self.fns[0]
+            one = call_reward(fn, spec, rows, responses)
+            return RewardValues([w * s for s in one.scores], one.extras)
+        total = RewardValues([0.0] * len(rows))
+        for spec, fn, w in self.fns:
+            part = call_reward(fn, spec, rows, responses)
+            total.scores = [t + w * s for t, s in zip(total.scores, part.scores)]
+            name = _short(spec)
+            total.extras[f"{name}/score"] = part.scores
+            for k, v in part.extras.items():
+                total.extras[f"{name}/{k}"] = v
+                if k == "correct" and "correct" not in total.extras:
+                    total.extras["correct"] = v  # the first function that says
+        return total

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.data.prompts import PromptRow
-from orchestrator.data.reward_fns import call_reward
 
 
 @dataclass
@@ -37,20 +36,19 @@ class Scores:
 def score_rows(
     task: Any,
     task_rows: bool,
-    fn: Callable | None,
-    spec: str | None,
+    reward: Callable[[Sequence[PromptRow], Sequence[str]], Any] | None,
     rows: Sequence[PromptRow],
     responses: Sequence[str],
 ) -> Scores:
-    """The verifier's and the function's view of `responses` to `rows`; `task_rows` says
-    the rows are the task's own prompts (so its verifier applies)."""
+    """The verifier's and the reward functions' (a LoadedReward) view of `responses` to
+    `rows`; `task_rows` says the rows are the task's own prompts (its verifier applies)."""
     verifier = correct = None
     if task_rows:
         verifier = [float(task.reward(r.prompt, s)) for r, s in zip(rows, responses)]
         correct = [float(task.correct(r.prompt, s)) for r, s in zip(rows, responses)]
     scores, extras = None, {}
-    if fn is not None:
-        values = call_reward(fn, str(spec), rows, responses)
+    if reward is not None:
+        values = reward(rows, responses)
         scores, extras = values.scores, values.extras
         if correct is None and "correct" in extras:
             correct = [0.0 if math.isnan(c) else c for c in extras["correct"]]

@@ -147,7 +147,8 @@ def prompt_file_problems(
             (
                 f"{len(report.not_task)} prompt(s) the '{task_name}' task cannot score: "
                 f"{_listed(report.not_task)}",
-                f"use prompts of the task's form, like {example!r}, or change task.name",
+                f"use prompts of the task's form, like {example!r}, or change task.name; "
+                "for prompts of your own, use data.train_files with reward=function (docs/data.md)",
             )
         )
     if not out and not report.prompts:

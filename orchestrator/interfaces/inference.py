@@ -63,11 +63,10 @@ def reward(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tupl
     rows = ctx.rows.at("train", b["prompt_index"].tolist())
     responses = decode_responses(ctx.tokenizer, b["response_ids"])
     device = b["response_ids"].device
-    scored = score_rows(ctx.task, ctx.task_rows, ctx.reward_fn, ctx.reward_function, rows,
-                        responses)  # fmt: skip
+    scored = score_rows(ctx.task, ctx.task_rows, ctx.reward, rows, responses)
     if scored.scores is not None:
         scores = torch.tensor(scored.scores, device=device, dtype=torch.float32)
-        source = f"reward.function {ctx.reward_function}"
+        source = f"reward.function {ctx.reward.mix.label}"
     elif ctx.module is None:
         if scored.verifier is None:
             raise RuntimeError("no reward: the rows are not the task's and no function is given")

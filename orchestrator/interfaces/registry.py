@@ -31,8 +31,7 @@ class WorkerContext:
     train: TrainEngine | Any = None  # TrainEngine, or TensorParallelTrainEngine (tp > 1)
     generator: GenerationEngine | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    reward_function: str | None = None  # 'file.py:name' or a built-in: the user's reward
-    reward_fn: Callable[..., Any] | None = None
+    reward: Any = None  # orchestrator.data.reward_fns.LoadedReward: the user's functions
     rows: Any = None  # orchestrator.data.prompts.RowTable: the run's RL rows, per split
     task_rows: bool = True  # the rows are the task's own prompts (its verifier applies)
 

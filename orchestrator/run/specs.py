@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.config.schema import generation_backend
+from orchestrator.data.reward_fns import RewardMix
 from orchestrator.engines.generate import SamplingParams
 from orchestrator.engines.train import OptimSpec
 from orchestrator.engines.vllm_engine import VLLMSpec, kv_cache_bytes_for
@@ -40,7 +41,7 @@ def role_spec(
         expert_rank=c.policy.expert_rank,
         rows_folder=str(run.paths.data),
         task_rows=run.assets.task_rows,
-        eval_function=c.reward.function if generates and c.reward.source == "function" else None,
+        eval_reward=reward_mix(run) if generates else None,
     )
 
 
@@ -78,13 +79,22 @@ def sampling(run: Run, seed: int, greedy: bool = False) -> SamplingParams:
                           run.assets.stop_token_ids)  # fmt: skip
 
 
-def reward_function(run: Run) -> str | None:
-    """reward.function with its file made absolute (workers may run elsewhere)."""
-    spec = run.cfg.reward.function
-    if run.cfg.reward.source != "function" or spec is None:
+def reward_mix(run: Run) -> RewardMix | None:
+    """reward.function (or reward.functions with reward.weights), each file made absolute
+    (workers may run elsewhere), and reward.timeout_s."""
+    r = run.cfg.reward
+    specs = list(r.functions) or ([r.function] if r.function else [])
+    if r.source != "function" or not specs:
         return None
-    where, name = spec.split(":")
-    return f"{Path(where).resolve()}:{name}" if where.endswith(".py") else spec
+
+    def absolute(spec: str) -> str:
+        if ":" not in spec:  # a built-in
+            return spec
+        where, name = spec.split(":")
+        return f"{Path(where).resolve()}:{name}" if where.endswith(".py") else spec
+
+    weights = tuple(float(w) for w in r.weights) if r.weights else (1.0,) * len(specs)
+    return RewardMix(tuple(absolute(s) for s in specs), weights, r.timeout_s)
 
 
 def rl_specs(run: Run) -> list[RoleSpec]:
@@ -110,7 +120,7 @@ def rl_specs(run: Run) -> list[RoleSpec]:
         reward = role_spec(run, "reward", "value", Path(cfg.reward.path or run.paths.reward_model))
     else:
         reward = replace(role_spec(run, "reward", "verifier", None),
-                         reward_function=reward_function(run))  # fmt: skip
+                         reward=reward_mix(run))  # fmt: skip
     return [
         role_spec(
             run, "actor", "causal", init, optim(t.actor_lr), generates=True, policy_experts=experts

@@ -211,11 +211,11 @@ class DeviceWorker:
                 module.requires_grad_(False)
             rep.ctx = WorkerContext(rep.role, module, self.tokenizer, self.task, rows=self.rows,
                                     task_rows=spec.task_rows)  # fmt: skip
-            if spec.reward_function is not None:
+            if spec.reward is not None:
+                from orchestrator.data.reward_fns import LoadedReward
                 from orchestrator.data.user_data import load_reward_function
 
-                rep.ctx.reward_function = spec.reward_function
-                rep.ctx.reward_fn = load_reward_function(spec.reward_function)
+                rep.ctx.reward = LoadedReward(spec.reward, load_reward_function)
         ctx = rep.ctx
         if train and ctx.train is None:
             self._trainer(rep, spec)
@@ -493,13 +493,15 @@ class DeviceWorker:
                 self.parked[rep.key] = offload(rep.module)
         responses = decode_responses(ctx.tokenizer, gen.response_ids.cpu())
         spec = self.specs[role]
-        fn = None
-        if not spec.task_rows and spec.eval_function is not None:
+        reward = None
+        if not spec.task_rows and spec.eval_reward is not None:
+            from orchestrator.data.reward_fns import LoadedReward
             from orchestrator.data.user_data import load_reward_function
 
-            fn = getattr(self, "_eval_fn", None) or load_reward_function(spec.eval_function)
-            self._eval_fn = fn  # imported once per worker
-        s = score_rows(self.task, spec.task_rows, fn, spec.eval_function, mine, responses)
+            reward = getattr(self, "_eval_reward", None)
+            if reward is None:  # imported once per worker
+                reward = self._eval_reward = LoadedReward(spec.eval_reward, load_reward_function)
+        s = score_rows(self.task, spec.task_rows, reward, mine, responses)
         nan = [float("nan")] * len(mine)
         rewards = s.verifier if s.verifier is not None else s.scores or nan
         correct = s.correct if s.correct is not None else nan

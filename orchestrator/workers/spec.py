@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.data.reward_fns import RewardMix
 from orchestrator.engines.train import OptimSpec
 from orchestrator.engines.vllm_engine import VLLMSpec
 from orchestrator.models.kinds import ModelKind
@@ -23,10 +24,10 @@ class RoleSpec:
     seed: int = 0
     policy_experts: int | None = None  # a PMOE policy head with this many experts
     expert_rank: int = 8
-    reward_function: str | None = None  # a verifier role: the user's 'file.py:name' instead
+    reward: RewardMix | None = None  # a verifier role: the user's reward functions instead
     rows_folder: str | None = None  # the run's RL rows (data/rl_<split>.jsonl)
     task_rows: bool = True  # the rows are the task's prompts: its verifier scores them
-    eval_function: str | None = None  # a generating role: what scores evaluation responses
+    eval_reward: RewardMix | None = None  # a generating role: what scores evaluation responses
 
     def kind(self) -> ModelKind:
         """The model this role holds (orchestrator.models.kinds)."""

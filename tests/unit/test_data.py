@@ -227,3 +227,52 @@ def test_the_data_position_is_where_take_stands() -> None:
     from orchestrator.data.text import epoch_order
 
     assert take(items, 4, 3, seed=5) == [items[i] for i in epoch_order(10, 5, 1)[2:6]]
+
+
+def test_several_reward_functions_are_summed_with_their_weights() -> None:
+    from orchestrator.data.reward_fns import LoadedReward, RewardMix
+    from orchestrator.data.user_data import load_reward_function
+
+    rows = rows_of("42", "7")
+    mix = LoadedReward(RewardMix(("math", "format"), (1.0, 0.25)), load_reward_function)
+    out = mix(rows, ["The answer is 42.", "maybe 8"])
+    assert out.scores == [1.25, 0.0]
+    assert out.extras["math/score"] == [1.0, 0.0] and out.extras["format/score"] == [1.0, 0.0]
+    assert out.extras["correct"] == [1.0, 0.0]  # the math reward's, the first to say
+
+
+def test_a_reward_call_that_takes_too_long_fails_the_call(tmp_path: Path) -> None:
+    from orchestrator.data.reward_fns import LoadedReward, RewardMix
+    from orchestrator.data.user_data import load_reward_function
+
+    (tmp_path / "slow.py").write_text(
+        "import time\n\ndef score(prompt, response):\n    time.sleep(0.5)\n    return 1.0\n"
+    )
+    spec = f"{tmp_path / 'slow.py'}:score"
+    quick = LoadedReward(RewardMix((spec,), (1.0,), timeout_s=5.0), load_reward_function)
+    assert quick(rows_of("1"), ["1"]).scores == [1.0]
+    slow = LoadedReward(RewardMix((spec,), (1.0,), timeout_s=0.1), load_reward_function)
+    with pytest.raises(RewardError, match="took longer than reward.timeout_s = 0.1 s"):
+        slow(rows_of("1"), ["1"])
+
+
+def test_reward_mix_settings_are_checked() -> None:
+    from orchestrator.config.load import load_config
+    from orchestrator.config.schema import ConfigError
+
+    def problems(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_config(["reward=function", *overrides])
+        return "\n".join(str(p) for p in err.value.problems)
+
+    assert "reward.weights = [1.0]: one weight per function (2 given)" in problems(
+        "reward.functions=[math,format]", "reward.weights=[1.0]"
+    )
+    assert "reward.timeout_s = 0.0: must be > 0" in problems("reward.function=math",
+                                                            "reward.timeout_s=0")  # fmt: skip
+    assert "reward.functions = 'nope': must have the form" in problems("reward.functions=[nope]")
+    both = problems("reward.function=math", "reward.functions=[format]")
+    assert "reward.function and reward.functions are alternatives" in both
+    cfg = load_config(["reward=function", "reward.functions=[math,format]",
+                       "reward.weights=[1.0,0.2]", "reward.timeout_s=30"])  # fmt: skip
+    assert cfg.reward.functions == ["math", "format"] and cfg.reward.timeout_s == 30.0
