@@ -49,7 +49,7 @@ def data_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
     messages) that fits the model's context with generate.max_new_tokens."""
     from orchestrator.config.run_rules import model_context
     from orchestrator.data.files import DataFileError
-    from orchestrator.data.prompts import read_prompts
+    from orchestrator.data.prompts import load_template, read_prompts
 
     d = cfg.data
     if not d.train_files or cfg.model.path is None or p_has(p, "data.", "model.path"):
@@ -61,6 +61,12 @@ def data_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
         room = model_context(cfg) - cfg.generate.max_new_tokens
     except Exception:  # model.path's own rule reports a broken folder
         return
+    try:
+        load_template(d.chat_template)
+    except DataFileError as e:
+        p.append(Problem("data.chat_template", d.chat_template, e.rule, e.fix))
+        return
+    uses_math = "math" in (cfg.reward.function, *cfg.reward.functions)
     for name, files in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
         if not files:
             continue
@@ -70,19 +76,24 @@ def data_file_rules(p: list[Problem], cfg: RelayConfig) -> None:
         except DataFileError as e:
             p.append(Problem(name, list(files), e.rule, e.fix))
             continue
+        except Exception as e:  # whatever else reading them raised, said as a problem
+            p.append(Problem(name, list(files), f"reading them failed: {type(e).__name__}: "
+                             f"{str(e)[:300]}", "check the files' format and contents"))  # fmt: skip
+            continue
         for rule, fix in report.problems:
             p.append(Problem(name, list(files), rule, fix))
         n = len(report.rows)
-        if name == "data.train_files" and not report.problems:
-            if n < cfg.train.rollout_batch_prompts:
-                p.append(Problem(name, list(files), f"holds {n} usable prompts, fewer than "
-                                 f"train.rollout_batch_prompts ({cfg.train.rollout_batch_prompts})",
-                                 "add prompts, or lower train.rollout_batch_prompts"))  # fmt: skip
-            labelled = sum(r.label is not None for r in report.rows)
-            if "math" in (cfg.reward.function, *cfg.reward.functions) and labelled < n:
-                p.append(Problem("data.label_key", d.label_key, f"the math reward needs a label "
-                                 f"in every row; {n - labelled} of {n} rows have none",
-                                 "name the answer's field with data.label_key"))  # fmt: skip
+        if report.problems:
+            continue
+        if name == "data.train_files" and n < cfg.train.rollout_batch_prompts:
+            p.append(Problem(name, list(files), f"holds {n} usable prompts, fewer than "
+                             f"train.rollout_batch_prompts ({cfg.train.rollout_batch_prompts})",
+                             "add prompts, or lower train.rollout_batch_prompts"))  # fmt: skip
+        labelled = sum(r.label is not None for r in report.rows)
+        if uses_math and labelled < n:
+            p.append(Problem("data.label_key", d.label_key, f"the math reward needs a label in "
+                             f"every row; {n - labelled} of {n} rows of {name} have none",
+                             "name the answer's field with data.label_key"))  # fmt: skip
 
 
 def p_has(p: list[Problem], *prefixes: str) -> bool:

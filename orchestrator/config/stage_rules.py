@@ -186,8 +186,8 @@ def _reward_function_rules(p: list[Problem], cfg: RelayConfig) -> None:
             load_reward_function(spec)
         except ValueError as e:
             p.append(Problem(field, spec, str(e),
-                             "pass 'path/to/file.py:name' or 'package.module:name' of a "
-                             "function (prompt, response) -> float, or math or format"))  # fmt: skip
+                             "pass 'path/to/file.py:name' or 'package.module:name' of a reward "
+                             "function (docs/data.md has its forms), or math or format"))  # fmt: skip
     if r.weights and len(r.weights) != len(specs):
         p.append(Problem("reward.weights", list(r.weights), f"one weight per function "
                          f"({len(specs)} given)", f"give {len(specs)} weights, or none (all 1)"))  # fmt: skip

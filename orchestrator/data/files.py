@@ -39,6 +39,14 @@ def _format_of(path: Path) -> str:
 
 def _check_json_lines(path: Path) -> None:
     """JSON Lines parse errors with their line number (`datasets` gives none)."""
+    try:
+        _check_lines(path)
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                            "save the file as UTF-8") from None  # fmt: skip
+
+
+def _check_lines(path: Path) -> None:
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -62,7 +70,7 @@ def _from_disk(path: Path) -> Any:
 
     try:
         ds = load_from_disk(str(path))
-    except FileNotFoundError as e:
+    except Exception as e:
         raise DataFileError(
             f"{path} is a folder but not one written by save_to_disk ({e})",
             "point at a dataset file, or at a folder written by Dataset.save_to_disk",
@@ -100,7 +108,12 @@ def read_rows(files: list[str]) -> list[dict[str, Any]]:
     if kind == "disk":
         from datasets import concatenate_datasets
 
-        ds = concatenate_datasets([_from_disk(p) for p in paths])
+        parts = [_from_disk(p) for p in paths]
+        try:
+            ds = concatenate_datasets(parts)
+        except Exception as e:  # different fields or types
+            raise DataFileError(f"the folders' datasets do not join: {str(e)[:200]}",
+                                "give folders with the same fields and types") from None  # fmt: skip
     else:
         if kind == "json":
             for p in paths:
@@ -113,7 +126,8 @@ def read_rows(files: list[str]) -> list[dict[str, Any]]:
             raise DataFileError(
                 f"{', '.join(map(str, paths))} could not be read as {kind}: "
                 f"{type(cause).__name__}: {str(cause)[:300]}",
-                "check that the file is what its suffix says",
+                "check that the file is what its suffix says, and that each field has one "
+                "type in every row (labels all strings, say, not 7 here and '7/2' there)",
             ) from None
     rows = ds.to_list()
     if not rows:

@@ -33,13 +33,17 @@ class PromptRow:
 
 
 def load_template(spec: str | None) -> str | None:
-    """`data.chat_template`: a Jinja template, or the path of a file holding one."""
-    if spec is None:
-        return None
+    """`data.chat_template`: a Jinja template (it has `{{` or `{%`), or the path of a file
+    holding one; DataFileError naming a path that is no file."""
+    from orchestrator.data.files import DataFileError
+
+    if spec is None or "{{" in spec or "{%" in spec:
+        return spec
     path = Path(spec).expanduser()
-    if "{" not in spec and path.is_file():
-        return path.read_text(encoding="utf-8")
-    return spec
+    if not path.is_file():
+        raise DataFileError(f"{spec!r} is neither a Jinja template (no {{{{ or {{%) nor a file",
+                            "give the template itself, or the path of a file holding it")  # fmt: skip
+    return path.read_text(encoding="utf-8")
 
 
 def is_messages(value: Any) -> bool:
@@ -92,7 +96,7 @@ def prompt_rows(
     `count_tokens(text, templated)` counts a prompt's tokens as they will be encoded
     (bos included); a prompt may have at most `room` of them."""
     out: list[PromptRow] = []
-    missing, mistyped, unrendered, long_rows = [], [], [], []
+    missing, mistyped, unrendered, long_rows, empty = [], [], [], [], []
     kinds = set()
     for number, row in enumerate(rows, start=1):
         if prompt_key not in row or row[prompt_key] is None:
@@ -126,6 +130,9 @@ def prompt_rows(
         else:
             text = value
         tokens = count_tokens(text, templated)
+        if tokens == 0:
+            empty.append(f"row {number}")
+            continue
         if tokens > room:
             long_rows.append(f"row {number}: {tokens} tokens")
             continue
@@ -139,14 +146,19 @@ def prompt_rows(
         problems.append((f"{len(mistyped)} prompt(s) are neither text nor chat messages: "
                          f"{_listed(mistyped)}",
                          'give a string, or a list of {"role": ..., "content": ...} messages'))  # fmt: skip
+    if empty:
+        problems.append((f"{len(empty)} prompt(s) encode to no tokens (and the tokenizer has no "
+                         f"bos token to start them): {_listed(empty)}",
+                         "give every prompt some text"))  # fmt: skip
     if unrendered:
-        why = ("data.chat=never, but they are chat messages" if chat == "never"
+        never = chat == "never"
+        why = ("data.chat=never, but they are chat messages" if never
                else "the chat template failed or the tokenizer has none")  # fmt: skip
+        fix = ("give text prompts, or use data.chat=auto to render messages" if never
+               else "use a tokenizer with a chat template, or give one with data.chat_template")  # fmt: skip
         problems.append((f"{len(unrendered)} prompt(s) could not be rendered: {why}: "
-                         f"{_listed(unrendered)}",
-                         "use data.chat=auto with a tokenizer that has a chat template, or give "
-                         "one with data.chat_template"))  # fmt: skip
-    if len(kinds) > 1:
+                         f"{_listed(unrendered)}", fix))  # fmt: skip
+    if len(kinds) > 1 and chat != "always":
         problems.append(("the prompts mix text and chat messages",
                          "give every prompt in one form (data.chat=always renders text as a "
                          "user message)"))  # fmt: skip
@@ -224,7 +236,12 @@ class RowTable:
     def rows(self, split: str) -> list[PromptRow]:
         if split not in self._rows:
             path = self.folder / f"rl_{split}.jsonl" if self.folder else None
-            self._rows[split] = read_rows_file(path) if path else []
+            if path is None or not path.is_file():
+                raise FileNotFoundError(
+                    f"the run's {split} rows ({path or 'no rows folder given'}) are missing: "
+                    "the worker must see the run folder (on a cluster, a shared run.output_dir)"
+                )
+            self._rows[split] = read_rows_file(path)
         return self._rows[split]
 
     def at(self, split: str, indices: Any) -> list[PromptRow]:

@@ -68,7 +68,8 @@ def is_batch_form(fn: Callable) -> bool:
 
 def _fields(fn: Callable, rows: Sequence[PromptRow]) -> list[str]:
     names = sorted({k for r in rows for k in r.extras})
-    return [n for n in names if _accepts(fn, n) and n not in ("prompt", "response", "label")]
+    taken = ("prompt", "response", "label", "prompts", "responses", "labels")
+    return [n for n in names if _accepts(fn, n) and n not in taken]
 
 
 def _parse(value: Any, where: Callable[[], str], spec: str) -> tuple[float, dict[str, float]]:
@@ -172,9 +173,12 @@ def final_answer(text: str) -> str | None:
     for marker in ("####", "answer is", "Answer:"):
         k = text.rfind(marker)
         if k >= 0:
-            rest = text[k + len(marker) :].strip().rstrip(".")
+            rest = text[k + len(marker) :].lstrip(" :").split("\n")[0].strip().rstrip(".")
+            number = _NUMBER.match(rest)  # "42 apples" -> "42"
+            if number:
+                return number.group(0)
             if rest:
-                return rest.split("\n")[0].strip()
+                return rest
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -210,8 +214,9 @@ def answers_equal(got: str, want: str) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return False
-    try:
-        return bool(verify(parse(want), parse(got)))
+    try:  # no timeouts: math-verify's use SIGALRM, which only the main thread has
+        gold = parse(want, parsing_timeout=None)
+        return bool(verify(gold, parse(got, parsing_timeout=None), timeout_seconds=None))
     except Exception:  # an expression math-verify cannot parse is not equal
         return False
 
@@ -264,17 +269,26 @@ def _with_timeout(fn: Callable, timeout_s: float | None, spec: str) -> Callable:
     itself runs on in its thread: Python cannot stop it)."""
     if timeout_s is None:
         return fn
-    import concurrent.futures as cf
-
-    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+    import threading
 
     def limited(*args: Any, **kwargs: Any) -> Any:
-        future = pool.submit(fn, *args, **kwargs)
-        try:
-            return future.result(timeout=timeout_s)
-        except cf.TimeoutError:
+        out: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                out["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # handed to the caller below
+                out["error"] = e
+
+        thread = threading.Thread(target=call, name="reward", daemon=True)  # one per call:
+        thread.start()  # a call left running blocks no later one
+        thread.join(timeout_s)
+        if thread.is_alive():
             raise RewardError(f"reward.function {spec} took longer than reward.timeout_s = "
-                              f"{timeout_s:g} s") from None  # fmt: skip
+                              f"{timeout_s:g} s")  # fmt: skip
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
 
     limited.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
     return limited

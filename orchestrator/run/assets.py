@@ -122,7 +122,12 @@ def task_rows(task: Any, prompts: list[str]) -> list[PromptRow]:
 
 def dataset_rows(cfg: RelayConfig, tokenizer: Any, files: list[str], name: str) -> list[PromptRow]:
     """The rows of a user's dataset files (checked when the config loaded), rendered."""
-    report = read_prompt_rows(cfg, tokenizer, files)
+    from orchestrator.data.files import DataFileError
+
+    try:
+        report = read_prompt_rows(cfg, tokenizer, files)
+    except DataFileError as e:
+        raise RunError(f"{name} = {files}: {e}") from None
     if report.problems:  # the files changed since the config was checked
         raise RunError(f"{name} = {files} no longer reads cleanly; run `relay config <the "
                        "same overrides>` to see its problems")  # fmt: skip

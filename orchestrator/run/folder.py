@@ -96,7 +96,9 @@ def data_digests(cfg: RelayConfig) -> dict[str, str]:
         h = hashlib.sha256()
         for f in files:
             h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-            h.update(f.read_bytes())
+            with f.open("rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    h.update(chunk)
         out[str(path)] = h.hexdigest()
     return out
 

@@ -205,8 +205,17 @@ def resume_point(run: Run) -> Path | None:
 
 def check_plan(run: Run, checkpoint: Path) -> None:
     """A checkpoint resumes only under the plan it was written with (its optimizer state
-    is split as that plan's layouts split it)."""
+    is split as that plan's layouts split it), and on the RL rows it read (its data
+    position counts in them)."""
     state = json.loads((checkpoint / "controller.json").read_text())
+    position, rows = state.get("data_position"), len(run.assets.rl_rows)
+    if position is not None and position["rows"] != rows:
+        raise RunError(
+            f"the checkpoint {checkpoint} read an RL dataset of {position['rows']} rows; this "
+            f"run has {rows} (a changed file, or other prompts filtered for length), so its "
+            "data position would not continue where it stopped. Fix: resume with the data "
+            "and settings it used, or start a new run.name"
+        )
     p = run.plan
     now = plan_to_dict(p.ctx, p.plan, p.mode, None)["calls"]
     if "plan" in state and state["plan"] != now:
@@ -223,14 +232,6 @@ def restore(
 ) -> tuple[int, int]:
     """Load a checkpoint into the runtime and this process; returns (step, skipped)."""
     state = json.loads((folder / "controller.json").read_text())
-    position, rows = state.get("data_position"), len(run.assets.rl_rows)
-    if position is not None and position["rows"] != rows:
-        raise RunError(
-            f"the checkpoint {folder} read an RL dataset of {position['rows']} rows; this run "
-            f"has {rows} (a changed file, or other prompts filtered for length), so its data "
-            "position would not continue where it stopped. Fix: resume with the data and "
-            "settings it used, or start a new run.name"
-        )
     runtime.load(folder, trainable)
     kl_ctl.load_state_dict(state["kl_controller"])
     rng = torch.load(folder / "rng.pt", weights_only=False)

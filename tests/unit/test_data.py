@@ -99,16 +99,26 @@ def test_text_prompts_and_the_chat_modes(tmp_path: Path, tok) -> None:
     chat = write_jsonl(tmp_path / "chat.jsonl", ROWS)
     never = read_prompts([str(chat)], tok, "prompt", "label", "never", None, "error", 200)
     assert "data.chat=never" in never.problems[0][0]
+    both = write_jsonl(tmp_path / "both.jsonl", [*ROWS, {"prompt": "What is 1 plus 2?"}])
+    mixed = read_prompts([str(both)], tok, "prompt", "label", "auto", None, "error", 200)
+    assert "mix text and chat messages" in mixed.problems[0][0]
+    rendered = read_prompts([str(both)], tok, "prompt", "label", "always", None, "error", 200)
+    assert rendered.problems == [] and all(r.templated for r in rendered.rows)
+    with pytest.raises(DataFileError, match="neither a Jinja template"):
+        read_prompts([str(text)], tok, "prompt", "label", "always", "templates/chatm.jinja",
+                     "error", 200)  # fmt: skip
 
 
 def test_row_problems_have_row_numbers(tmp_path: Path, tok) -> None:
-    rows = [{"prompt": "fine"}, {"question": "no prompt"}, {"prompt": 7}, {"prompt": "x " * 300}]
+    rows = [{"prompt": "fine"}, {"question": "no prompt"}, {"prompt": 7}, {"prompt": "x " * 300},
+            {"prompt": ""}]  # fmt: skip
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     report = read_prompts([str(path)], tok, "prompt", "label", "auto", None, "error", 50)
     rules = " | ".join(rule for rule, _ in report.problems)
     assert "row 2 (fields ['question'])" in rules
     assert "row 3: int 7" in rules
     assert "row 4:" in rules and "at most 50 tokens" in rules
+    assert "encode to no tokens (and the tokenizer has no bos token to start them): row 5" in rules
     filtered = read_prompts([str(path)], tok, "prompt", "label", "auto", None, "filter", 50)
     assert filtered.too_long == 1 and "row 4" not in " ".join(r for r, _ in filtered.problems)
 
@@ -140,6 +150,8 @@ def test_reward_functions_of_both_forms_get_labels_and_fields() -> None:
 @pytest.mark.parametrize(
     "response,label,correct",
     [
+        ("\\boxed{0.5}", "\\frac{1}{2}", True),  # equal as expressions: math-verify
+        ("The answer is: 42 apples.", "42", True),
         ("12 + 30 = 42. The answer is 42.", "42", True),
         ("so we get \\boxed{1,234}", "1234", True),
         ("Tom has 7 apples.\n#### 7", "He buys 4 more: 3 + 4 = 7\n#### 7", True),
@@ -158,16 +170,41 @@ def test_final_answer_prefers_the_boxed_one() -> None:
     assert final_answer("nothing") is None
 
 
-def test_prompt_index_travels_with_the_batch() -> None:
-    """The reward reads each sample's row through prompt_index; the RL graphs declare it."""
+def test_the_reward_call_reads_each_samples_row_through_its_index(tmp_path: Path, tok) -> None:
+    """The reward interface looks each sample's row up by prompt_index (ReMax's greedy
+    call by unique_prompt_index, mapped by position): the function gets that row's label."""
     from algos.ppo import ALGORITHM_GRAPHS
+    from orchestrator.data.prompts import RowTable, write_rows
+    from orchestrator.data.reward_fns import LoadedReward, RewardMix
+    from orchestrator.data.text import encode_responses
+    from orchestrator.data.user_data import load_reward_function
+    from orchestrator.interfaces.lookup import get_interface
+    from orchestrator.interfaces.registry import WorkerContext
 
-    for name, make in ALGORITHM_GRAPHS.items():
+    for make in ALGORITHM_GRAPHS.values():
         graph = make()
-        reward = [c for c in graph.calls if c.interface == "reward"]
-        assert reward and all(c.inputs[-1].endswith("prompt_index") for c in reward), name
         assert "prompt_index" in graph.dataset_keys
-    assert torch.tensor([3, 1]).dtype == torch.int64
+        assert all(c.inputs[-1].endswith("prompt_index") for c in graph.calls
+                   if c.interface == "reward")  # fmt: skip
+    rows = [PromptRow(f"q{i}", f"q{i}", str(10 * i)) for i in range(4)]
+    write_rows(tmp_path / "rl_train.jsonl", rows)
+    (tmp_path / "f.py").write_text(
+        "def score(prompts, responses, labels):\n"
+        "    return [float(r == lab) for r, lab in zip(responses, labels)]\n"
+    )
+    mix = RewardMix((f"{tmp_path / 'f.py'}:score",), (1.0,))
+    reward = LoadedReward(mix, load_reward_function)
+    ctx = WorkerContext("reward", None, tok, None, rows=RowTable(str(tmp_path)), task_rows=False,
+                        reward=reward)  # fmt: skip
+    index = torch.tensor([3, 1, 1, 0])
+    ids, mask = encode_prompts(tok, [rows[i].text for i in index])
+    rids, rmask = encode_responses(tok, ["30", "10", "11", "0"], width=4)
+    remax = ALGORITHM_GRAPHS["remax"]()
+    for call in (c for c in remax.calls if c.interface == "reward"):
+        batch = dict(zip(call.inputs, (ids, mask, rids, rmask, index)))
+        options = {"inputs": call.inputs, "outputs": call.outputs, **call.options}
+        out, metrics = get_interface("reward")(ctx, batch, options)
+        assert out[call.outputs[0]].tolist() == [1.0, 1.0, 0.0, 1.0], call.name
 
 
 def test_answers_compare_as_numbers_without_math_verify(monkeypatch) -> None:
@@ -276,3 +313,38 @@ def test_reward_mix_settings_are_checked() -> None:
     cfg = load_config(["reward=function", "reward.functions=[math,format]",
                        "reward.weights=[1.0,0.2]", "reward.timeout_s=30"])  # fmt: skip
     assert cfg.reward.functions == ["math", "format"] and cfg.reward.timeout_s == 30.0
+
+
+def test_qwen2_biases_are_tensors_the_planner_moves() -> None:
+    """Every weight of a Qwen2 model (biases on q, k and v) is a tensor of the planner's
+    list, with its shape: reallocation and the tensor-parallel loader know them all."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from planner.catalogue import shape_from_hf_config
+    from planner.realloc import model_tensors
+
+    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    specs = {t.name: t for t in model_tensors(shape_from_hf_config("q", config.to_dict()))}
+    params = dict(model.named_parameters())
+    assert set(params) == set(specs)
+    for name, p in params.items():
+        assert tuple(p.shape) == specs[name].shape, name
+    assert specs["model.layers.0.self_attn.k_proj.bias"].split_dim == 0
+
+
+def test_the_workers_get_built_in_rewards_by_name_and_files_by_absolute_path() -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.config.load import load_config
+    from orchestrator.run.specs import reward_mix
+
+    cfg = load_config(["reward=function", "reward.functions=[math,examples/rewards.py:sorted_digits]",
+                       "reward.weights=[1.0,0.5]"])  # fmt: skip
+    mix = reward_mix(SimpleNamespace(cfg=cfg))
+    assert mix.specs[0] == "math" and Path(mix.specs[1].split(":")[0]).is_absolute()
+    assert mix.weights == (1.0, 0.5)
+    one = reward_mix(SimpleNamespace(cfg=load_config(["reward=function", "reward.function=math"])))
+    assert one.specs == ("math",) and one.weights == (1.0,)
