@@ -6,6 +6,7 @@ relay config [key=value ...]    print the composed, validated config
 relay plan [key=value ...]      the execution plan and its estimated cost, without running
 relay profile [--out F]         measure this machine's per-layer costs for the planner
 relay submit [key=value ...]    the run as a Ray Job on a cluster; status, logs, stop follow it
+relay convert FILE.gguf FOLDER  a GGUF model file as a model folder for model.path
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ commands:
   status    a submitted run's status (relay status JOB)
   logs      a submitted run's output (relay logs JOB [--follow])
   stop      stop a submitted run at its next step boundary, with a checkpoint
+  convert   a GGUF file (llama.cpp's format) as a model folder: relay convert F.gguf OUT
 
 `relay <command> --help` shows the configuration and its groups.
 Examples:
@@ -163,6 +165,33 @@ def profile(argv: list[str]) -> int:
     return run(argv)
 
 
+def convert(argv: list[str]) -> int:
+    """`relay convert FILE.gguf FOLDER [--force]`: 0, or 2 with the reason."""
+    import argparse
+
+    from orchestrator.models.gguf import ConvertError, convert_gguf
+
+    parser = argparse.ArgumentParser(
+        prog="relay convert",
+        description="A GGUF model file as a Hugging Face folder for model.path (float32, "
+        "the tokenizer and its chat template; no quantization_config).",
+    )
+    parser.add_argument("gguf_file")
+    parser.add_argument("folder")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty folder")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        out = convert_gguf(args.gguf_file, args.folder, args.force)
+    except ConvertError as e:
+        print(f"relay convert: {e}", file=sys.stderr)
+        return 2
+    print(f"relay convert: wrote {out}; use it with model.path={out}")
+    return 0
+
+
 def _jobs(name: str) -> Any:
     def run(argv: list[str]) -> int:
         from launch import jobs
@@ -177,6 +206,7 @@ COMMANDS = {
     "config": show_config,
     "plan": plan,
     "profile": profile,
+    "convert": convert,
     **{name: _jobs(name) for name in ("submit", "status", "logs", "stop")},
 }
 

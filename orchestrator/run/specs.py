@@ -46,15 +46,21 @@ def role_spec(
 
 
 def vllm_spec(run: Run, init: Path | None) -> VLLMSpec:
-    """The engine of a generating role: context from its model folder, a KV cache for
-    the run's largest generate call (rollout or evaluation)."""
+    """The engine of a generating role: a context for the run's longest prompt and
+    generate.max_new_tokens (at most the model's), and a KV cache for the run's largest
+    generate call (rollout or evaluation) at that length. (A model of 8,192 positions
+    sized at its whole context for 200 evaluation prompts would ask for tens of GB.)"""
     from transformers import AutoConfig
 
     c, t = run.cfg, run.cfg.train
     config = AutoConfig.from_pretrained(str(init))
     sequences = max(t.rollout_batch_prompts * t.samples_per_prompt, len(run.assets.eval_rows))
-    context = config.max_position_embeddings
     g = c.generate
+    tok = run.assets.tokenizer
+    texts = [r.text for r in (*run.assets.rl_rows, *run.assets.eval_rows)]
+    longest = max((len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]),
+                  default=0)  # fmt: skip
+    context = min(config.max_position_embeddings, longest + 1 + g.max_new_tokens)  # + bos
     return VLLMSpec(
         max_model_len=context,
         kv_cache_bytes=kv_cache_bytes_for(config, sequences, context),
