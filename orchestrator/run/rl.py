@@ -208,8 +208,9 @@ def check_plan(run: Run, checkpoint: Path) -> None:
     is split as that plan's layouts split it), and on the RL rows it read (its data
     position counts in them)."""
     state = json.loads((checkpoint / "controller.json").read_text())
-    position, rows = state.get("data_position"), len(run.assets.rl_rows)
-    if position is not None and position["rows"] != rows:
+    position = state.get("data_position")
+    rows = len(run.assets.rl_rows) if run.assets is not None else None
+    if position is not None and rows is not None and position["rows"] != rows:
         raise RunError(
             f"the checkpoint {checkpoint} read an RL dataset of {position['rows']} rows; this "
             f"run has {rows} (a changed file, or other prompts filtered for length), so its "

@@ -23,6 +23,7 @@ from orchestrator.run.checkpoint import CheckpointManager
 from tests.integration.tiny import RL_ONLY, tiny_overrides
 
 SHARDED = "plan=symmetric"
+STEPS = 6  # RL steps of the killed run and of the one never killed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,7 +54,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     overrides = tiny_overrides(
         tmp_path,
         "killed",
-        8,
+        STEPS,
         "run.save_every_steps=1",
         "logger.wandb_mode=offline",
         SHARDED,
@@ -65,7 +66,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     straight_log = tmp_path / "straight.log"
     with straight_log.open("w") as log:
         straight = relay(
-            tiny_overrides(tmp_path, "straight", 8, "run.save_every_steps=1",
+            tiny_overrides(tmp_path, "straight", STEPS, "run.save_every_steps=1",
                            "logger.wandb_mode=offline", SHARDED, *RL_ONLY), log)  # fmt: skip
     request.addfinalizer(lambda: kill_group(straight))
     proc = relay(overrides)
@@ -85,7 +86,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     for _, folder in complete:
         assert CheckpointManager.verify(folder) == []
     killed_at = complete[-1][0]
-    assert killed_at < 8, "the run finished before it was killed; nothing was tested"
+    assert killed_at < STEPS, "the run finished before it was killed; nothing was tested"
 
     done = relay(overrides)
     try:
@@ -95,8 +96,8 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     assert done.returncode == 0, out[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r["stage"] == "rl" and "rollout/reward_mean" in r]
-    assert steps == list(range(1, 9)), steps
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_8"
+    assert steps == list(range(1, STEPS + 1)), steps
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
     # the resumed process logged into the same wandb run (one offline folder per start)
     wandb_id = json.loads((run_dir / "relay_run.json").read_text())["wandb_id"]
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
@@ -104,8 +105,9 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     # and the final weights are those of a run that was never killed (same config, seed)
     assert straight.wait(timeout=400) == 0, straight_log.read_text()[-3000:]
     for role in ("actor", "critic"):
-        a = load_file(run_dir / "checkpoints" / "step_8" / role / "model.safetensors")
-        b = load_file(tmp_path / "straight" / "checkpoints" / "step_8" / role / "model.safetensors")
+        a = load_file(run_dir / "checkpoints" / f"step_{STEPS}" / role / "model.safetensors")
+        b = load_file(tmp_path / "straight" / "checkpoints" / f"step_{STEPS}" / role
+                      / "model.safetensors")  # fmt: skip
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{role} {k} differs from the uninterrupted run's"

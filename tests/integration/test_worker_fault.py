@@ -38,11 +38,15 @@ def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int, stage:
     while time.monotonic() < end:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         if len([s for s in rl_steps(run_dir, stage) if s > 0]) >= after_step:
-            workers = [
+            titled = [
                 p
                 for p in psutil.Process(proc.pid).children(recursive=True)
                 if "DeviceWorker" in " ".join(p.cmdline())
             ]
+            # the actors themselves: not the helper processes a worker forks (vLLM's and
+            # torch's), which carry their parent's title but whose death kills nothing
+            pids = {p.pid for p in titled}
+            workers = [p for p in titled if p.ppid() not in pids]
             if workers:
                 victim = random.Random(0).choice(workers)
                 os.kill(victim.pid, signal.SIGKILL)
