@@ -29,17 +29,28 @@ def job_server():
     """A head node (job server, 2 CPUs, 4 relay_device slots) plus a second node."""
     from ray.cluster_utils import Cluster
 
-    port = _free_port()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "resources": {"relay_device": 4},
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": port,
-        },
-    )
+    # a port picked free may be taken before the dashboard binds it (Ray's own processes
+    # take ports meanwhile): try a fresh one, a few times
+    for attempt in range(3):
+        port = _free_port()
+        try:
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": 2,
+                    "resources": {"relay_device": 4},
+                    "include_dashboard": True,
+                    "dashboard_host": "127.0.0.1",
+                    "dashboard_port": port,
+                },
+            )
+            break
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception here
+            if attempt == 2:
+                raise
+            import ray
+
+            ray.shutdown()
     # The second node gets a temp dir of its own: nodes sharing one machine would otherwise
     # share the folder where Ray unpacks a job's working_dir, and one node's cleanup
     # would delete the other's.
