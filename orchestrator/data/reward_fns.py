@@ -146,6 +146,7 @@ def call_reward(
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_MARKERS = ("####", "answer is", "Answer:")  # what states a final answer, besides \boxed
 
 
 def _boxed(text: str) -> str | None:
@@ -170,7 +171,7 @@ def final_answer(text: str) -> str | None:
     boxed = _boxed(text)
     if boxed is not None:
         return boxed
-    for marker in ("####", "answer is", "Answer:"):
+    for marker in _MARKERS:
         k = text.rfind(marker)
         if k >= 0:
             rest = text[k + len(marker) :].lstrip(" :").split("\n")[0].strip().rstrip(".")
@@ -232,10 +233,7 @@ def math_reward(prompt: Any, response: str, label: Any = None) -> dict[str, floa
 
 def format_reward(prompt: Any, response: str) -> float:
     """1 when the response states a final answer (\\boxed{...}, '####', 'the answer is')."""
-    marked = _boxed(response) is not None or any(
-        m in response for m in ("####", "answer is", "Answer:")
-    )
-    return float(marked)
+    return float(_boxed(response) is not None or any(m in response for m in _MARKERS))
 
 
 BUILTIN: dict[str, Callable] = {"math": math_reward, "format": format_reward}

@@ -212,10 +212,7 @@ class DeviceWorker:
             rep.ctx = WorkerContext(rep.role, module, self.tokenizer, self.task, rows=self.rows,
                                     task_rows=spec.task_rows)  # fmt: skip
             if spec.reward is not None:
-                from orchestrator.data.reward_fns import LoadedReward
-                from orchestrator.data.user_data import load_reward_function
-
-                rep.ctx.reward = LoadedReward(spec.reward, load_reward_function)
+                rep.ctx.reward = self._reward(spec.reward)
         ctx = rep.ctx
         if train and ctx.train is None:
             self._trainer(rep, spec)
@@ -223,6 +220,17 @@ class DeviceWorker:
             ctx.generator = self._generator(rep, spec)
             rep.generates = True
         return ctx
+
+    def _reward(self, mix: Any) -> Any:
+        """The LoadedReward of a RewardMix, its functions imported once per worker (the
+        reward role's calls and the generating role's evaluation share them)."""
+        from orchestrator.data.reward_fns import LoadedReward
+        from orchestrator.data.user_data import load_reward_function
+
+        loaded = self.__dict__.setdefault("_rewards", {})
+        if mix not in loaded:
+            loaded[mix] = LoadedReward(mix, load_reward_function)
+        return loaded[mix]
 
     def _trainer(self, rep: Replica, spec: Any) -> None:
         from orchestrator.engines.train import TensorParallelTrainEngine, TrainEngine
@@ -493,14 +501,8 @@ class DeviceWorker:
                 self.parked[rep.key] = offload(rep.module)
         responses = decode_responses(ctx.tokenizer, gen.response_ids.cpu())
         spec = self.specs[role]
-        reward = None
-        if not spec.task_rows and spec.eval_reward is not None:
-            from orchestrator.data.reward_fns import LoadedReward
-            from orchestrator.data.user_data import load_reward_function
-
-            reward = getattr(self, "_eval_reward", None)
-            if reward is None:  # imported once per worker
-                reward = self._eval_reward = LoadedReward(spec.eval_reward, load_reward_function)
+        use = not spec.task_rows and spec.eval_reward is not None
+        reward = self._reward(spec.eval_reward) if use else None
         s = score_rows(self.task, spec.task_rows, reward, mine, responses)
         nan = [float("nan")] * len(mine)
         rewards = s.verifier if s.verifier is not None else s.scores or nan
