@@ -77,9 +77,11 @@ class PromptReport:
     too_long: int = 0  # rows filtered for length
 
 
-def _listed(items: list[str]) -> str:
-    more = len(items) - MAX_LISTED
-    return "; ".join(items[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
+def listed(items: list[str], most: int = MAX_LISTED, noun: str = "") -> str:
+    """The first `most` items joined with "; ", then how many more there are (of `noun`)."""
+    more = len(items) - most
+    what = f" {noun}{'s' * (more != 1)}" if noun else ""
+    return "; ".join(items[:most]) + (f"; and {more} more{what}" if more > 0 else "")
 
 
 def prompt_rows(
@@ -140,15 +142,15 @@ def prompt_rows(
         out.append(PromptRow(text, value, row.get(label_key), extras, templated))
     problems: list[tuple[str, str]] = []
     if missing:
-        problems.append((f"{len(missing)} row(s) have no '{prompt_key}' field: {_listed(missing)}",
+        problems.append((f"{len(missing)} row(s) have no '{prompt_key}' field: {listed(missing)}",
                          "add the field, or name the prompt's field with data.prompt_key"))  # fmt: skip
     if mistyped:
         problems.append((f"{len(mistyped)} prompt(s) are neither text nor chat messages: "
-                         f"{_listed(mistyped)}",
+                         f"{listed(mistyped)}",
                          'give a string, or a list of {"role": ..., "content": ...} messages'))  # fmt: skip
     if empty:
         problems.append((f"{len(empty)} prompt(s) encode to no tokens (and the tokenizer has no "
-                         f"bos token to start them): {_listed(empty)}",
+                         f"bos token to start them): {listed(empty)}",
                          "give every prompt some text"))  # fmt: skip
     if unrendered:
         never = chat == "never"
@@ -157,14 +159,14 @@ def prompt_rows(
         fix = ("give text prompts, or use data.chat=auto to render messages" if never
                else "use a tokenizer with a chat template, or give one with data.chat_template")  # fmt: skip
         problems.append((f"{len(unrendered)} prompt(s) could not be rendered: {why}: "
-                         f"{_listed(unrendered)}", fix))  # fmt: skip
+                         f"{listed(unrendered)}", fix))  # fmt: skip
     if len(kinds) > 1 and chat != "always":
         problems.append(("the prompts mix text and chat messages",
                          "give every prompt in one form (data.chat=always renders text as a "
                          "user message)"))  # fmt: skip
     if long_rows and too_long == "error":
         problems.append((f"{len(long_rows)} prompt(s) leave no room for the response: "
-                         f"{_listed(long_rows)}; a prompt may take at most {room} tokens",
+                         f"{listed(long_rows)}; a prompt may take at most {room} tokens",
                          "shorten them, lower generate.max_new_tokens, or pass "
                          "data.too_long=filter to drop them"))  # fmt: skip
     if not problems and not out:

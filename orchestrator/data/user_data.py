@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.data.prompts import PromptRow
+from orchestrator.data.prompts import PromptRow, listed
 from orchestrator.data.reward_fns import BUILTIN, RewardError, call_reward
 
 MAX_LISTED = 8
@@ -52,9 +52,7 @@ class PromptFileReport:
 
 
 def _listed(lines: list[str]) -> str:
-    shown = "; ".join(lines[:MAX_LISTED])
-    more = len(lines) - MAX_LISTED
-    return shown + (f"; and {more} more line{'s' * (more != 1)}" if more > 0 else "")
+    return listed(lines, MAX_LISTED, "line")
 
 
 def read_prompt_file(
