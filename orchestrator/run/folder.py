@@ -50,6 +50,16 @@ class RunPaths:
         return self.root / "data"
 
     @property
+    def workers(self) -> Path:
+        """The workers of the stage now running: device, roles, process id, host."""
+        return self.root / "workers.json"
+
+    def write_workers(self, stage: str, processes: list[dict[str, Any]]) -> None:
+        """Rewritten each time a stage starts its workers (restarts included)."""
+        doc = {"stage": stage, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "workers": processes}
+        write_atomic(self.workers, json.dumps(doc, indent=1))
+
+    @property
     def sft_model(self) -> Path:
         return self.root / "models" / "sft"
 

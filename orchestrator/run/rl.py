@@ -116,8 +116,10 @@ def rl_runtime(run: Run, graph: DataflowGraph) -> PlanRuntime:
     c, p = run.cfg.cluster, run.plan
     specs = [s for s in rl_specs(run) if s.name in graph.roles]
     plan = {name: (a.mesh, a.layout) for name, a in p.plan.items()}
-    return PlanRuntime(graph, plan, specs, c.num_nodes, c.devices_per_node,
-                       c.threads_per_device, c.device, offloaded_roles(p.ctx, p.plan))  # fmt: skip
+    runtime = PlanRuntime(graph, plan, specs, c.num_nodes, c.devices_per_node,
+                          c.threads_per_device, c.device, offloaded_roles(p.ctx, p.plan))  # fmt: skip
+    run.paths.write_workers("rl", runtime.processes())
+    return runtime
 
 
 def step_batch(run: Run, graph: DataflowGraph, step: int) -> dict[str, torch.Tensor]:

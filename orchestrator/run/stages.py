@@ -111,6 +111,7 @@ def run_stage(
     c = cfg.cluster
     runtime = PlanRuntime(graph, one_device_plan(graph), [spec], 1, 1, c.threads_per_device,
                           c.device)  # fmt: skip
+    run.paths.write_workers(stage, runtime.processes())
     tracker = run.tracker(stage, steps, 0)
     m: dict[str, Any] = {}
     try:

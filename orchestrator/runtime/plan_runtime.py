@@ -128,6 +128,11 @@ class PlanRuntime:
         return sorted({c.role for c in self.graph.calls
                        if device in self.sharding[c.name][0].devices})  # fmt: skip
 
+    def processes(self) -> list[dict[str, Any]]:
+        """Each device's worker: its device, the roles it hosts, its process id and host."""
+        return [{"device": d, "roles": self.roles_on(d), **where}
+                for d, where in enumerate(self.cluster.processes)]  # fmt: skip
+
     def _all(self, method: str, what: str, *args: Any) -> list[Any]:
         """`method(*args)` on every worker; a failure names its device (failures.gather)."""
         refs = [(getattr(w, method).remote(*args), d) for d, w in enumerate(self.workers)]

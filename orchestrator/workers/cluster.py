@@ -108,8 +108,11 @@ class DeviceCluster:
             (master,) = gather([(self.workers[0].address.remote(), 0)], self.roles_on,
                                "its start")  # fmt: skip
             groups = plan_groups(n, shardings)
-            gather([(w.join.remote(master, groups), d) for d, w in enumerate(self.workers)],
-                   self.roles_on, "joining the devices' torch.distributed world")  # fmt: skip
+            joins = [(w.join.remote(master, groups), d) for d, w in enumerate(self.workers)]
+            # each worker's process id and host, for the run folder's workers.json
+            self.processes: list[dict[str, Any]] = gather(
+                joins, self.roles_on, "joining the devices' torch.distributed world"
+            )
         except BaseException:
             self.shutdown(grace_s=0.0)
             raise

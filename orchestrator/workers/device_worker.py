@@ -89,9 +89,12 @@ class DeviceWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def join(self, master: tuple[str, int], groups: list[list[int]]) -> None:
+    def join(self, master: tuple[str, int], groups: list[list[int]]) -> dict[str, Any]:
         """Join the world (rank = device) and create every group the plan uses; all
-        workers call this with the same `groups`, in the same order."""
+        workers call this with the same `groups`, in the same order. Returns where this
+        worker runs: its process id and host name."""
+        import socket
+
         import torch.distributed as dist
 
         if dist.is_initialized() and dist.get_world_size() == self.world_size == 1:
@@ -102,6 +105,7 @@ class DeviceWorker:
             key = tuple(ranks)
             if key not in self.groups:
                 self.groups[key] = dist.new_group(list(ranks))
+        return {"pid": os.getpid(), "host": socket.gethostname()}
 
     def _init_world(self, master: tuple[str, int]) -> None:
         import torch.distributed as dist

@@ -32,25 +32,21 @@ def rl_steps(run_dir: Path, stage: str = "rl") -> list[int]:
 
 
 def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int, stage: str = "rl") -> int:
-    """SIGKILL one model worker (a process titled ray::DeviceWorker under the driver)
-    once `after_step` steps of `stage` are logged; returns the step count seen then."""
+    """SIGKILL one device worker of `stage` that hosts a role (workers.json in the run
+    folder names each worker's process) once `after_step` steps of `stage` are logged;
+    returns the step count seen then."""
     end = time.monotonic() + 600
     while time.monotonic() < end:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         if len([s for s in rl_steps(run_dir, stage) if s > 0]) >= after_step:
-            titled = [
-                p
-                for p in psutil.Process(proc.pid).children(recursive=True)
-                if "DeviceWorker" in " ".join(p.cmdline())
-            ]
-            # the actors themselves: not the helper processes a worker forks (vLLM's and
-            # torch's), which carry their parent's title but whose death kills nothing
-            pids = {p.pid for p in titled}
-            workers = [p for p in titled if p.ppid() not in pids]
-            if workers:
-                victim = random.Random(0).choice(workers)
-                os.kill(victim.pid, signal.SIGKILL)
-                return after_step
+            doc = json.loads((run_dir / "workers.json").read_text())
+            assert doc["stage"] == stage, doc
+            hosting = [w for w in doc["workers"] if w["roles"]]
+            victim = psutil.Process(random.Random(0).choice(hosting)["pid"])
+            assert "DeviceWorker" in " ".join(victim.cmdline()), victim.cmdline()
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)  # dead before the run can finish
+            return after_step
         time.sleep(0.5)
     raise AssertionError("the run never reached the step to kill a worker at")
 
