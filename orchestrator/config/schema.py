@@ -49,7 +49,7 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    """Your own RL prompts, from files read by the `datasets` library (docs/data.md)."""
+    """Your own rows, from files read by the `datasets` library (docs/data.md)."""
 
     # RL prompts: JSONL, JSON, Parquet or Arrow files, or a `save_to_disk` folder; the
     # built-in task's prompts when unset
@@ -63,7 +63,17 @@ class DataConfig:
     chat_template: str | None = (
         None  # a Jinja template (or a file of one) instead of the tokenizer's
     )
-    too_long: str = "filter"  # prompts that leave no room for the response: filter | error
+    too_long: str = "filter"  # rows that do not fit the model's context: filter | error
+    # SFT rows (prompt + response, or a conversation); the task's demonstrations when unset
+    sft_files: list[str] | None = None
+    response_key: str = "response"
+    messages_key: str = "messages"  # a conversation: one SFT row per assistant turn
+    # reward-model rows (prompt + chosen + rejected); the task's pairs when unset
+    preference_files: list[str] | None = None
+    preference_eval_files: list[str] | None = None  # held-out pairs: the model's accuracy
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    max_response_tokens: int | None = None  # SFT and preference responses (null: context)
 
 
 @dataclass

@@ -165,3 +165,46 @@ def file_prompts(cfg: RelayConfig, task: Any, data: Any) -> list[str]:
         print(f"relay: note: {shared} of {len(report.prompts)} prompts of "
               f"{cfg.task.prompt_file} are also evaluation prompts")  # fmt: skip
     return report.prompts
+
+
+# ------------------------------------------------------------------- SFT and preference rows
+
+TRAINING_FILES = {  # kind -> (the config's files, the task's file in the run folder)
+    ("sft", "train"): ("data.sft_files", "sft_train.jsonl"),
+    ("preference", "train"): ("data.preference_files", "preference_train.jsonl"),
+    ("preference", "eval"): ("data.preference_eval_files", "preference_eval.jsonl"),
+}
+
+
+def stage_rows(cfg: RelayConfig, paths: RunPaths, assets: Assets, kind: str, split: str) -> list:
+    """The SFT or preference rows of a split: the user's files (data.*), or the task's
+    demonstrations and pairs, written to the run folder's data/ and read the same way."""
+    from orchestrator.config.data_rules import read_training_rows
+    from orchestrator.data.files import DataFileError
+    from orchestrator.data.train_rows import write_jsonl
+
+    name, task_file = TRAINING_FILES[(kind, split)]
+    files = getattr(cfg.data, name.split(".")[1])
+    task = None
+    if not files:
+        if kind == "sft":
+            rows = [{"prompt": p, "response": r} for p, r in assets.data.sft_pairs]
+        else:
+            pairs = assets.data.pref_pairs if split == "train" else assets.data.eval_pref_pairs
+            rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
+        if not rows:
+            return []
+        files, task = [str(paths.data / task_file)], assets.task
+        write_jsonl(paths.data / task_file, rows)
+    try:
+        report = read_training_rows(cfg, assets.tokenizer, kind, files, task)
+    except DataFileError as e:
+        raise RunError(f"{name} = {files}: {e}") from None
+    if report.problems:  # the files changed since the config was checked
+        rule, _ = report.problems[0]
+        raise RunError(f"{name} = {files} no longer reads cleanly ({rule}); run `relay config "
+                       "<the same overrides>` to see every problem")  # fmt: skip
+    if report.too_long:
+        print(f"relay: {report.too_long} row(s) of {name} do not fit the model's context and "
+              "are left out (data.too_long=filter)")  # fmt: skip
+    return report.rows

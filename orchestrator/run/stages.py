@@ -1,12 +1,15 @@
 """The pipeline's stages before RL, each a one-call graph on one device of the same
-runtime: SFT on the task's demonstrations (result: models/sft) and the Bradley-Terry
-reward model on its preference pairs (result: models/reward). A finished stage is
+runtime: SFT on demonstrations (result: models/sft) and the Bradley-Terry reward model
+on preference pairs (result: models/reward), each from the user's files (data.sft_files,
+data.preference_files) or else the task's own, written to the run folder's data/ and
+read through the same path (orchestrator/data/train_rows.py). A finished stage is
 skipped; a stopped one restarts on resume (these stages are short and keep no
 checkpoints).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -18,7 +21,9 @@ import torch
 
 from algos.graph import MFC, CallKind, DataflowGraph
 from algos.ppo import PAIR, PROMPT, reward_model_graph, sft_graph
-from orchestrator.data.text import encode_prompts, encode_responses, take
+from orchestrator.data.text import take
+from orchestrator.data.train_rows import preference_batch, sft_batch
+from orchestrator.run.assets import stage_rows
 from orchestrator.run.checkpoint import write_atomic
 from orchestrator.run.context import Run, call_seed
 from orchestrator.run.evaluation import evaluate_policy
@@ -37,29 +42,17 @@ def run_sft(run: Run) -> dict[str, float]:
     cfg, s = run.cfg, run.cfg.sft
     optim = optim_spec(run, s.lr, s.warmup_steps, s.batch_samples, s.micro_batch_samples_per_device)
     spec = role_spec(run, "actor", "causal", run.assets.base, optim, generates=True)
-    width = run.assets.task.answer_tokens
-    tok = run.assets.tokenizer
+    rows = functools.cache(lambda: stage_rows(cfg, run.paths, run.assets, "sft", "train"))
+    width = None if cfg.data.sft_files else run.assets.task.answer_tokens
 
     def batch(step: int) -> dict[str, torch.Tensor]:
-        pairs = take(run.assets.data.sft_pairs, s.batch_samples, step - 1, cfg.run.seed)
-        pids, pmask = encode_prompts(tok, [p for p, _ in pairs])
-        rids, rmask = encode_responses(tok, [r for _, r in pairs], width)
-        return {"prompt_ids": pids, "prompt_mask": pmask, "response_ids": rids,
-                "response_mask": rmask}  # fmt: skip
+        chosen = take(rows(), s.batch_samples, step - 1, cfg.run.seed)
+        return sft_batch(run.assets.tokenizer, chosen, width)
 
     def evaluate(runtime: PlanRuntime, step: int) -> dict[str, float]:
         return evaluate_policy(run, runtime, step)
 
     return run_stage(run, "sft", sft_graph(), spec, s.steps, batch, evaluate, run.paths.sft_model)
-
-
-def encode_pairs(run: Run, pairs: list[tuple[str, str, str]]) -> dict[str, torch.Tensor]:
-    tok, width = run.assets.tokenizer, run.assets.task.answer_tokens
-    pids, pmask = encode_prompts(tok, [p for p, _, _ in pairs])
-    cids, cmask = encode_responses(tok, [c for _, c, _ in pairs], width)
-    rids, rmask = encode_responses(tok, [r for _, _, r in pairs], width)
-    return {"prompt_ids": pids, "prompt_mask": pmask, "chosen_ids": cids,
-            "chosen_mask": cmask, "rejected_ids": rids, "rejected_mask": rmask}  # fmt: skip
 
 
 REWARD_EVAL = DataflowGraph(
@@ -70,19 +63,26 @@ REWARD_EVAL = DataflowGraph(
 
 
 def run_reward_model(run: Run) -> dict[str, float]:
-    """Bradley-Terry reward model on the task's preference pairs, as a one-call graph,
+    """Bradley-Terry reward model on preference pairs (data.preference_files, else the
+    task's), as a one-call graph,
     initialised from the SFT model (a scalar head on its last valid token); its result
     is a Hugging Face folder, models/reward. Held-out pair accuracy is logged."""
     cfg, r = run.cfg, run.cfg.reward
     optim = optim_spec(run, r.lr, r.warmup_steps, r.batch_pairs, r.micro_batch_pairs_per_device)
     spec = role_spec(run, "reward", "value", run.policy_init, optim)
 
+    rows = functools.cache(lambda: stage_rows(cfg, run.paths, run.assets, "preference", "train"))
+    width = None if cfg.data.preference_files else run.assets.task.answer_tokens
+    tok = run.assets.tokenizer
+
     def batch(step: int) -> dict[str, torch.Tensor]:
-        pairs = take(run.assets.data.pref_pairs, r.batch_pairs, step - 1, cfg.run.seed)
-        return encode_pairs(run, pairs)
+        return preference_batch(tok, take(rows(), r.batch_pairs, step - 1, cfg.run.seed), width)
 
     def evaluate(runtime: PlanRuntime, step: int) -> dict[str, float]:
-        data = encode_pairs(run, run.assets.data.eval_pref_pairs)
+        held_out = stage_rows(cfg, run.paths, run.assets, "preference", "eval")
+        if not held_out:
+            return {}
+        data = preference_batch(tok, held_out, width)
         # on the trained replica itself (a call outside the plan runs on its role's)
         return without_spans(run_graph(REWARD_EVAL, runtime, data, {})["reward_eval"])
 

@@ -108,3 +108,44 @@ def test_bad_rows_stop_before_anything_starts(tmp_path: Path, folder: Path) -> N
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "data.train_files" in out.stderr and "row 3" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "yours").exists()
+
+
+def test_sft_reward_model_and_grpo_on_your_parquet_files(tmp_path: Path, folder: Path) -> None:
+    """The whole pipeline on a user's files, Parquet this time, with the no-bos chat model:
+    SFT on conversations (one row per assistant turn), a reward model on preference pairs
+    of messages, then GRPO scored by that reward model."""
+    from datasets import Dataset
+
+    rng = random.Random(2)
+    convs, prefs = [], []
+    for row in problems(rng, 24):
+        answer = {"role": "assistant", "content": row["label"]}
+        convs.append({"messages": [*row["prompt"], answer]})
+        wrong = str(int(row["label"]) + 1)
+        prefs.append({"prompt": row["prompt"], "chosen": [answer],
+                      "rejected": [{"role": "assistant", "content": wrong}]})  # fmt: skip
+    paths = {}
+    for name, rows in (("train", problems(rng, 24)), ("sft", convs), ("prefs", prefs)):
+        paths[name] = tmp_path / f"{name}.parquet"
+        Dataset.from_list(rows).to_parquet(str(paths[name]))
+    out = relay("train", *tiny_overrides(
+        tmp_path, "pipeline", 2,
+        f"model.path={folder}", f"data.train_files=['{paths['train']}']",
+        f"data.sft_files=['{paths['sft']}']", f"data.preference_files=['{paths['prefs']}']",
+        f"data.preference_eval_files=['{paths['prefs']}']",
+        "sft.batch_samples=8", "sft.micro_batch_samples_per_device=8", "sft.lr=3e-3",
+        "reward.batch_pairs=8", "reward.micro_batch_pairs_per_device=8",
+        "algo=grpo", "train.rollout_batch_prompts=4", "train.samples_per_prompt=4",
+        "generate.max_new_tokens=8",
+    ))  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "pipeline"
+    rows = read_metrics(run / "metrics.jsonl")
+    sft = [r["loss/sft"] for r in rows if r["stage"] == "sft" and "loss/sft" in r]
+    assert len(sft) == 10 and sft[-1] < sft[0]  # it learns the answers
+    assert any("eval/reward_model_accuracy" in r for r in rows if r["stage"] == "reward_model")
+    assert [r["step"] for r in rows if r["stage"] == "rl" and "rollout/reward_mean" in r] == [1, 2]
+    for folder_name in ("sft", "reward"):
+        assert (run / "models" / folder_name / "DONE").is_file()
+    # the conversations' assistant turns, as the run folder has no task data of its own
+    assert not (run / "data" / "sft_train.jsonl").exists()
