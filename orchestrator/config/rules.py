@@ -356,6 +356,9 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
                 "e.g. generate.stop_tokens='[\";\"]'",
             )
         )
+    if any(not isinstance(t, str) or not t for t in g.stop):
+        p.append(Problem("generate.stop", list(g.stop), "each stop string is non-empty text",
+                         "e.g. generate.stop='[\"</answer>\"]'"))  # fmt: skip
 
 
 def _task_ranges(p: list[Problem], cfg: RelayConfig) -> None:

@@ -174,6 +174,7 @@ class GenerateConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     stop_tokens: list[str] = field(default_factory=list)  # tokens that end a response, like eos
+    stop: list[str] = field(default_factory=list)  # strings that end a response (kept in it)
     vllm_gpu_memory_utilization: float = 0.5  # GPU: share of the device the engine may take
     vllm_sleep: bool = True  # GPU: free the engine's KV cache and weights while training
     vllm_dtype: str = "float32"  # the engine's weights: float32 (the trainer's) | bfloat16

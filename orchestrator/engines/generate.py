@@ -26,6 +26,7 @@ class SamplingParams:
     greedy: bool = False
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()  # end a response, like eos (kept, masked in)
+    stop_strings: tuple[str, ...] = ()  # end a response at the token completing one (kept)
     min_new_tokens: int = 0  # no stop before this many tokens (benchmarks: fixed lengths)
 
 
@@ -52,12 +53,18 @@ class HFGenerateEngine:
     over several ranks) must all take the same number of steps."""
 
     def __init__(
-        self, module: torch.nn.Module, eos_id: int, pad_id: int, fixed_length: bool = False
+        self,
+        module: torch.nn.Module,
+        eos_id: int,
+        pad_id: int,
+        fixed_length: bool = False,
+        tokenizer: Any = None,  # for stop strings: generate stops at them early
     ) -> None:
         self.module = module
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.fixed_length = fixed_length
+        self.tokenizer = tokenizer
 
     @torch.no_grad()
     def generate(
@@ -81,6 +88,8 @@ class HFGenerateEngine:
         )
         if params.min_new_tokens:
             kwargs.update(min_new_tokens=params.min_new_tokens)
+        if params.stop_strings and self.tokenizer is not None and not self.fixed_length:
+            kwargs.update(stop_strings=list(params.stop_strings), tokenizer=self.tokenizer)
         if params.greedy or params.temperature == 0:
             kwargs.update(do_sample=False)
         else:
@@ -96,3 +105,49 @@ class HFGenerateEngine:
         response = out[:, prompt_ids.shape[1] :]
         ids, mask = finish_responses(response, stops, self.pad_id, params.max_new_tokens)
         return Generation(ids, mask, None)
+
+
+def cut_at_strings(
+    tokenizer: Any, gen: Generation, strings: tuple[str, ...], pad_id: int
+) -> Generation:
+    """Each response cut after the token whose text completes its first stop string (that
+    token kept, as a stop token is): whatever the backend, the same cut. Rows without one
+    are left as they are."""
+    if not strings:
+        return gen
+    ids, mask = gen.response_ids.clone(), gen.response_mask.clone()
+
+    def has(row: list[int]) -> bool:
+        text = tokenizer.decode(row, skip_special_tokens=False)
+        return any(s in text for s in strings)
+
+    for i in range(ids.shape[0]):
+        row = ids[i, : int(mask[i].sum())].tolist()
+        if not has(row):
+            continue
+        lo, hi = 1, len(row)  # the shortest prefix holding a stop string (binary search)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has(row[:mid]) else (mid + 1, hi)
+        mask[i, lo:] = 0
+        ids[i, lo:] = pad_id
+    logprobs = None if gen.logprobs is None else gen.logprobs * mask
+    return Generation(ids, mask, logprobs)
+
+
+class StopStrings:
+    """A generation engine whose responses end at `params.stop_strings` (cut_at_strings)."""
+
+    def __init__(self, inner: Any, tokenizer: Any, pad_id: int) -> None:
+        self.inner, self.tokenizer, self.pad_id = inner, tokenizer, pad_id
+
+    def generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams
+    ) -> Generation:
+        gen = self.inner.generate(prompt_ids, prompt_mask, params)
+        return cut_at_strings(self.tokenizer, gen, params.stop_strings, self.pad_id)
+
+    def __getattr__(self, name: str) -> Any:  # sequence_logprobs, engine, ...
+        if name == "inner":  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.inner, name)

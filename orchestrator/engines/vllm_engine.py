@@ -194,8 +194,10 @@ class VLLMEngine:
             min_tokens=params.min_new_tokens,
             stop_token_ids=[self.eos_id, *params.stop_token_ids],
             logprobs=None if greedy else 0,
-            detokenize=False,
+            detokenize=bool(params.stop_strings),  # vLLM finds stop strings in the text
         )
+        if params.stop_strings:
+            common.update(stop=list(params.stop_strings), include_stop_str_in_output=True)
         if greedy:
             return prompts, [VLLMSamplingParams(temperature=0.0, **common)] * len(prompts)
         # one seed per row: repeated prompts (n responses per prompt) get different samples,

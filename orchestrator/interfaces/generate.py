@@ -50,9 +50,11 @@ def generate(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tu
             metrics[f"{prefix}logprob_diff"] = float(diff.sum() / tokens)
             metrics[f"{prefix}logprob_diff_max"] = float(diff.max())
     lengths = response_mask.sum(-1).float()
-    # a response stopped if its last token is eos or a stop token (else it was cut)
+    # a response stopped if it is shorter than max_new_tokens (eos, a stop token or a stop
+    # string ended it) or its last token is eos or a stop token (else it was cut)
     last = response_ids.gather(1, (response_mask.sum(-1, keepdim=True) - 1).clamp(min=0))
     stopped = is_stop(last.squeeze(1), (ctx.tokenizer.eos_token_id, *params.stop_token_ids))
+    stopped |= lengths < params.max_new_tokens
     metrics[f"{prefix}response_length_mean"] = float(lengths.mean())
     metrics[f"{prefix}truncated_frac"] = float(1 - stopped.float().mean())
     return outputs_as(options, out), metrics

@@ -51,6 +51,19 @@ def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def model_stop_ids(folder: Path, tokenizer: Any) -> tuple[int, ...]:
+    """The eos ids of the folder's generation_config.json besides the tokenizer's own (an
+    instruct model often lists several: Qwen2.5's end-of-turn and end-of-text)."""
+    import json
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(int(i) for i in ids if int(i) != tokenizer.eos_token_id)
+
+
 def build_assets(cfg: RelayConfig, paths: RunPaths, reward_pairs: bool) -> Assets:
     """Task data (with preference pairs if a reward model is trained), tokenizer and base
     model; a built base model is reused (assets/base_model/DONE)."""
@@ -110,7 +123,8 @@ def build_assets(cfg: RelayConfig, paths: RunPaths, reward_pairs: bool) -> Asset
     write_rows(paths.data / "rl_train.jsonl", rl_rows)
     write_rows(paths.data / "rl_eval.jsonl", eval_rows)
     return Assets(task, data, tokenizer, tokenizer_path, base,
-                  stop_token_ids(tokenizer, cfg.generate.stop_tokens),
+                  tuple(dict.fromkeys((*stop_token_ids(tokenizer, cfg.generate.stop_tokens),
+                                       *model_stop_ids(base, tokenizer)))),
                   count_parameters(load_causal_lm(base)), rl_rows, eval_rows,
                   not cfg.data.train_files)  # fmt: skip
 

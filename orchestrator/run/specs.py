@@ -82,7 +82,7 @@ def optim_spec(
 def sampling(run: Run, seed: int, greedy: bool = False) -> SamplingParams:
     g = run.cfg.generate
     return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, greedy, seed,
-                          run.assets.stop_token_ids)  # fmt: skip
+                          run.assets.stop_token_ids, tuple(g.stop))  # fmt: skip
 
 
 def reward_mix(run: Run) -> RewardMix | None:

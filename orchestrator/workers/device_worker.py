@@ -254,22 +254,23 @@ class DeviceWorker:
 
     def _generator(self, rep: Replica, spec: Any) -> Any:
         """vLLM (this device's engine shard, fed from the replica) or transformers'
-        generate on the replica's module."""
+        generate on the replica's module; responses end at stop strings either way."""
+        from orchestrator.engines.generate import HFGenerateEngine, StopStrings
+
+        tok = self.tokenizer
         if spec.generation_backend == "vllm":
             if self.engine is None:
                 raise RuntimeError(f"role '{rep.role}' generates with vLLM, but this plan's "
                                    "workers built no engine")  # fmt: skip
             self.engine.check(rep.sharding)
-            return EngineGenerator(self, rep)
-        from orchestrator.engines.generate import HFGenerateEngine
+            return StopStrings(EngineGenerator(self, rep), tok, pad_id(tok))
 
         # ZeRO-3 over several ranks gathers weights in every forward: all ranks must take
         # the same number of decoding steps, so none stops early (rows still end at eos)
         _, lay = rep.sharding
         fixed = bool(spec.optim and spec.optim.zero_stage == 3 and lay.dp > 1)
-        tok = self.tokenizer
-        return HFGenerateEngine(rep.ctx.module, tok.eos_token_id, pad_id(tok),
-                                fixed_length=fixed)  # fmt: skip
+        hf = HFGenerateEngine(rep.ctx.module, tok.eos_token_id, pad_id(tok), fixed, tok)
+        return StopStrings(hf, tok, pad_id(tok))
 
     def push_engine(self, rep: Replica) -> float | None:
         """Bring this device's engine shard up to the replica's weights (timed; None if it

@@ -1,7 +1,7 @@
 """Your model, your data, your reward through `relay train`: a Qwen2-architecture folder
 (no bos token, a chat template, biases on q/k/v) sampled by vLLM, JSONL prompts given as chat messages with labels and an
 extra field, and a batch reward function that reads the labels and returns a dict; GRPO
-runs on them and logs the function's extra values. Bad rows stop the run before anything
+runs on them (responses ending at a stop string) and logs the function's extra values. Bad rows stop the run before anything
 starts (exit 2, the row named, no run folder)."""
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ HERE = Path(__file__).parent
 
 def score(prompts, responses, labels, level):
     with open(HERE / "seen.jsonl", "a") as f:
-        for p, lab in zip(prompts, labels):
-            f.write(json.dumps({"prompt": p, "label": lab}) + "\\n")
+        for p, lab, r in zip(prompts, labels, responses):
+            f.write(json.dumps({"prompt": p, "label": lab, "response": r}) + "\\n")
     correct = [float(r.strip() == lab) for r, lab in zip(responses, labels)]
     return {"score": [c + 0.01 * len(r) for c, r in zip(correct, responses)],
             "correct": correct, "level": level}
@@ -79,7 +79,7 @@ def test_grpo_on_your_model_data_and_reward(tmp_path: Path, folder: Path) -> Non
     train = write_jsonl(tmp_path / "train.jsonl", problems(rng, 24))
     evals = write_jsonl(tmp_path / "eval.jsonl", problems(rng, 6, "Add {a} and {b}."))
     out = relay("train", *overrides(tmp_path, folder, train, f"data.eval_files=['{evals}']",
-                                    "generate.backend=vllm"))  # fmt: skip
+                                    "generate.backend=vllm", "generate.stop=[e]"))  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "yours" / "metrics.jsonl") if r["stage"] == "rl"]
     steps = [r for r in rows if "rollout/reward_mean" in r]
@@ -98,6 +98,9 @@ def test_grpo_on_your_model_data_and_reward(tmp_path: Path, folder: Path) -> Non
     assert len(rl_seen) == 2 * 16
     assert all(train_rows[json.dumps(s["prompt"])] == s["label"] for s in rl_seen)
     assert len(seen) - len(rl_seen) == 2 * 2 * 6
+    # vLLM stopped at the stop string: its first "e" is in the response's last token
+    cut = [s["response"] for s in seen if "e" in s["response"]]
+    assert cut and all(len(r) - r.index("e") <= 12 for r in cut), cut
 
 
 def test_bad_rows_stop_before_anything_starts(tmp_path: Path, folder: Path) -> None:
