@@ -99,6 +99,12 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
         ],
     )
     positive(p, s, "sft", ["batch_samples", "micro_batch_samples_per_device", "lr"])
+    for section, value in (("train", t.micro_batch_tokens_per_device),
+                           ("sft", s.micro_batch_tokens_per_device)):  # fmt: skip
+        if not isinstance(value, int) or value < 0:
+            p.append(Problem(f"{section}.micro_batch_tokens_per_device", value,
+                             "must be a whole number of tokens, 0 or more",
+                             "0 forms micro-batches by samples; try 4096"))  # fmt: skip
     positive(p, g, "generate", ["max_new_tokens"])
     positive(p, a, "algo", ["ppo_epochs"])
     positive(p, cfg.run, "run", ["save_every_steps", "keep_checkpoints"])

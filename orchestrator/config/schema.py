@@ -82,6 +82,7 @@ class SFTConfig:
     steps: int = 600
     batch_samples: int = 64
     micro_batch_samples_per_device: int = 64
+    micro_batch_tokens_per_device: int = 0  # > 0: micro-batches by tokens (as train.*)
     lr: float = 3e-3
     warmup_steps: int = 20
 
@@ -155,6 +156,9 @@ class TrainConfig:
     samples_per_prompt: int = 1
     mini_batch_samples: int = 32  # samples per optimizer step
     micro_batch_samples_per_device: int = 32
+    # > 0: micro-batches of at most this many tokens (prompt + response, padded) instead,
+    # rows of similar lengths together; the same gradients (docs/configuration.md)
+    micro_batch_tokens_per_device: int = 0
     actor_lr: float = 2e-4
     critic_lr: float = 1e-3
     warmup_steps: int = 2  # optimizer steps of linear warm-up (actor and critic)

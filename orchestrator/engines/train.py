@@ -26,6 +26,7 @@ class OptimSpec:
     micro_batch_samples_per_device: int
     decay_steps: int = 0  # optimizer steps of cosine decay after warm-up (0: constant lr)
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    micro_batch_tokens: int = 0  # > 0: micro-batches by a token budget, not a sample count
 
 
 def lr_factor(step: int, spec: OptimSpec) -> float:
@@ -96,6 +97,11 @@ class TrainEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def set_boundary(self, last: bool) -> None:
+        """Micro-batches of a token budget vary in number: the caller says which is the
+        mini-batch's last (its gradients are reduced and the optimizer steps)."""
+        self.engine.set_gradient_accumulation_boundary(last)
 
     def step(self) -> dict[str, float]:
         """Call after every micro-batch; the optimizer steps at the accumulation boundary."""
@@ -218,6 +224,7 @@ class TensorParallelTrainEngine:
             self.optimizer, functools.partial(lr_factor, spec=spec)
         )
         self.micro_steps = 0
+        self.boundary: bool | None = None  # set_boundary: token-budget micro-batches
         self.version = 0
 
     def gathered(self) -> Any:
@@ -227,7 +234,12 @@ class TensorParallelTrainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.gas).backward()  # as DeepSpeed: the mini-batch's mean of micro losses
 
+    def set_boundary(self, last: bool) -> None:
+        self.boundary = last
+
     def is_gradient_accumulation_boundary(self) -> bool:
+        if self.boundary is not None:
+            return self.boundary
         return (self.micro_steps + 1) % self.gas == 0
 
     def _grad_norm(self) -> torch.Tensor:

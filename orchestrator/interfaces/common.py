@@ -25,6 +25,8 @@ from orchestrator.interfaces.registry import Metrics, WorkerContext
 from orchestrator.models.batch import (
     Batch,
     minibatches,
+    token_micro_batches,
+    trim_padding,
 )
 
 
@@ -116,6 +118,12 @@ def train_loop(
     over the whole mini-batch, not a mean of micro means. With reweighting, loss_fn gets
     each micro-batch's slice of the mini-batch's weights and returns its share of the
     mini-batch's weighted loss (scaled by micro-batches x dp ranks).
+
+    With a token budget (OptimSpec.micro_batch_tokens), a rank's share of a mini-batch is
+    packed into micro-batches of similar lengths (token_micro_batches), their all-padding
+    columns cut, the last one marked as the accumulation boundary; every loss is then
+    rescaled by its share of the mini-batch's tokens (or samples), so the gradient is
+    the one fixed micro-batches give.
     """
     engine = ctx.train
     if engine is None:
@@ -128,24 +136,34 @@ def train_loop(
     # share of each mini-batch; DeepSpeed averages the ranks' gradients
     dp_rank, dp = int(options.get("dp_rank", 0)), int(options.get("dp_size", 1))
     micro_size = micro_per_rank(engine.spec, dp)
+    budget = engine.spec.micro_batch_tokens
     rows: list[Metrics] = []
     for _ in range(epochs):
         for mini in minibatches(batch, engine.spec.mini_batch_samples, gen):
             weights = reweighting.weights(engine.module, mini, step) if reweighting else None
             n = next(iter(mini.values())).shape[0]
-            share = torch.arange(n).chunk(dp)[dp_rank]
+            by_tokens = budget > 0 and "prompt_mask" in mini and "response_mask" in mini
+            if by_tokens:
+                micros = token_micro_batches(mini, dp, dp_rank, budget)
+            else:
+                micros = list(torch.arange(n).chunk(dp)[dp_rank].split(micro_size))
             mini_tokens = float(mini["response_mask"].sum().clamp(min=1)) if token_mean else n
-            for micro_index in share.split(micro_size):
+            for j, micro_index in enumerate(micros):
                 micro = {k: v[micro_index.to(v.device)] for k, v in mini.items()}
+                if by_tokens:
+                    micro = trim_padding(micro)
+                    engine.set_boundary(j == len(micros) - 1)
                 w = None
                 if weights is not None:
                     w = SliceWeights(weights[micro_index.to(weights.device)], mini_tokens, n)
                 loss, m = loss_fn(engine.module, micro, w)
                 if w is not None:
                     loss = loss * (engine.gas * dp)
-                elif token_mean and (engine.gas > 1 or dp > 1):
+                elif token_mean and (engine.gas > 1 or dp > 1 or by_tokens):
                     micro_tokens = float(micro["response_mask"].sum())
                     loss = loss * (micro_tokens / mini_tokens * engine.gas * dp)
+                elif by_tokens:  # a mean over samples: this micro-batch's share of them
+                    loss = loss * (len(micro_index) / n * engine.gas * dp)
                 if weights is not None:
                     m["train/sample_weight_max"] = float(weights.max()) * n
                 engine.backward(loss)

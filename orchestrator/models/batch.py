@@ -69,6 +69,59 @@ def minibatches(
         yield select(batch, order[start : start + size])
 
 
+def token_micro_batches(
+    mini: Mapping[str, torch.Tensor], dp: int, dp_rank: int, budget: int
+) -> list[torch.Tensor]:
+    """This rank's share of a mini-batch (rows chunked over `dp` ranks) as micro-batches
+    of at most `budget` tokens each: rows sorted by length, packed while rows x (longest
+    prompt + longest response) fits (a row over the budget alone is a micro-batch of
+    its own). Every rank gets the same number of micro-batches (the most any rank
+    needs; its largest ones split), as collectives run per micro-batch."""
+    prompt = mini["prompt_mask"].sum(-1).tolist()
+    response = mini["response_mask"].sum(-1).tolist()
+    n = len(prompt)
+
+    def pack(rows: list[int]) -> list[list[int]]:
+        groups: list[list[int]] = [[]]
+        p = r = 0
+        for i in sorted(rows, key=lambda i: (prompt[i] + response[i], i)):
+            wp, wr = max(p, prompt[i]), max(r, response[i])
+            if groups[-1] and (len(groups[-1]) + 1) * (wp + wr) > budget:
+                groups.append([])
+                wp, wr = prompt[i], response[i]
+            groups[-1].append(i)
+            p, r = wp, wr
+        return groups
+
+    shares = [s.tolist() for s in torch.arange(n).chunk(dp)]
+    most = max(len(pack(s)) for s in shares)
+    mine = pack(shares[dp_rank])
+    while len(mine) < most:
+        j = max(range(len(mine)), key=lambda g: len(mine[g]))
+        g = mine.pop(j)
+        mine[j:j] = [g[: len(g) // 2], g[len(g) // 2 :]]
+    return [torch.tensor(g, dtype=torch.long) for g in mine]
+
+
+def trim_padding(micro: Mapping[str, torch.Tensor]) -> Batch:
+    """A micro-batch without the columns that are padding in every row: the left of the
+    prompts (`prompt_*` tensors [B, P]) and the right of the responses (every other
+    tensor [B, T, ...]). Positions come from the masks, so no valid token's result
+    changes."""
+    p_full, t_full = micro["prompt_mask"].shape[1], micro["response_mask"].shape[1]
+    p = max(int(micro["prompt_mask"].sum(-1).max()), 1)
+    t = max(int(micro["response_mask"].sum(-1).max()), 1)
+    out: Batch = {}
+    for k, v in micro.items():
+        if k.startswith("prompt_") and v.ndim >= 2 and v.shape[1] == p_full:
+            out[k] = v[:, p_full - p :]
+        elif not k.startswith("prompt_") and v.ndim >= 2 and v.shape[1] == t_full:
+            out[k] = v[:, :t]
+        else:
+            out[k] = v
+    return out
+
+
 def repeat_interleave(batch: Mapping[str, torch.Tensor], n: int) -> Batch:
     """Repeat every sample n times in place (a, a, b, b, ...)."""
     return {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}

@@ -119,7 +119,8 @@ def rl_specs(run: Run) -> list[RoleSpec]:
     def optim(lr: float) -> OptimSpec:
         spec = optim_spec(run, lr, t.warmup_steps, t.mini_batch_samples,
                           t.micro_batch_samples_per_device, t.weight_decay)  # fmt: skip
-        return replace(spec, decay_steps=decay, min_lr_ratio=t.min_lr_ratio)
+        return replace(spec, decay_steps=decay, min_lr_ratio=t.min_lr_ratio,
+                       micro_batch_tokens=t.micro_batch_tokens_per_device)  # fmt: skip
 
     experts = cfg.policy.num_experts if cfg.policy.kind == "pmoe" else None
     if run.uses_reward_model:

@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def run_sft(run: Run) -> dict[str, float]:
     """SFT as a one-call graph; its result is a Hugging Face folder, models/sft."""
     cfg, s = run.cfg, run.cfg.sft
     optim = optim_spec(run, s.lr, s.warmup_steps, s.batch_samples, s.micro_batch_samples_per_device)
+    optim = replace(optim, micro_batch_tokens=s.micro_batch_tokens_per_device)
     spec = role_spec(run, "actor", "causal", run.assets.base, optim, generates=True)
     rows = functools.cache(lambda: stage_rows(cfg, run.paths, run.assets, "sft", "train"))
     width = None if cfg.data.sft_files else run.assets.task.answer_tokens

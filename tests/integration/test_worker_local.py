@@ -117,19 +117,31 @@ def test_ppo_graph_on_workers(tmp_path: Path, device: str, zero_stage: int) -> N
     assert 0.0 <= acc["accuracy"] <= 1.0
 
 
-def test_micro_batches_x_accumulation_invariance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_x_accumulation_invariance(tmp_path: Path, loss_agg: str) -> None:
     """A PPO actor train call (16 samples, two Adam steps of mini-batch 8) with each
-    mini-batch as 1 x 8 or as 2 x 4 (gradient accumulation) gives the same weights: the
-    token-mean loss is over the whole mini-batch. (Adam's first step is nearly sign(g), so
-    the second step is what tells the gradients' magnitudes apart.)"""
+    mini-batch as 1 x 8, as 2 x 4 (gradient accumulation), or as micro-batches of a token
+    budget (rows of similar lengths together, their padding cut, as many as it takes)
+    gives the same weights: the loss is over the whole mini-batch. (Adam's first step is
+    nearly sign(g), so the second step is what tells the gradients' magnitudes apart.)"""
+    from orchestrator.models.batch import token_micro_batches
+
     folder, train, inputs, outputs, opts = actor_train_inputs(tmp_path, 1)
+    opts = {**opts, "algo": AlgoConfig(loss_agg=loss_agg)}
     # responses of different lengths make micro means differ from the mini-batch mean
-    assert len(set(outputs["actor_gen"]["response_mask"].sum(-1).tolist())) > 1
+    lengths = outputs["actor_gen"]["response_mask"].sum(-1)
+    assert len(set(lengths.tolist())) > 1
+    budget = 40
+    mini = {"prompt_mask": inputs[0]["prompt_mask"][:8], "response_mask": lengths[:8, None]
+            >= torch.arange(1, lengths.max() + 1)}  # fmt: skip
+    sizes = [len(m) for m in token_micro_batches(mini, 1, 0, budget)]
+    assert len(sizes) > 2 and len(set(sizes)) > 1, sizes  # unequal micro-batches
     results = []
-    for micro in (8, 4):
+    for micro, tokens in ((8, 0), (4, 0), (8, budget)):
         common = dict(tokenizer_path=str(folder), task_name="sort", task_digits=4)
-        spec = RoleSpec("actor", "causal", str(folder), optim=OptimSpec(1e-3, 1, 0.0, 1e9, 0, 8, micro),
-                        generation_backend="hf", **common)  # fmt: skip
+        optim = OptimSpec(1e-3, 1, 0.0, 1e9, 0, 8, micro, micro_batch_tokens=tokens)
+        spec = RoleSpec("actor", "causal", str(folder), optim=optim, generation_backend="hf",
+                        **common)  # fmt: skip
         worker = LocalDevice([spec])
         worker.run(train, opts, *inputs)
         results.append(worker.state_dict("actor"))
@@ -138,8 +150,9 @@ def test_micro_batches_x_accumulation_invariance(tmp_path: Path) -> None:
     # Tolerance: the two sum in different orders (~1e-7 apart); Adam divides by sqrt(v),
     # which magnifies that where v is tiny: up to 3.4e-5 (3% of one step of lr 1e-3) at one
     # weight of 49,152 on this machine. A mean of micro-batch means is off by ~4e-3 here.
-    for k in results[0]:
-        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-4)
+    for other in results[1:]:
+        for k in results[0]:
+            torch.testing.assert_close(results[0][k], other[k], rtol=1e-4, atol=1e-4)
 
 
 def _sft_step(folder: Path, micro: int, strategy: str, batch: dict) -> dict[str, torch.Tensor]:

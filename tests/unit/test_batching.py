@@ -101,3 +101,36 @@ def test_a_tokenizer_without_bos_and_with_pad_equal_to_eos(no_bos_tokenizer) -> 
     assert decode_responses(tok, rids) == [" The answer is 42.", " 1 2 3."]
     with pytest.raises(ValueError, match="no bos token"):
         encode_prompts(tok, ["", "x"])
+
+
+def test_token_budget_micro_batches_cover_each_share_alike_on_every_rank() -> None:
+    from orchestrator.models.batch import token_micro_batches, trim_padding
+
+    g = torch.Generator().manual_seed(0)
+    prompt_len = torch.randint(2, 10, (24,), generator=g)
+    response_len = torch.randint(1, 30, (24,), generator=g)
+    mini = {
+        "prompt_mask": (torch.arange(10) >= 10 - prompt_len[:, None]).long(),
+        "response_mask": (torch.arange(30) < response_len[:, None]).long(),
+        "advantages": torch.randn(24, 30, generator=g),
+        "prompt_ids": torch.randint(0, 5, (24, 10), generator=g),
+    }
+    budget = 80
+    per_rank = [token_micro_batches(mini, 3, r, budget) for r in range(3)]
+    assert len({len(m) for m in per_rank}) == 1  # the same count on every rank
+    for rank, micros in enumerate(per_rank):
+        got = sorted(i for m in micros for i in m.tolist())
+        assert got == list(range(rank * 8, rank * 8 + 8))  # its share, each row once
+        for m in micros:
+            cut = trim_padding({k: v[m] for k, v in mini.items()})
+            if len(m) > 1:  # padded cost within the budget (a lone long row may exceed it)
+                assert (
+                    len(m) * (cut["prompt_mask"].shape[1] + cut["response_mask"].shape[1]) <= budget
+                )
+            assert cut["advantages"].shape == cut["response_mask"].shape
+            # only all-padding columns are cut
+            assert cut["response_mask"].sum() == mini["response_mask"][m].sum()
+            assert cut["prompt_mask"].sum() == mini["prompt_mask"][m].sum()
+            assert torch.equal(
+                cut["prompt_ids"], mini["prompt_ids"][m][:, 10 - cut["prompt_ids"].shape[1] :]
+            )
