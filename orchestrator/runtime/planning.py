@@ -10,6 +10,7 @@ runs exactly the plan a file holds.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -54,6 +55,31 @@ def model_shape(cfg: RelayConfig) -> ModelShape:
                                                    "vocab_size": vocab})  # fmt: skip
 
 
+def longest_prompt(cfg: RelayConfig) -> int:
+    """Tokens of the longest prompt of data.train_files (as encoded: template or bos
+    included): batches are padded to their longest prompt."""
+    d = cfg.data
+    return _longest(tuple(d.train_files or ()), str(cfg.model.path), d.prompt_key, d.label_key,
+                    d.chat, d.chat_template)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _longest(files: tuple[str, ...], model: str, prompt_key: str, label_key: str, chat: str,
+             template: str | None) -> int:  # fmt: skip
+    from transformers import AutoTokenizer
+
+    from orchestrator.data.prompts import read_prompts
+    from orchestrator.data.text import bos_prefix
+
+    tok = AutoTokenizer.from_pretrained(model)
+    report = read_prompts(list(files), tok, prompt_key, label_key, chat, template, "filter",
+                          1 << 30)  # every row, however long  # fmt: skip
+    bos = len(bos_prefix(tok))
+    counts = [len(tok(r.text, add_special_tokens=False)["input_ids"]) + (0 if r.templated else bos)
+              for r in report.rows]  # fmt: skip
+    return max(counts, default=1)
+
+
 def workload(cfg: RelayConfig) -> Workload:
     graph = planned_graph(cfg)
     own = model_shape(cfg)
@@ -61,6 +87,8 @@ def workload(cfg: RelayConfig) -> Workload:
     critic = MODEL_SHAPES[cfg.plan.critic_shape] if cfg.plan.critic_shape else own
     if cfg.plan.prompt_tokens is not None:
         prompt = cfg.plan.prompt_tokens
+    elif cfg.data.train_files and cfg.model.path is not None:
+        prompt = longest_prompt(cfg)
     else:
         from orchestrator.data.tasks import make_task
 

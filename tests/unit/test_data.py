@@ -348,3 +348,24 @@ def test_the_workers_get_built_in_rewards_by_name_and_files_by_absolute_path() -
     assert mix.weights == (1.0, 0.5)
     one = reward_mix(SimpleNamespace(cfg=load_config(["reward=function", "reward.function=math"])))
     assert one.specs == ("math",) and one.weights == (1.0,)
+
+
+def test_the_planner_sizes_prompts_by_your_longest_row(tmp_path: Path) -> None:
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import workload
+    from tests.qwen_like import qwen_folder
+
+    model = qwen_folder(tmp_path / "model", context=256)
+    rows = [{"prompt": [{"role": "user", "content": "What is 12 plus 30? " * k}], "label": "1"}
+            for k in (1, 6, 2)]  # fmt: skip
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = load_config([f"model.path={model}", f"data.train_files=[{path}]", "sft.enabled=false",
+                       "reward=function", "reward.function=math", "train.rollout_batch_prompts=2",
+                       "train.mini_batch_samples=2", "train.micro_batch_samples_per_device=2"])  # fmt: skip
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(model)  # as the run loads it (Qwen2's own class)
+    longest = len(
+        own.apply_chat_template(rows[1]["prompt"], add_generation_prompt=True)["input_ids"]
+    )
+    assert workload(cfg).call("actor_gen").prompt_tokens == longest
