@@ -38,7 +38,7 @@ run: install
 	$(VENV)/bin/relay train
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

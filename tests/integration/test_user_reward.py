@@ -1,7 +1,9 @@
-"""A user's prompt file and reward function through `relay train`: the RL stage samples
-only the file's prompts; a reward that raises stops the run with a checkpoint and a
-non-zero exit (reward.on_error=stop); rerun with reward.on_error=skip, the run resumes from
-that checkpoint and a step whose rewards are NaN is reported and skipped."""
+"""A user's prompts (data.train_files, with a model folder of their own) and reward
+function through `relay train`: the RL stage samples only the file's prompts; a reward
+that raises stops the run with a checkpoint and a non-zero exit (reward.on_error=stop);
+rerun with reward.on_error=skip, the run resumes from that checkpoint mid-epoch, reads the
+rows an uninterrupted run reads, and a step whose rewards are NaN is reported and
+skipped."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.data.text import take
 from orchestrator.run.tracking import read_metrics
 from tests.integration.tiny import tiny_overrides
 
@@ -42,22 +45,28 @@ def score(prompt, response):
 
 
 def setup(tmp_path: Path, flag: str) -> tuple[list[str], list[str]]:
-    """The reward file (with its flag file), a prompt file of 20 sort prompts, and the
-    overrides of a 3-step RL run with neither SFT nor a reward model."""
+    """The reward file (with its flag file), a JSONL file of 20 text prompts, a Qwen2-like
+    model folder (no bos), and the overrides of a 3-step RL run with neither SFT nor a
+    reward model. 16 prompts a step: step 2 reads the last 4 rows of epoch 0 and 12 of
+    epoch 1."""
+    from tests.qwen_like import qwen_folder
+
     (tmp_path / "reward.py").write_text(REWARD)
     (tmp_path / flag).write_text("")
-    prompts = [f"S{i:08d}=" for i in range(1000, 1020)]
+    prompts = [f"What is {i} plus {i + 1}?" for i in range(20)]
     lines = [json.dumps({"prompt": p}) for p in prompts]
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     overrides = tiny_overrides(
         tmp_path,
         "user",
         3,
+        f"model.path={qwen_folder(tmp_path / 'model')}",
         "sft.enabled=false",
         "reward=function",
         f"reward.function={tmp_path / 'reward.py'}:score",
-        f"task.prompt_file={tmp_path / 'prompts.jsonl'}",
+        f"data.train_files=[{tmp_path / 'prompts.jsonl'}]",
         "generate.backend=hf",
+        "generate.max_new_tokens=8",
         "run.save_every_steps=100",  # no checkpoint before the error: the stop writes one
     )
     return overrides, prompts
@@ -105,5 +114,9 @@ def test_raising_reward_stops_then_a_nan_reward_is_skipped_on_resume(tmp_path: P
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_3"
     state = json.loads((run_dir / "checkpoints" / "step_3" / "controller.json").read_text())
     assert state["skipped_steps"] == 1
-    seen = set((tmp_path / "seen.txt").read_text().split())
-    assert seen and seen <= set(prompts), seen - set(prompts)  # only the file's prompts
+    # the rows of an uninterrupted run (`take`: a fresh permutation per epoch, from the
+    # seed), step by step; the failed step 2 scored its first sample before raising
+    seen = (tmp_path / "seen.txt").read_text().splitlines()
+    steps = [[prompts[i] for i in take(list(range(20)), 16, step, 1)] for step in range(3)]
+    assert seen == [*steps[0], steps[1][0], *steps[1], *steps[2]]
+    assert sorted(steps[0] + steps[1][:4]) == sorted(prompts)  # epoch 0: each row once

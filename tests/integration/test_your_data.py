@@ -152,28 +152,3 @@ def test_sft_reward_model_and_grpo_on_your_parquet_files(tmp_path: Path, folder:
         assert (run / "models" / folder_name / "DONE").is_file()
     # the conversations' assistant turns, as the run folder has no task data of its own
     assert not (run / "data" / "sft_train.jsonl").exists()
-
-
-def test_a_resume_mid_epoch_on_your_data_repeats_nothing_and_skips_nothing(
-    tmp_path: Path, folder: Path
-) -> None:
-    """6 rows, 4 prompts a step: step 2 reads the last 2 rows of epoch 0 and the first 2
-    of epoch 1. A run stopped after step 1 and resumed reads, step by step, the rows an
-    uninterrupted run reads (`take`: a fresh permutation per epoch, from the seed)."""
-    from orchestrator.data.text import take
-
-    rows = problems(random.Random(3), 6)
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    for steps in (1, 3):
-        out = relay("train", *overrides(tmp_path, folder, train, "run.save_every_steps=1",
-                                        "generate.backend=hf", f"train.steps={steps}"))  # fmt: skip
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "continue" in out.stdout or "resum" in out.stdout, out.stdout[-2000:]
-    index = {json.dumps(r["prompt"]): i for i, r in enumerate(rows)}
-    lines = (tmp_path / "seen.jsonl").read_text().splitlines()
-    seen = [index[json.dumps(json.loads(line)["prompt"])] for line in lines]
-    want = [i for step in range(3) for i in take(list(range(6)), 4, step, 1) for _ in range(4)]
-    assert seen == want
-    assert sorted(set(seen[:24])) == list(range(6))  # epoch 0: every row, none twice
-    metrics = read_metrics(tmp_path / "yours" / "metrics.jsonl")
-    assert [r["step"] for r in metrics if r["stage"] == "rl" and "loss/policy" in r] == [1, 2, 3]
