@@ -2,7 +2,7 @@
 and `data.eval_files`: each row is a chat prompt, the answer as its label, and the number
 of steps (an extra field the reward function may read).
 
-    python examples/math_word_problems/make_data.py --out data/math --train 2000 --test 200
+    python examples/math_word_problems/make_data.py --out data/math --train 2000 --test 200 --eval 32
 
 Deterministic for a given --seed; train and test share no question.
 """
@@ -60,15 +60,18 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval", type=int, default=32, help="eval.jsonl: the first N of test")
     args = parser.parse_args()
     rng, seen = random.Random(args.seed), set()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, n in (("test", args.test), ("train", args.train)):  # test first: held out
-        with (out / f"{split}.jsonl").open("w") as f:
-            for row in rows(rng, n, seen):
-                f.write(json.dumps(row) + "\n")
+        lines = [json.dumps(row) + "\n" for row in rows(rng, n, seen)]
+        (out / f"{split}.jsonl").write_text("".join(lines))
         print(f"wrote {n} problems to {out / f'{split}.jsonl'}")
+        if split == "test":  # what run.sh evaluates on: each evaluation decodes them twice
+            (out / "eval.jsonl").write_text("".join(lines[: args.eval]))
+            print(f"wrote the first {min(args.eval, n)} of them to {out / 'eval.jsonl'}")
 
 
 if __name__ == "__main__":
