@@ -154,21 +154,26 @@ def gae_reference(
 
 
 def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-sample group size n [B], group sum [B] and group sum of squares [B]."""
+    """Per-sample group size n [B], group sum [B] and the group's sum of squared
+    deviations from its mean [B], in two passes (the mean first: a one-pass sum of
+    squares minus n mean^2 loses the spread of a group whose scores are close to each
+    other against their size, 9.7 and 9.700001 say)."""
     groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
     s = scores.double()
-    n = torch.zeros(groups, dtype=torch.float64, device=s.device).index_add_(
-        0, group_ids, torch.ones_like(s)
-    )
-    total = torch.zeros(groups, dtype=torch.float64, device=s.device).index_add_(0, group_ids, s)
-    squares = torch.zeros(groups, dtype=torch.float64, device=s.device).index_add_(
-        0, group_ids, s * s
-    )
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(groups, dtype=torch.float64, device=s.device).index_add_(
+            0, group_ids, values
+        )
+
+    n, total = per_group(torch.ones_like(s)), per_group(s)
+    mean = (total / n.clamp(min=1))[group_ids]
+    squares = per_group((s - mean) ** 2)
     return n[group_ids], total[group_ids], squares[group_ids]
 
 
 def _outcome(inp: AdvantageInput, name: str) -> tuple[torch.Tensor, ...]:
-    """Scores [B] and, per sample, its group's size, sum and sum of squares [B]."""
+    """Scores [B] and, per sample, its group's size, sum and squared deviations [B]."""
     if inp.scores is None or inp.group_ids is None:
         raise ValueError(
             f"the '{name}' estimator needs scores and group_ids (one group per prompt)"
@@ -188,7 +193,7 @@ def grpo(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
     token of response i; a group of one gets A = 0."""
     r, n, total, squares = _outcome(inp, "grpo")
     mean = total / n
-    var = ((squares - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    var = squares / (n - 1).clamp(min=1)
     adv = torch.where(n > 1, (r - mean) / (var.sqrt() + 1e-6), torch.zeros_like(r))
     return _per_token(adv, inp)
 
@@ -211,14 +216,39 @@ def rloo(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_estimator("remax")
 def remax(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax return per token, the reward to go: G_t = sum_{k >= t} gamma^(k - t) rt_k,
+    where rt = token_rewards [B, T] holds the per-token KL penalty plus the clipped
+    outcome s = r(x, y) - r(x, y_greedy) on the last valid token. By the policy gradient
+    of a per-token KL reward, each token's return holds the KL of the tokens after it
+    (r = 1, beta 0.1, k1 [0.5, 0.5]: G = [0.90, 0.95]). advantages = returns = G, zero on
+    padding. `remax_reference` is the reference code's form."""
+    _remax_needs_scores(inp)
+    valid = inp.mask.bool()
+    dtype = torch.promote_types(inp.token_rewards.dtype, torch.float32)
+    rt = torch.where(valid, inp.token_rewards.to(dtype), torch.zeros((), dtype=dtype))
+    g = torch.zeros_like(rt)
+    running = torch.zeros(rt.shape[0], dtype=dtype, device=rt.device)
+    for t in reversed(range(rt.shape[1])):
+        running = rt[:, t] + inp.gamma * running
+        g[:, t] = running
+    g = torch.where(valid, g, torch.zeros((), dtype=dtype))
+    return g, g.clone()
+
+
+def _remax_needs_scores(inp: AdvantageInput) -> None:
+    if inp.scores is None:
+        raise ValueError("the 'remax' estimator needs scores (reward minus the greedy baseline)")
+
+
+@register_estimator("remax_reference")
+def remax_reference(inp: AdvantageInput) -> tuple[torch.Tensor, torch.Tensor]:
     """ReMax return per token, as in the reference code (Li et al. 2024, liziniu/ReMax):
     G_t = gamma^(last - t) * s + (rt_t - [t == last] * s), where s = scores [B] is the
     clipped outcome r(x, y) - r(x, y_greedy) and rt = token_rewards [B, T] holds the
     per-token KL penalty plus s on the last valid token. So each token gets the discounted
     outcome and only its own KL penalty (no KL return-to-go). advantages = returns = G,
     zero on padding."""
-    if inp.scores is None:
-        raise ValueError("the 'remax' estimator needs scores (reward minus the greedy baseline)")
+    _remax_needs_scores(inp)
     valid = inp.mask.bool()
     dtype = torch.promote_types(inp.token_rewards.dtype, torch.float32)
     rt = torch.where(valid, inp.token_rewards.to(dtype), torch.zeros((), dtype=dtype))

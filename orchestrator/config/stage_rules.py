@@ -119,13 +119,13 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
                 )
             )
     _backend_rules(p, cfg)
-    if (a.name == "remax") != (a.advantage_estimator == "remax"):
+    if (a.name == "remax") != (a.advantage_estimator in ("remax", "remax_reference")):
         p.append(
             Problem(
                 "algo.advantage_estimator",
                 a.advantage_estimator,
-                "the 'remax' estimator needs the greedy baseline that only algo=remax "
-                "computes, and algo=remax needs the 'remax' estimator",
+                "the 'remax' and 'remax_reference' estimators need the greedy baseline that "
+                "only algo=remax computes, and algo=remax needs one of them",
                 "select algo=remax (it sets its estimator), or another estimator without it",
             )
         )

@@ -31,6 +31,18 @@ def test_grpo() -> None:
     assert_close(run("grpo"), torch.tensor([a, -a, -a, a, 0.0]), **TOL)
 
 
+def test_grpo_std_keeps_the_spread_of_close_scores() -> None:
+    """Scores 9.7 and 9.700001: std = 1e-6 / sqrt(2), A = 5e-7 / (7.071e-7 + 1e-6) =
+    0.2929 (a one-pass sum of squares in float64 gives 0.2915)."""
+    inp = AdvantageInput(torch.zeros(2, 1), torch.ones(2, 1),
+                         scores=torch.tensor([9.7, 9.700001], dtype=torch.float64),
+                         group_ids=torch.tensor([0, 0]))  # fmt: skip
+    adv, _ = get_estimator("grpo")(inp)
+    want = 5e-7 / (1e-6 / math.sqrt(2) + 1e-6)
+    assert_close(adv[:, 0].double(), torch.tensor([-want, want], dtype=torch.float64),
+                 rtol=1e-3, atol=0)  # fmt: skip
+
+
 def test_dr_grpo() -> None:
     assert_close(run("dr_grpo"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0]), **TOL)
 

@@ -21,7 +21,9 @@ SCORES = torch.tensor([1.0, 0.2])
 BASELINE = torch.tensor([0.5, 0.9])
 
 
-def remax_returns(gamma: float, scores: torch.Tensor = SCORES) -> torch.Tensor:
+def remax_returns(
+    gamma: float, scores: torch.Tensor = SCORES, estimator: str = "remax_reference"
+) -> torch.Tensor:
     adv, ret, _ = ppo_rollout_advantages(
         LOGP,
         REF,
@@ -31,7 +33,7 @@ def remax_returns(gamma: float, scores: torch.Tensor = SCORES) -> torch.Tensor:
         kl_coef=0.1,
         kl_estimator="k1",
         reward_clip=5.0,
-        estimator="remax",
+        estimator=estimator,
         gamma=gamma,
         lam=1.0,
         whiten=False,
@@ -63,8 +65,31 @@ def test_remax_outcome_is_clipped_to_five() -> None:
 
 
 def test_remax_estimator_needs_the_outcome() -> None:
-    with pytest.raises(ValueError, match="scores"):
-        get_estimator("remax")(AdvantageInput(torch.zeros(2, 2), torch.ones(2, 2)))
+    for name in ("remax", "remax_reference"):
+        with pytest.raises(ValueError, match="scores"):
+            get_estimator(name)(AdvantageInput(torch.zeros(2, 2), torch.ones(2, 2)))
+
+
+def test_remax_default_gives_each_token_the_kl_to_go() -> None:
+    """r = 1, baseline 0, beta = 0.1, k1 = [0.5, 0.5]: the per-token rewards are
+    [-0.05, -0.05 + 1]; their sums to the end are [0.90, 0.95] (the reference code's
+    form gives [0.95, 0.95])."""
+    logp, ref, mask = torch.tensor([[0.5, 0.5]]), torch.zeros(1, 2), torch.ones(1, 2)
+    common = dict(kl_coef=0.1, kl_estimator="k1", reward_clip=5.0, gamma=1.0, lam=1.0,
+                  whiten=False, baseline_scores=torch.zeros(1))  # fmt: skip
+    args = (logp, ref, torch.zeros(1, 2), torch.ones(1), mask)
+    to_go, _, _ = ppo_rollout_advantages(*args, estimator="remax", **common)
+    own, _, _ = ppo_rollout_advantages(*args, estimator="remax_reference", **common)
+    assert_close(to_go, torch.tensor([[0.90, 0.95]]), **TOL)
+    assert_close(own, torch.tensor([[0.95, 0.95]]), **TOL)
+
+
+def test_remax_default_discounts_the_rewards_to_go() -> None:
+    # rt row 0 = -0.1 d + [0, 0, 0.5] = [-0.01, 0.02, 0.47]; gamma 0.9:
+    # G2 = 0.47, G1 = 0.02 + 0.9 * 0.47 = 0.443, G0 = -0.01 + 0.9 * 0.443 = 0.3887
+    # row 1 (last = 1): rt = [-0.04, -0.7]: G1 = -0.7, G0 = -0.04 - 0.63 = -0.67
+    expected = torch.tensor([[0.3887, 0.443, 0.47], [-0.67, -0.7, 0.0]])
+    assert_close(remax_returns(0.9, estimator="remax"), expected, **TOL)
 
 
 def test_reinforce_loss_hand_worked() -> None:
