@@ -163,3 +163,19 @@ def test_the_task_rows_through_files_are_the_tensors_they_always_were(tmp_path: 
         assert batch["response_mask"][i].sum() == len(want)
     assert batch["response_ids"].shape[1] == width
     assert torch.all(batch["prompt_mask"].sum(1) > 1)
+
+
+def test_a_tokenizer_whose_pad_is_its_eos(tok) -> None:
+    """pad = eos (as many instruct models ship): the masks, not the ids, say where a
+    response ends, and decoding stops at its eos."""
+    from orchestrator.data.text import decode_responses
+
+    same = qwen_tokenizer()
+    same.pad_token = same.eos_token
+    rows = [{"prompt": "a", "response": "0 1 2 3"}, {"prompt": "a", "response": "7"}]
+    rep = sft_rows(rows, KEYS, Encoder(same, "never", None), 256, None, "error")
+    batch = sft_batch(same, rep.rows)
+    lengths = [len(r.response_ids) for r in rep.rows]
+    assert batch["response_mask"].sum(1).tolist() == lengths  # the eos counted once, in
+    assert (batch["response_ids"][1, lengths[1] :] == same.eos_token_id).all()
+    assert decode_responses(same, batch["response_ids"]) == ["0 1 2 3", "7"]
