@@ -492,7 +492,7 @@ class DeviceWorker:
         dp_i, dp, first = self._ranks(sharding)
         mine = self.rows.at("eval", np.array_split(np.arange(count), dp)[dp_i])
         if not mine:
-            return (dp_i, [], []) if first else None
+            return (dp_i, [], [], {}) if first else None
         ids, mask = encode_prompts(ctx.tokenizer, [r.text for r in mine],
                                    add_bos=not mine[0].templated)  # fmt: skip
         self._reload(rep.key)
@@ -512,20 +512,22 @@ class DeviceWorker:
         nan = [float("nan")] * len(mine)
         rewards = s.verifier if s.verifier is not None else s.scores or nan
         correct = s.correct if s.correct is not None else nan
-        return (dp_i, correct, rewards) if first else None
+        return (dp_i, correct, rewards, s.extras) if first else None
 
     def merge_evaluation(self, *parts: Any) -> dict[str, float]:
-        """{'accuracy', 'reward'} over the ranks' (dp index, correct, rewards); a figure
-        no sample has (NaN throughout) is left out."""
+        """{'accuracy', 'reward', 'reward_fn/<key>'} over the ranks' (dp index, correct,
+        rewards, the reward functions' values by key); a figure no sample has (NaN
+        throughout) is left out."""
         import math
 
         rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
-        out = {}
-        for name, i in (("accuracy", 1), ("reward", 2)):
-            values = [v for p in rows for v in p[i] if not math.isnan(v)]
-            if values:
-                out[name] = sum(values) / len(values)
-        return out
+        columns = {"accuracy": [v for p in rows for v in p[1]],
+                   "reward": [v for p in rows for v in p[2]]}  # fmt: skip
+        for p in rows:
+            for k, v in p[3].items():
+                columns.setdefault(f"reward_fn/{k}", []).extend(v)
+        known = {k: [v for v in vs if not math.isnan(v)] for k, vs in columns.items()}
+        return {k: sum(vs) / len(vs) for k, vs in known.items() if vs}
 
     # -- checkpoints ------------------------------------------------------------------
 

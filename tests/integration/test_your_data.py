@@ -90,6 +90,8 @@ def test_grpo_on_your_model_data_and_reward(tmp_path: Path, folder: Path) -> Non
         assert "rollout/verifier_reward_mean" not in r  # no task verifier for your data
         assert r["rollout/logprob_diff"] < 1e-4  # vLLM sampled: its log-probs against the trainer's
     assert any("eval/greedy_accuracy" in r and "eval/sampled_reward" in r for r in rows)
+    # the function's other values on the held-out prompts too
+    assert any(0.0 <= r.get("eval/greedy_reward_fn/level", -1) <= 2.0 for r in rows)
     # the function saw the rows' own prompts (messages) and labels, 16 per step, and the
     # evaluation's 6 prompts scored by it too (greedy and sampled, at steps 0 and 2)
     seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
