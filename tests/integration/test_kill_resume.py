@@ -1,5 +1,6 @@
 """SIGKILL of the driver at a random moment: resume loses at most the steps since the
-last checkpoint and never loads an incomplete checkpoint. Both tests run a sharded plan
+last checkpoint, never loads an incomplete checkpoint, and continues a user's data
+mid-epoch as if never stopped. Both tests run a sharded plan
 (`plan=symmetric`: every call data-parallel over the four device workers), so the kill
 and the stop reach device workers that each hold a slice of every role's batch."""
 
@@ -50,16 +51,33 @@ def relay(args: list[str], log: Any = subprocess.PIPE) -> subprocess.Popen:
     )
 
 
+def your_data(tmp_path: Path) -> list[str]:
+    """A user's run: a Qwen2-like model folder (no bos), 20 prompts in a JSONL file (16
+    a step: step 2 crosses into the second epoch) and a reward function of their own."""
+    from tests.qwen_like import qwen_folder
+
+    rows = [json.dumps({"prompt": f"What is {i} plus {i + 1}?"}) for i in range(20)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "reward.py").write_text("def score(prompt, response):\n"
+                                        "    return len(response) / 10\n")  # fmt: skip
+    return [f"model.path={qwen_folder(tmp_path / 'model')}",
+            f"data.train_files=[{tmp_path / 'rows.jsonl'}]", "sft.enabled=false",
+            "reward=function", f"reward.function={tmp_path / 'reward.py'}:score",
+            "generate.max_new_tokens=8"]  # fmt: skip
+
+
+def rl_metrics(run_dir: Path) -> list[tuple[float, ...]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["rollout/reward_mean"], r["loss/policy"], r["loss/value"])
+            for r in rows if r["stage"] == "rl" and "loss/policy" in r]  # fmt: skip
+
+
 def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    overrides = tiny_overrides(
-        tmp_path,
-        "killed",
-        STEPS,
-        "run.save_every_steps=1",
-        "logger.wandb_mode=offline",
-        SHARDED,
-        *RL_ONLY,
-    )
+    """On a user's model, data and reward: the resumed run continues mid-epoch and ends
+    with the per-step metrics and the weights of a run never killed."""
+    yours = your_data(tmp_path)
+    overrides = tiny_overrides(tmp_path, "killed", STEPS, "run.save_every_steps=1",
+                               "logger.wandb_mode=offline", SHARDED, *yours)  # fmt: skip
     run_dir = tmp_path / "killed"
     ckpts = CheckpointManager(run_dir, keep=2)
     # the same run, never killed, alongside (its final weights are the reference)
@@ -67,7 +85,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     with straight_log.open("w") as log:
         straight = relay(
             tiny_overrides(tmp_path, "straight", STEPS, "run.save_every_steps=1",
-                           "logger.wandb_mode=offline", SHARDED, *RL_ONLY), log)  # fmt: skip
+                           "logger.wandb_mode=offline", SHARDED, *yours), log)  # fmt: skip
     request.addfinalizer(lambda: kill_group(straight))
     proc = relay(overrides)
     try:
@@ -102,8 +120,9 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     wandb_id = json.loads((run_dir / "relay_run.json").read_text())["wandb_id"]
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2 and all(r.endswith(wandb_id) for r in runs), runs
-    # and the final weights are those of a run that was never killed (same config, seed)
+    # and the per-step metrics and final weights are those of a run that was never killed
     assert straight.wait(timeout=400) == 0, straight_log.read_text()[-3000:]
+    assert rl_metrics(run_dir) == rl_metrics(tmp_path / "straight")
     for role in ("actor", "critic"):
         a = load_file(run_dir / "checkpoints" / f"step_{STEPS}" / role / "model.safetensors")
         b = load_file(tmp_path / "straight" / "checkpoints" / f"step_{STEPS}" / role

@@ -96,7 +96,7 @@ def test_dead_sft_worker_restarts_the_stage(tmp_path: Path) -> None:
     """SFT keeps no checkpoints: a dead SFT worker is replaced and the stage starts over;
     its metrics read as one clean pass and the run goes on to RL."""
     run_dir = tmp_path / "sft_fault"
-    extra = ("sft.steps=60", "reward=verifier", "generate.backend=hf")
+    extra = ("sft.steps=30", "reward=verifier", "generate.backend=hf")
     proc = relay(tiny_overrides(tmp_path, "sft_fault", 1, *extra))
     try:
         kill_a_worker(proc, run_dir, after_step=5, stage="sft")
@@ -105,7 +105,7 @@ def test_dead_sft_worker_restarts_the_stage(tmp_path: Path) -> None:
         kill_group(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "restart 1 of 3: new workers continue from the start of the sft stage" in out
-    assert sorted(rl_steps(run_dir, "sft")) == list(range(1, 61))
+    assert sorted(rl_steps(run_dir, "sft")) == list(range(1, 31))
     assert (run_dir / "models" / "sft" / "DONE").is_file()
     assert [s for s in rl_steps(run_dir) if s > 0] == [1]
 
