@@ -136,18 +136,26 @@ def task_rows(task: Any, prompts: list[str]) -> list[PromptRow]:
 
 def dataset_rows(cfg: RelayConfig, tokenizer: Any, files: list[str], name: str) -> list[PromptRow]:
     """The rows of a user's dataset files (checked when the config loaded), rendered."""
+    return checked_rows(name, files, lambda: read_prompt_rows(cfg, tokenizer, files))
+
+
+def checked_rows(name: str, files: list[str], read: Any) -> list:
+    """The rows of `read()` (a report of `files`, checked when the config loaded); a
+    RunError if they changed since and no longer read cleanly; rows that do not fit the
+    model's context are counted."""
     from orchestrator.data.files import DataFileError
 
     try:
-        report = read_prompt_rows(cfg, tokenizer, files)
+        report = read()
     except DataFileError as e:
         raise RunError(f"{name} = {files}: {e}") from None
     if report.problems:  # the files changed since the config was checked
-        raise RunError(f"{name} = {files} no longer reads cleanly; run `relay config <the "
-                       "same overrides>` to see its problems")  # fmt: skip
+        rule, _ = report.problems[0]
+        raise RunError(f"{name} = {files} no longer reads cleanly ({rule}); run `relay config "
+                       "<the same overrides>` to see every problem")  # fmt: skip
     if report.too_long:
-        print(f"relay: {report.too_long} prompt(s) of {name} leave no room for the response "
-              "and are left out (data.too_long=filter)")  # fmt: skip
+        print(f"relay: {report.too_long} row(s) of {name} do not fit the model's context and "
+              "are left out (data.too_long=filter)")  # fmt: skip
     return report.rows
 
 
@@ -194,7 +202,6 @@ def stage_rows(cfg: RelayConfig, paths: RunPaths, assets: Assets, kind: str, spl
     """The SFT or preference rows of a split: the user's files (data.*), or the task's
     demonstrations and pairs, written to the run folder's data/ and read the same way."""
     from orchestrator.config.data_rules import read_training_rows
-    from orchestrator.data.files import DataFileError
     from orchestrator.data.train_rows import write_jsonl
 
     name, task_file = TRAINING_FILES[(kind, split)]
@@ -210,15 +217,5 @@ def stage_rows(cfg: RelayConfig, paths: RunPaths, assets: Assets, kind: str, spl
             return []
         files, task = [str(paths.data / task_file)], assets.task
         write_jsonl(paths.data / task_file, rows)
-    try:
-        report = read_training_rows(cfg, assets.tokenizer, kind, files, task)
-    except DataFileError as e:
-        raise RunError(f"{name} = {files}: {e}") from None
-    if report.problems:  # the files changed since the config was checked
-        rule, _ = report.problems[0]
-        raise RunError(f"{name} = {files} no longer reads cleanly ({rule}); run `relay config "
-                       "<the same overrides>` to see every problem")  # fmt: skip
-    if report.too_long:
-        print(f"relay: {report.too_long} row(s) of {name} do not fit the model's context and "
-              "are left out (data.too_long=filter)")  # fmt: skip
-    return report.rows
+    return checked_rows(name, files,
+                        lambda: read_training_rows(cfg, assets.tokenizer, kind, files, task))  # fmt: skip
