@@ -45,8 +45,8 @@ def kill_a_worker(proc: subprocess.Popen, run_dir: Path, after_step: int, stage:
             victim = psutil.Process(random.Random(0).choice(hosting)["pid"])
             assert "DeviceWorker" in " ".join(victim.cmdline()), victim.cmdline()
             victim.send_signal(signal.SIGKILL)
-            victim.wait(timeout=30)  # dead before the run can finish
-            return after_step
+            victim.wait(timeout=30)
+            return len([s for s in rl_steps(run_dir, stage) if s > 0])  # logged by then
         time.sleep(0.5)
     raise AssertionError("the run never reached the step to kill a worker at")
 
@@ -55,11 +55,13 @@ def run_and_kill_a_worker(tmp_path: Path, name: str, steps: int, *extra: str) ->
     """Run `relay train`, SIGKILL a model worker after RL step 3, return the output."""
     proc = relay(tiny_overrides(tmp_path, name, steps, *RL_ONLY, *extra))
     try:
-        kill_a_worker(proc, tmp_path / name, after_step=3)
+        logged = kill_a_worker(proc, tmp_path / name, after_step=3)
         out, _ = proc.communicate(timeout=900)
     finally:
         kill_group(proc)
     assert proc.returncode is not None
+    # a kill after the last step tests nothing (a tiny step takes well under a second)
+    assert logged < steps, f"the worker died after step {logged} of {steps}: too late"
     return f"rc={proc.returncode}\n{out}"
 
 
@@ -70,13 +72,15 @@ def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path, plan: str)
     run_dir = tmp_path / "fault"
     # per_role with vLLM: the new workers start new engine shards
     backend = "generate.backend=" + ("vllm" if plan == "per_role" else "hf")
-    out = run_and_kill_a_worker(tmp_path, "fault", 6, f"plan={plan}", backend)  # saved every 2
+    # 12 steps, saved every 2: after the kill at step 3 or so, enough are left for the
+    # run to meet the dead worker (steps of the tiny model take well under a second)
+    out = run_and_kill_a_worker(tmp_path, "fault", 12, f"plan={plan}", backend)
     assert out.startswith("rc=0\n"), out
     assert "the worker of device" in out and "died during" in out and "restart 1 of 3" in out
     assert "continue from checkpoint" in out  # the step-2 (or later) checkpoint
     steps = rl_steps(run_dir)
-    assert sorted(steps) == list(range(0, 7)), steps  # each step once, none lost
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_6"
+    assert sorted(steps) == list(range(0, 13)), steps  # each step once, none lost
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_12"
 
 
 def test_restarts_are_bounded(tmp_path: Path) -> None:
@@ -96,16 +100,17 @@ def test_dead_sft_worker_restarts_the_stage(tmp_path: Path) -> None:
     """SFT keeps no checkpoints: a dead SFT worker is replaced and the stage starts over;
     its metrics read as one clean pass and the run goes on to RL."""
     run_dir = tmp_path / "sft_fault"
-    extra = ("sft.steps=30", "reward=verifier", "generate.backend=hf")
+    extra = ("sft.steps=60", "reward=verifier", "generate.backend=hf")
     proc = relay(tiny_overrides(tmp_path, "sft_fault", 1, *extra))
     try:
-        kill_a_worker(proc, run_dir, after_step=5, stage="sft")
+        logged = kill_a_worker(proc, run_dir, after_step=3, stage="sft")
         out, _ = proc.communicate(timeout=600)
     finally:
         kill_group(proc)
+    assert logged < 60, f"the worker died after SFT step {logged} of 60: too late"
     assert proc.returncode == 0, out[-3000:]
     assert "restart 1 of 3: new workers continue from the start of the sft stage" in out
-    assert sorted(rl_steps(run_dir, "sft")) == list(range(1, 31))
+    assert sorted(rl_steps(run_dir, "sft")) == list(range(1, 61))
     assert (run_dir / "models" / "sft" / "DONE").is_file()
     assert [s for s in rl_steps(run_dir) if s > 0] == [1]
 
