@@ -157,7 +157,8 @@ def read_training_rows(
     file that cannot be read."""
     from orchestrator.config.run_rules import model_context
     from orchestrator.data.files import read_rows
-    from orchestrator.data.train_rows import Encoder, preference_rows, sft_rows
+    from orchestrator.data.prompts import Encoder
+    from orchestrator.data.train_rows import preference_rows, sft_rows
 
     d = cfg.data
     read = sft_rows if kind == "sft" else preference_rows

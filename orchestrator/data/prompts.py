@@ -59,15 +59,60 @@ def is_messages(value: Any) -> bool:
     )
 
 
-def renderer(tokenizer: Any, template: str | None) -> Callable[[list[dict]], str]:
-    """messages -> the chat template's text, ending with the assistant's turn opened."""
+class Encoder:
+    """Prompts and responses of one tokenizer and chat setting (`data.chat`,
+    `data.chat_template`): a prompt's messages where it is templated, its token count as
+    encoded, and a (prompt, response) pair as text and response ids."""
 
-    def render(messages: list[dict]) -> str:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, chat_template=template
-        )
+    def __init__(self, tokenizer: Any, chat: str, chat_template: str | None) -> None:
+        from orchestrator.data.text import bos_prefix
 
-    return render
+        self.tok, self.chat = tokenizer, chat
+        self.template = load_template(chat_template)
+        has = self.template is not None or getattr(tokenizer, "chat_template", None) is not None
+        self.can_render = has and chat != "never"
+        self.eos = tokenizer.eos_token_id
+        self.bos = len(bos_prefix(tokenizer))
+
+    def render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, chat_template=self.template,
+                                            add_generation_prompt=generation_prompt)  # fmt: skip
+
+    def messages(self, value: Any) -> list[dict] | None:
+        """The prompt as chat messages where it is templated, else None (text as it is).
+        ValueError naming what is wrong with the value."""
+        if isinstance(value, str):
+            if self.chat != "always":
+                return None
+            value = [{"role": "user", "content": value}]
+        elif not is_messages(value):
+            raise ValueError("neither text nor chat messages")
+        if not self.can_render:
+            raise ValueError("chat messages, but data.chat=never or the tokenizer has no chat "
+                             "template")  # fmt: skip
+        return value
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_tokens(self, text: str, templated: bool) -> int:
+        return len(self.ids(text)) + (0 if templated else self.bos)
+
+    def pair(self, prompt: Any, response: str) -> tuple[str, list[int], bool]:
+        """(prompt text, response ids ending in eos, templated)."""
+        if not isinstance(response, str):
+            raise ValueError(f"the response is a {type(response).__name__}, not text")
+        messages = self.messages(prompt)
+        if messages is None:
+            return prompt, [*self.ids(response), self.eos], False
+        head = self.render(messages, True)
+        full = self.render([*messages, {"role": "assistant", "content": response}], False)
+        if not full.startswith(head):
+            raise ValueError("the chat template's text of the conversation does not begin with "
+                             "its text of the prompt")  # fmt: skip
+        ids = self.ids(full[len(head) :])
+        ids = ids[: ids.index(self.eos) + 1] if self.eos in ids else [*ids, self.eos]
+        return head, ids, True
 
 
 @dataclass
@@ -188,20 +233,12 @@ def read_prompts(
     """The PromptReport of dataset files (`data.*` settings); a prompt may take `room`
     tokens, bos included. DataFileError on a file that cannot be read."""
     from orchestrator.data.files import read_rows
-    from orchestrator.data.text import bos_prefix
 
-    template = load_template(chat_template)
-    has_template = template is not None or getattr(tokenizer, "chat_template", None) is not None
-    render = renderer(tokenizer, template) if has_template and chat != "never" else None
-    bos = len(bos_prefix(tokenizer))
-
-    def count(text: str, templated: bool) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + (
-            0 if templated else bos
-        )
-
+    enc = Encoder(tokenizer, chat, chat_template)
+    render = (lambda messages: enc.render(messages, True)) if enc.can_render else None
     rows = read_rows(files)
-    return prompt_rows(rows, prompt_key, label_key, chat, render, count, room, too_long)
+    return prompt_rows(rows, prompt_key, label_key, chat, render, enc.prompt_tokens, room,
+                       too_long)  # fmt: skip
 
 
 # ------------------------------------------------------------------- the run's rows
@@ -209,16 +246,21 @@ def read_prompts(
 SPLITS = ("train", "eval")
 
 
-def write_rows(path: Path, rows: list[PromptRow]) -> None:
-    """The rows as JSON Lines (the run folder's data/rl_<split>.jsonl), atomically."""
-    from dataclasses import asdict
-
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as JSON Lines, atomically (the run folder's data/ files)."""
     tmp = path.with_suffix(".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(asdict(row), default=str) + "\n")
+            f.write(json.dumps(row, default=str) + "\n")
     tmp.replace(path)
+
+
+def write_rows(path: Path, rows: list[PromptRow]) -> None:
+    """PromptRows as the run folder's data/rl_<split>.jsonl."""
+    from dataclasses import asdict
+
+    write_jsonl(path, [asdict(row) for row in rows])
 
 
 def read_rows_file(path: Path) -> list[PromptRow]:

@@ -73,17 +73,26 @@ def decode_responses(tokenizer: Any, response_ids: torch.Tensor) -> list[str]:
     return [tokenizer.decode(r, skip_special_tokens=False) for r in rows]
 
 
+def pad_right(
+    tokenizer: Any, seqs: list[list[int]], width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, width] (width: the longest, or at least `width`) and mask."""
+    w = max(width or 0, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), w), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def encode_responses(
     tokenizer: Any, responses: list[str], width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded response ids [B, width] ending in eos, and their mask."""
-    ids = torch.full((len(responses), width), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, r in enumerate(responses):
-        toks = tokenizer.encode(r, add_special_tokens=False)[: width - 1] + [tokenizer.eos_token_id]
-        ids[i, : len(toks)] = torch.tensor(toks)
-        mask[i, : len(toks)] = 1
-    return ids, mask
+    eos = tokenizer.eos_token_id
+    seqs = [tokenizer.encode(r, add_special_tokens=False)[: width - 1] + [eos] for r in responses]
+    return pad_right(tokenizer, seqs, width)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

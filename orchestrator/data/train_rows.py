@@ -15,14 +15,11 @@ response ids are kept per row; a batch pads them to the widest.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from orchestrator.data.prompts import is_messages, listed, load_template
-from orchestrator.data.text import bos_prefix, encode_prompts, pad_id
+from orchestrator.data.prompts import Encoder, is_messages, listed
+from orchestrator.data.text import encode_prompts, pad_right
 
 SFT_FIELDS = ("prompt", "response")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -48,59 +45,6 @@ class RowsReport:
     rows: list[Any]
     problems: list[tuple[str, str]]  # (rule, fix)
     too_long: int = 0
-
-
-class Encoder:
-    """Prompts and responses of one tokenizer and chat setting (`data.chat`,
-    `data.chat_template`): `prompt(value)` and `response(messages, text)`."""
-
-    def __init__(self, tokenizer: Any, chat: str, chat_template: str | None) -> None:
-        self.tok, self.chat = tokenizer, chat
-        self.template = load_template(chat_template)
-        has = self.template is not None or getattr(tokenizer, "chat_template", None) is not None
-        self.can_render = has and chat != "never"
-        self.eos = tokenizer.eos_token_id
-        self.bos = len(bos_prefix(tokenizer))
-
-    def render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, chat_template=self.template,
-                                            add_generation_prompt=generation_prompt)  # fmt: skip
-
-    def messages(self, value: Any) -> list[dict] | None:
-        """The prompt as chat messages where it is templated, else None (text as it is).
-        ValueError naming what is wrong with the value."""
-        if isinstance(value, str):
-            if self.chat != "always":
-                return None
-            value = [{"role": "user", "content": value}]
-        elif not is_messages(value):
-            raise ValueError("neither text nor chat messages")
-        if not self.can_render:
-            raise ValueError("chat messages, but data.chat=never or the tokenizer has no chat "
-                             "template")  # fmt: skip
-        return value
-
-    def ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def prompt_tokens(self, text: str, templated: bool) -> int:
-        return len(self.ids(text)) + (0 if templated else self.bos)
-
-    def pair(self, prompt: Any, response: str) -> tuple[str, list[int], bool]:
-        """(prompt text, response ids ending in eos, templated)."""
-        if not isinstance(response, str):
-            raise ValueError(f"the response is a {type(response).__name__}, not text")
-        messages = self.messages(prompt)
-        if messages is None:
-            return prompt, [*self.ids(response), self.eos], False
-        head = self.render(messages, True)
-        full = self.render([*messages, {"role": "assistant", "content": response}], False)
-        if not full.startswith(head):
-            raise ValueError("the chat template's text of the conversation does not begin with "
-                             "its text of the prompt")  # fmt: skip
-        ids = self.ids(full[len(head) :])
-        ids = ids[: ids.index(self.eos) + 1] if self.eos in ids else [*ids, self.eos]
-        return head, ids, True
 
 
 def _turns(conversation: Any) -> list[tuple[list[dict], str]]:
@@ -243,30 +187,7 @@ def preference_rows(
     return check.report(out, too_long, fields)
 
 
-def write_jsonl(path: Any, rows: list[dict[str, Any]]) -> None:
-    """Rows as JSON Lines, atomically (the built-in task's data files in the run folder)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------- batches
-
-
-def pad_right(
-    tokenizer: Any, seqs: list[list[int]], width: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, width] (width: the longest, or at least `width`) and mask."""
-    w = max(width or 0, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), w), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(seqs), w), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def sft_batch(tokenizer: Any, rows: list[SFTRow], width: int | None = None) -> dict[str, Any]:

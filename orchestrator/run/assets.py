@@ -202,7 +202,7 @@ def stage_rows(cfg: RelayConfig, paths: RunPaths, assets: Assets, kind: str, spl
     """The SFT or preference rows of a split: the user's files (data.*), or the task's
     demonstrations and pairs, written to the run folder's data/ and read the same way."""
     from orchestrator.config.data_rules import read_training_rows
-    from orchestrator.data.train_rows import write_jsonl
+    from orchestrator.data.prompts import write_jsonl
 
     name, task_file = TRAINING_FILES[(kind, split)]
     files = getattr(cfg.data, name.split(".")[1])

@@ -68,16 +68,13 @@ def _longest(files: tuple[str, ...], model: str, prompt_key: str, label_key: str
              template: str | None) -> int:  # fmt: skip
     from transformers import AutoTokenizer
 
-    from orchestrator.data.prompts import read_prompts
-    from orchestrator.data.text import bos_prefix
+    from orchestrator.data.prompts import Encoder, read_prompts
 
     tok = AutoTokenizer.from_pretrained(model)
     report = read_prompts(list(files), tok, prompt_key, label_key, chat, template, "filter",
                           1 << 30)  # every row, however long  # fmt: skip
-    bos = len(bos_prefix(tok))
-    counts = [len(tok(r.text, add_special_tokens=False)["input_ids"]) + (0 if r.templated else bos)
-              for r in report.rows]  # fmt: skip
-    return max(counts, default=1)
+    enc = Encoder(tok, chat, template)
+    return max((enc.prompt_tokens(r.text, r.templated) for r in report.rows), default=1)
 
 
 def workload(cfg: RelayConfig) -> Workload:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.data.prompts import Encoder
 from orchestrator.data.train_rows import (
-    Encoder,
     preference_batch,
     preference_rows,
     sft_batch,
@@ -140,8 +140,8 @@ def test_the_task_rows_through_files_are_the_tensors_they_always_were(tmp_path: 
 
     from orchestrator.config.data_rules import read_training_rows
     from orchestrator.config.schema import RelayConfig
+    from orchestrator.data.prompts import write_jsonl as write
     from orchestrator.data.tasks import build_task_data, make_task
-    from orchestrator.data.train_rows import write_jsonl as write
     from orchestrator.models.hf import train_tokenizer
 
     task = make_task("add", 8)
