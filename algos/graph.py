@@ -12,10 +12,12 @@ padded).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class CallKind(StrEnum):
@@ -162,6 +164,24 @@ class DataflowGraph:
     def parents(self, call: MFC) -> list[str]:
         return sorted({self.producer[k] for k in call.inputs if self.producer[k] != "<dataset>"})
 
+    def ancestors(self, call: MFC) -> set[str]:
+        """Every call whose outputs `call` reads, directly or through other calls."""
+        seen: set[str] = set()
+        todo = self.parents(call)
+        while todo:
+            p = todo.pop()
+            if p not in seen:
+                seen.add(p)
+                todo += self.parents(self.call(p))
+        return seen
+
+    def concurrent(self, call: MFC) -> list[str]:
+        """The calls that may run at the same time as `call`: neither its ancestors nor
+        its descendants."""
+        mine = self.ancestors(call)
+        return [c.name for c in self.calls if c.name != call.name and c.name not in mine
+                and call.name not in self.ancestors(c)]  # fmt: skip
+
     def _find_cycle(self) -> list[str] | None:
         by_name = {c.name: c for c in self.calls}
         state: dict[str, int] = {}
@@ -241,6 +261,52 @@ class DataflowGraph:
         raise KeyError(
             f"no call '{name}' in graph '{self.name}'; calls: {[c.name for c in self.calls]}"
         )
+
+
+# interfaces whose calls, when several of one replica are ready together, run as one batch
+# of the engine (the runtime's FUSED registry implements exactly these)
+FUSABLE_INTERFACES = ("generate", "reward")
+
+
+def fused_groups(graph: DataflowGraph, placement: Mapping[str, Hashable]) -> list[tuple[MFC, ...]]:
+    """The graph's calls in dispatch order, grouped into what runs as one task: calls of
+    one role under one placement (`placement`: call -> its mesh and layout), of one kind
+    and one fusable interface, that become ready together (their producers are the same
+    groups), such as ReMax's sampled and greedy generations and then their two reward
+    calls. Every other call is a group of its own."""
+
+    def key(c: MFC) -> Hashable | None:
+        fusable = c.kind is not CallKind.TRAIN and c.interface in FUSABLE_INTERFACES
+        return (c.role, placement[c.name], c.kind, c.interface) if fusable else None
+
+    return group_ready_together(graph.waves(), lambda c: c.name,
+                                lambda c: graph.parents(c), key)  # fmt: skip
+
+
+def group_ready_together(
+    order: Iterable[T],
+    name: Callable[[T], str],
+    parents: Callable[[T], Iterable[str]],
+    key: Callable[[T], Hashable | None],
+) -> list[tuple[T, ...]]:
+    """Items (in an order where producers come first) grouped where their `key` is equal
+    and their producers lie in the same groups; a None key never groups (the runtime's
+    and the planner's fusing of calls, over MFCs and over costed calls alike)."""
+    group_of: dict[str, int] = {}
+    groups: list[list[T]] = []
+    open_groups: dict[Hashable, int] = {}
+    for item in order:
+        k = key(item)
+        full = (k, frozenset(group_of[p] for p in parents(item)))
+        if k is not None and full in open_groups:
+            group_of[name(item)] = open_groups[full]
+            groups[open_groups[full]].append(item)
+            continue
+        group_of[name(item)] = len(groups)
+        if k is not None:
+            open_groups[full] = len(groups)
+        groups.append([item])
+    return [tuple(g) for g in groups]
 
 
 def check_outputs(call: MFC, outputs: Mapping[str, Any], keys: Mapping[str, Key] = KEYS) -> None:

@@ -24,7 +24,7 @@ From a plan follow:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import combinations
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from algos.graph import CallKind
+from algos.graph import CallKind, group_ready_together
 from planner.catalogue import Cluster
 from planner.cost import (
     Placement,
@@ -104,6 +104,7 @@ class Context:
     iterations: int = 3
     max_pp: int | None = None  # layouts with a larger pipeline degree are not candidates
     offload: str = "auto"  # frozen roles sharing devices: auto | always | never (above)
+    fuse: bool = True  # like calls ready together run as one task (the runtime's fusing)
     _call_s: dict[tuple, float] = field(default_factory=dict, repr=False)
     _act: dict[tuple, float] = field(default_factory=dict, repr=False)
     _realloc: dict[tuple, float] = field(default_factory=dict, repr=False)
@@ -121,6 +122,39 @@ class Context:
             shape = self.workload.roles[w.role].shape
             self._call_s[key] = call_time_s(w, shape, self.placement(a), self.workload.zero_stage)
         return self._call_s[key]
+
+    def group_s(self, calls: tuple[str, ...], a: Assignment) -> float:
+        """One task running `calls` (of one role, kind and placement) as one batch: the
+        cost of a call over all their sequences."""
+        if len(calls) == 1:
+            return self.call_s(calls[0], a)
+        key = (calls, a.mesh.size, a.layout)
+        if key not in self._call_s:
+            works = [self.workload.call(c) for c in calls]
+            w = replace(works[0], batch_seqs=sum(x.batch_seqs for x in works))
+            shape = self.workload.roles[w.role].shape
+            self._call_s[key] = call_time_s(w, shape, self.placement(a), self.workload.zero_stage)
+        return self._call_s[key]
+
+    def groups(self, assign: dict[str, Assignment]) -> list[tuple[CallWork, ...]]:
+        """The calls in dispatch order, grouped into tasks as the runtime fuses them
+        (algos.graph.group_ready_together)."""
+        if not self.fuse:
+            return [(c,) for c in self.topo]
+
+        def key(c: CallWork) -> Any:
+            return (c.role, assign[c.name].sharding, c.kind) if c.fusable else None
+
+        return group_ready_together(self.topo, lambda c: c.name, lambda c: c.parents, key)
+
+    def shared_call_s(self, assign: dict[str, Assignment]) -> dict[str, float]:
+        """Each call's time; a fused call's is its group's, shared by sequences."""
+        out = {}
+        for g in self.groups(assign):
+            total = self.group_s(tuple(c.name for c in g), assign[g[0].name])
+            seqs = sum(c.batch_seqs for c in g)
+            out.update({c.name: total * c.batch_seqs / seqs for c in g})
+        return out
 
     def transient_bytes(self, call: str, a: Assignment) -> float:
         key = (call, a.mesh.size, a.layout)
@@ -318,17 +352,20 @@ def tasks(
                 )
             )
             refreshed[(h.role, h.dst.replica)] = len(out) - 1
-        for c in ctx.topo:
-            a = assign[c.name]
-            deps = tuple(index[(it, p)] for p in c.parents) + train_before.get(c.role, ())
+        for group in ctx.groups(assign):
+            c, a = group[0], assign[group[0].name]
+            deps = tuple(dict.fromkeys(index[(it, p)] for m in group for p in m.parents))
+            deps += train_before.get(c.role, ())
             if (c.role, a.replica) in refreshed:
                 deps += (refreshed[(c.role, a.replica)],)
-            duration = ctx.call_s(c.name, a)
+            names = tuple(m.name for m in group)
+            duration = ctx.group_s(names, a)
             if c.role in off:  # reload before, offload after
                 w = weight_bytes(wl.roles[c.role].shape, home[c.role].layout, k.param_bytes)
                 duration += 2 * w / k.host_bytes_s
-            out.append(Task(c.name, (a.mesh.devices,), duration, deps, "call", it))
-            index[(it, c.name)] = len(out) - 1
+            out.append(Task("+".join(names), (a.mesh.devices,), duration, deps, "call", it))
+            for name in names:
+                index[(it, name)] = len(out) - 1
     return out
 
 
@@ -339,7 +376,7 @@ def evaluate(ctx: Context, assign: dict[str, Assignment]) -> Estimate:
         re[h.before] = ctx.realloc_s(h.role, h.src, h.dst)
     return Estimate(
         time_per_iteration_s=makespan(slots) / ctx.iterations,
-        call_s={c.name: ctx.call_s(c.name, assign[c.name]) for c in ctx.topo},
+        call_s=ctx.shared_call_s(assign),
         realloc_s=re,
         memory_bytes=memory_per_device(ctx, assign),
         slots=slots,

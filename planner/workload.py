@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from algos.graph import MFC, CallKind, DataflowGraph
+from algos.graph import FUSABLE_INTERFACES, MFC, CallKind, DataflowGraph
 from planner.catalogue import ModelShape
 
 
@@ -38,6 +38,7 @@ class CallWork:
     passes: int = 1
     optimizer_steps: int = 1
     parents: tuple[str, ...] = ()
+    fusable: bool = False  # runs in one engine batch with like calls ready with it
 
     @property
     def seq_tokens(self) -> int:
@@ -106,6 +107,7 @@ def workload_from_graph(
                 passes=ppo_epochs if train else 1,
                 optimizer_steps=mini_batches * ppo_epochs if train else 0,
                 parents=tuple(graph.parents(c)),
+                fusable=not train and c.interface in FUSABLE_INTERFACES,
             )
         )
     return Workload(graph.name, roles, tuple(calls), zero_stage)

@@ -112,6 +112,11 @@ def validate(cfg: RelayConfig, for_run: bool = True) -> list[Problem]:
         p.append(Problem("run.max_restarts", cfg.run.max_restarts, "must be >= 0",
                          "use 0 to stop at the first dead worker, or 3"))  # fmt: skip
     positive(p, c, "cluster", ["num_nodes", "devices_per_node", "threads_per_device"])
+    choice("model.frozen_dtype", cfg.model.frozen_dtype, ["float32", "bfloat16"], "dtype")
+    if c.call_threads not in ("auto", "device"):
+        p.append(Problem("cluster.call_threads", c.call_threads, "must be auto or device",
+                         "auto lets a call that runs alone use every core; device keeps "
+                         "threads_per_device"))  # fmt: skip
     if not 0 <= a.gamma <= 1:
         p.append(Problem("algo.gamma", a.gamma, "must be in [0, 1]", "use 1.0 for RLHF"))
     if not 0 <= a.lam <= 1:
@@ -339,6 +344,10 @@ def _generate_ranges(p: list[Problem], g: GenerateConfig) -> None:
                 "use 1.0 for RL (greedy decoding is an evaluation setting)",
             )
         )
+    if not 0 <= g.min_new_tokens <= g.max_new_tokens:
+        p.append(Problem("generate.min_new_tokens", g.min_new_tokens,
+                         f"must be in [0, generate.max_new_tokens = {g.max_new_tokens}]",
+                         "use 0 (responses end at eos), or max_new_tokens for fixed lengths"))  # fmt: skip
     if not 0 < g.top_p <= 1:
         p.append(Problem("generate.top_p", g.top_p, "must be in (0, 1]", "use 1.0"))
     if g.top_k < 0:

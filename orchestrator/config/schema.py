@@ -33,6 +33,8 @@ class ModelConfig:
     path: str | None = None  # a local Hugging Face model folder (causal LM + tokenizer)
     max_position_embeddings: int = 64
     zero_head: bool = False  # LM head starts at zero: a uniform next-token distribution
+    # the frozen roles' weights (reference, reward model): float32 (the trainer's) | bfloat16
+    frozen_dtype: str = "float32"
 
 
 @dataclass
@@ -174,6 +176,7 @@ class TrainConfig:
 class GenerateConfig:
     backend: str = "auto"  # auto (vllm where installed, else hf) | vllm | hf
     max_new_tokens: int = 12
+    min_new_tokens: int = 0  # no stop before this many tokens (benchmarks: fixed lengths)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -211,6 +214,9 @@ class ClusterConfig:
     devices_per_node: int = 4  # on CPU: slots of the custom Ray resource `relay_device`
     device: str = "cpu"  # cpu | cuda
     threads_per_device: int = 1
+    # auto: a call gets the node's cores split among the devices busy while it runs
+    # (orchestrator.runtime.threads); device: always threads_per_device
+    call_threads: str = "auto"
     device_kind: str | None = None  # planner catalogue: cpu | h100-sxm | h200-sxm | a100-sxm-80g
     profile: str | None = None  # a `relay profile` file (default: profiles/<kind>.json if present)
 
@@ -223,6 +229,9 @@ class PlanConfig:
     seed: int = 0  # the search's random seed
     search_time_s: float = 10.0  # the search's time budget
     iterations: int = 3  # iterations the simulator unrolls
+    # calls of one replica, kind and engine that are ready together run as one batch
+    # (ReMax's sampled and greedy generations, then their two reward calls)
+    fuse_calls: bool = True
     max_pp: int = 1  # the largest pipeline degree plans may use (1: what the runtime runs)
     offload: str = (
         "auto"  # frozen roles sharing devices: auto (if memory needs it) | always | never

@@ -45,6 +45,17 @@ class GenerationEngine(Protocol):
         ...
 
 
+Part = tuple[torch.Tensor, torch.Tensor, SamplingParams]  # prompt ids, mask, params
+
+
+def generate_many(engine: Any, parts: list[Part]) -> list[Generation]:
+    """Several prompt batches, each with its own sampling parameters (a ReMax step's
+    sampled and greedy responses): in one engine batch where the engine takes one
+    (`generate_many`: vLLM, per-request parameters), else one after another."""
+    many = getattr(engine, "generate_many", None)
+    return many(parts) if many is not None else [engine.generate(*p) for p in parts]
+
+
 class HFGenerateEngine:
     """transformers' generate on the replica's current module (no copy of the weights).
 
@@ -146,6 +157,11 @@ class StopStrings:
     ) -> Generation:
         gen = self.inner.generate(prompt_ids, prompt_mask, params)
         return cut_at_strings(self.tokenizer, gen, params.stop_strings, self.pad_id)
+
+    def generate_many(self, parts: list[Part]) -> list[Generation]:
+        gens = generate_many(self.inner, parts)
+        return [cut_at_strings(self.tokenizer, g, p[2].stop_strings, self.pad_id)
+                for g, p in zip(gens, parts)]  # fmt: skip
 
     def __getattr__(self, name: str) -> Any:  # sequence_logprobs, engine, ...
         if name == "inner":  # not set yet (a copy being made)

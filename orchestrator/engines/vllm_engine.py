@@ -221,12 +221,36 @@ class VLLMEngine:
         """Responses [B, T] (T = max_new_tokens), their mask (1 up to and including the
         first stop token) and, when sampling, the sampler's log-probs of each token
         [B, T] (0 on padding)."""
-        prompts, sampling = self._requests(prompt_ids, prompt_mask, params)
-        outputs = self._run(prompts, sampling)
+        return self.generate_many([(prompt_ids, prompt_mask, params)])[0]
+
+    @torch.no_grad()
+    def generate_many(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor, SamplingParams]]
+    ) -> list[Generation]:
+        """`generate` of several prompt batches, each with its own sampling parameters,
+        as one engine batch (vLLM takes parameters per request)."""
+        requests, sampling, bounds = [], [], [0]
+        for ids, mask, params in parts:
+            r, s = self._requests(ids, mask, params)
+            requests += r
+            sampling += s
+            bounds.append(bounds[-1] + len(r))
+        outputs = self._run(requests, sampling)
+        return [
+            self._collect(
+                outputs[lo:hi], not (params.greedy or params.temperature == 0), params, ids.device
+            )  # fmt: skip
+            for (ids, _, params), lo, hi in zip(parts, bounds, bounds[1:])
+        ]
+
+    def _collect(
+        self, outputs: list[Any], sampled: bool, params: SamplingParams, device: torch.device
+    ) -> Generation:
+        """One part's responses from vLLM's request outputs."""
         width = params.max_new_tokens
         b = len(outputs)
         response = torch.full((b, width), self.pad_id, dtype=torch.long)
-        logprobs = None if sampling[0].logprobs is None else torch.zeros((b, width))
+        logprobs = torch.zeros((b, width)) if sampled else None
         for i, out in enumerate(outputs):
             done = out.outputs[0]
             tokens = list(done.token_ids)[:width]
@@ -239,7 +263,6 @@ class VLLMEngine:
         )
         if logprobs is not None:
             logprobs = logprobs * mask
-        device = prompt_ids.device
         return Generation(
             response.to(device),
             mask.to(device),

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.engines.generate import SamplingParams
+from orchestrator.engines.generate import Generation, SamplingParams, generate_many
 from orchestrator.interfaces.common import canonical, module_of, outputs_as
-from orchestrator.interfaces.registry import Metrics, WorkerContext, interface
+from orchestrator.interfaces.registry import Metrics, WorkerContext, fused_interface, interface
 from orchestrator.models.batch import (
     Batch,
     is_stop,
@@ -26,13 +26,36 @@ from orchestrator.models.batch import (
 def generate(ctx: WorkerContext, batch: Batch, options: Mapping[str, Any]) -> tuple[Batch, Metrics]:
     """Sample (or, with option greedy, decode greedily) responses. A call that declares a
     third output also gets the log-probs from the same forward pass the trainer uses."""
+    return generate_fused(ctx, [batch], [options])[0]
+
+
+@fused_interface("generate")
+def generate_fused(
+    ctx: WorkerContext, batches: list[Batch], options: list[Mapping[str, Any]]
+) -> list[tuple[Batch, Metrics]]:
+    """`generate` of several calls of one replica (each its own prompts and sampling
+    parameters, ReMax's sampled and greedy responses) as one engine batch."""
     if ctx.generator is None:
         raise RuntimeError(f"role '{ctx.role}' has no generation engine")
-    params: SamplingParams = options["sampling"]
-    if options.get("greedy"):
-        params = replace(params, greedy=True)
-    prompts = canonical(batch, options, ("prompt_ids", "prompt_mask"))
-    gen = ctx.generator.generate(prompts["prompt_ids"], prompts["prompt_mask"], params)
+    prompts, params = [], []
+    for batch, opts in zip(batches, options):
+        p: SamplingParams = opts["sampling"]
+        params.append(replace(p, greedy=True) if opts.get("greedy") else p)
+        prompts.append(canonical(batch, opts, ("prompt_ids", "prompt_mask")))
+    parts = [(pr["prompt_ids"], pr["prompt_mask"], p) for pr, p in zip(prompts, params)]
+    gens = generate_many(ctx.generator, parts)
+    return [_finish(ctx, *args) for args in zip(prompts, gens, params, options)]
+
+
+def _finish(
+    ctx: WorkerContext,
+    prompts: Batch,
+    gen: Generation,
+    params: SamplingParams,
+    options: Mapping[str, Any],
+) -> tuple[Batch, Metrics]:
+    """A generate call's outputs (the trainer's log-probs too, if it declares them) and
+    its metrics, from its responses."""
     response_ids, response_mask = gen.response_ids, gen.response_mask
     out = [response_ids, response_mask]
     prefix = options.get("metric_prefix", "rollout/")

@@ -42,6 +42,19 @@ Interface = Callable[[WorkerContext, Batch, Mapping[str, Any]], tuple[Batch, Met
 INTERFACES: dict[str, Interface] = {}
 
 
+# name -> the same interface over several calls of one replica at once (one engine batch):
+# fn(ctx, [batch, ...], [options, ...]) -> [(outputs, metrics), ...], one per call
+FUSED: dict[str, Callable[..., list[tuple[Batch, Metrics]]]] = {}
+
+
+def fused_interface(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        FUSED[name] = fn
+        return fn
+
+    return register
+
+
 def interface(name: str) -> Callable[[Interface], Interface]:
     def register(fn: Interface) -> Interface:
         if name in INTERFACES:

@@ -24,6 +24,25 @@ def full_sequence(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]
     return ids, attn, pos
 
 
+def join_rows(batches: list[Mapping[str, torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
+    """Prompt + response batches stacked into one: prompts left padded and responses right
+    padded to the widest (prompt_ids, prompt_mask, response_ids, response_mask)."""
+    p = max(b["prompt_ids"].shape[1] for b in batches)
+    t = max(b["response_ids"].shape[1] for b in batches)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                          ("prompt_ids", "prompt_mask", "response_ids",
+                                           "response_mask")}  # fmt: skip
+    for b in batches:
+        left, right = p - b["prompt_ids"].shape[1], t - b["response_ids"].shape[1]
+        out["prompt_ids"].append(torch.nn.functional.pad(b["prompt_ids"], (left, 0), value=pad))
+        out["prompt_mask"].append(torch.nn.functional.pad(b["prompt_mask"], (left, 0)))
+        out["response_ids"].append(
+            torch.nn.functional.pad(b["response_ids"], (0, right), value=pad)
+        )
+        out["response_mask"].append(torch.nn.functional.pad(b["response_mask"], (0, right)))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
 def response_logits(
     model: torch.nn.Module, batch: Mapping[str, torch.Tensor], temperature: float = 1.0
 ) -> torch.Tensor:

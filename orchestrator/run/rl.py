@@ -117,7 +117,9 @@ def rl_runtime(run: Run, graph: DataflowGraph) -> PlanRuntime:
     specs = [s for s in rl_specs(run) if s.name in graph.roles]
     plan = {name: (a.mesh, a.layout) for name, a in p.plan.items()}
     runtime = PlanRuntime(graph, plan, specs, c.num_nodes, c.devices_per_node,
-                          c.threads_per_device, c.device, offloaded_roles(p.ctx, p.plan))  # fmt: skip
+                          c.threads_per_device, c.device, offloaded_roles(p.ctx, p.plan),
+                          call_threads=c.call_threads == "auto",
+                          fuse=run.cfg.plan.fuse_calls)  # fmt: skip
     run.paths.write_workers("rl", runtime.processes())
     return runtime
 

@@ -42,6 +42,7 @@ def role_spec(
         rows_folder=str(run.paths.data),
         task_rows=run.assets.task_rows,
         eval_reward=reward_mix(run) if generates else None,
+        dtype=c.model.frozen_dtype if optim is None and not generates else "float32",
     )
 
 
@@ -82,7 +83,8 @@ def optim_spec(
 def sampling(run: Run, seed: int, greedy: bool = False) -> SamplingParams:
     g = run.cfg.generate
     return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, greedy, seed,
-                          run.assets.stop_token_ids, tuple(g.stop))  # fmt: skip
+                          run.assets.stop_token_ids, tuple(g.stop),
+                          min_new_tokens=g.min_new_tokens)  # fmt: skip
 
 
 def reward_mix(run: Run) -> RewardMix | None:

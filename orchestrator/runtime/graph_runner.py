@@ -35,12 +35,13 @@ def run_graph(
     done: set[str] = set()
     metrics: dict[str, dict[str, float]] = {}
     runtime.begin_step(graph)  # the step's reallocations go first, in the planner's order
-    for call in graph.waves():  # producers first
-        inputs = [data_ref] + [r for p in graph.parents(call) for r in outputs[p]]
-        d = runtime.dispatch(call, options.get(call.name, {}), inputs, graph)
-        outputs[call.name], running[call.name] = d.outputs, d
-        waiting.update({ref: call.name for ref in d.waits})
-        left[call.name] = len(d.waits)
+    for group in runtime.groups(graph):  # producers first; calls fused into one task
+        inputs = [[data_ref] + [r for p in graph.parents(c) for r in outputs[p]] for c in group]
+        ds = runtime.dispatch_fused(group, [options.get(c.name, {}) for c in group], inputs, graph)
+        for call, d in zip(group, ds):
+            outputs[call.name], running[call.name] = d.outputs, d
+            waiting.update({ref: call.name for ref in d.waits})
+            left[call.name] = len(d.waits)
     while len(done) < len(graph.calls):
         finished, _ = ray.wait(list(waiting), num_returns=1)
         for ref in finished:

@@ -29,8 +29,9 @@ from typing import Any
 
 import ray
 
-from algos.graph import MFC, CallKind, DataflowGraph
+from algos.graph import MFC, CallKind, DataflowGraph, fused_groups
 from orchestrator.runtime.metrics import merge_metrics
+from orchestrator.runtime.threads import call_threads as call_threads_of
 from orchestrator.workers.cluster import DeviceCluster
 from orchestrator.workers.failures import classify, gather
 from orchestrator.workers.groups import Sharding, sharding_key
@@ -96,7 +97,10 @@ class PlanRuntime:
         threads: int = 1,
         device: str = "cpu",
         offload: list[str] | tuple[str, ...] = (),  # frozen roles kept in host memory
+        call_threads: bool = False,  # CPU: threads per call from the graph (runtime.threads)
+        fuse: bool = False,  # calls of one replica ready together run as one task
     ) -> None:
+        self.fuse = fuse
         self.graph = graph
         by_name = {s.name: s for s in specs}
         self.roles = {r: _Role(by_name[r]) for r in graph.roles}
@@ -117,6 +121,12 @@ class PlanRuntime:
         self.cluster = DeviceCluster(num_nodes, devices_per_node, list(self.sharding.values()),
                                      device=device, threads=threads, roles_on=self.roles_on)  # fmt: skip
         self.workers = self.cluster.workers
+        self.threads: dict[str, int] = {}  # call -> its torch threads (empty: the device's)
+        if call_threads and device == "cpu":
+            cores = {
+                d // devices_per_node: p["cores"] for d, p in enumerate(self.cluster.processes)
+            }
+            self.threads = call_threads_of(graph, self.sharding, devices_per_node, cores, threads)
         try:
             self._build(graph, specs, offload, engine)
         except BaseException:
@@ -243,43 +253,79 @@ class PlanRuntime:
         waits for no other call (only the step's dataset) has its own devices run the
         reallocation its replica needs at the start of its task (devices of the source
         mesh alone get a task of their own, first)."""
+        return self.dispatch_fused([call], [options], [inputs], graph)[0]
+
+    def groups(self, graph: DataflowGraph) -> list[tuple[MFC, ...]]:
+        """The graph's calls in dispatch order, grouped into the tasks that run them
+        (algos.graph.fused_groups; one call each unless the runtime fuses)."""
+        if not self.fuse:
+            return [(c,) for c in graph.waves()]
+        return fused_groups(graph, {c.name: sharding_key(self._sharding(c)) for c in graph.calls})
+
+    def dispatch_fused(
+        self,
+        calls: tuple[MFC, ...] | list[MFC],
+        options: list[dict[str, Any]],
+        inputs: list[list[Any]],
+        graph: DataflowGraph | None = None,
+    ) -> list[Dispatched]:
+        """`dispatch` of calls of one replica that are ready together (`groups`): one
+        task per device runs them as one batch of their engine (DeviceWorker.run_fused);
+        each call still has its own outputs and metrics."""
         graph = graph or self.graph
+        call = calls[0]
         sh = self._sharding(call)
-        parents = graph.parents(call)
-        if (
-            call.kind is not CallKind.TRAIN
-            and parents
-            and all(
-                sharding_key(self._sharding(graph.call(p))) == sharding_key(sh) for p in parents
-            )
-        ):
-            options = {**options, "local_inputs": list(parents)}
-            inputs = inputs[:1]  # the step's dataset; the producers' parts stay local
-        reallocs = self.ahead.pop(call.name, [])  # issued by begin_step
+        opts: list[dict[str, Any]] = []
+        refs: list[Any] = []  # the task's inputs: every call's, once each
+        for c, o, ins in zip(calls, options, inputs):
+            parents = graph.parents(c)
+            if (
+                c.kind is not CallKind.TRAIN
+                and parents
+                and all(
+                    sharding_key(self._sharding(graph.call(p))) == sharding_key(sh) for p in parents
+                )  # fmt: skip
+            ):
+                o = {**o, "local_inputs": list(parents)}
+                ins = ins[:1]  # the step's dataset; the producers' parts stay local
+            opts.append(o)
+            refs += [r for r in ins if not any(r is x for x in refs)]
+        reallocs = [r for c in calls for r in self.ahead.pop(c.name, [])]  # from begin_step
         r = self.roles[call.role]
         src = self._stale(call.role, sh)
         if src is not None:
             # Folded into the call's task only if that task waits for no other call: a
             # task whose input failed never runs, and the source devices would then wait
             # for their peers' part of the reallocation forever.
-            fold = len(inputs) == 1
+            fold = len(refs) == 1
             mine = frozenset(sh[0].devices) if fold else frozenset()
             reallocs += self._reallocations(call.role, src, sh, mine)
             if fold:
-                options = {**options, "reallocate": (src, self.cluster.devices_per_node)}
+                opts[0]["reallocate"] = (src, self.cluster.devices_per_node)
         if call.kind is CallKind.TRAIN:
             r.version += 1
             r.held[sharding_key(sh)] = r.version
-        options = {**options, "version": r.version}
-        parts = [w.run.options(num_returns=2).remote(call, sh, options, *inputs)
-                 for w in self.cluster.on(sh[0])]  # fmt: skip
-        self.device_of.update({p[1]: d for p, d in zip(parts, sh[0].devices)})
-        n = len(parts)
-        return Dispatched(
-            [p[0] for p in parts],
-            [p[1] for p in parts] + reallocs,
-            lambda values: merge_metrics(call.name, values[:n], values[n:]),
-        )
+        for c, o in zip(calls, opts):
+            o["version"] = r.version
+            if c.name in self.threads:
+                o["threads"] = self.threads[c.name]
+        workers, k = self.cluster.on(sh[0]), len(calls)
+        if k == 1:
+            parts = [w.run.options(num_returns=2).remote(call, sh, opts[0], *refs) for w in workers]
+        else:
+            parts = [w.run_fused.options(num_returns=2 * k).remote(list(calls), sh, opts, *refs)
+                     for w in workers]  # fmt: skip
+        n, out = len(parts), []
+        for j, c in enumerate(calls):
+            self.device_of.update({p[2 * j + 1]: d for p, d in zip(parts, sh[0].devices)})
+            mine = reallocs if j == 0 else []
+
+            def finish(values: list[Any], name: str = c.name) -> dict[str, float]:
+                return merge_metrics(name, values[:n], values[n:])
+
+            out.append(Dispatched([p[2 * j] for p in parts],
+                                  [p[2 * j + 1] for p in parts] + mine, finish))  # fmt: skip
+        return out
 
     def failure(self, ref: Any, error: BaseException, call: str) -> Exception:
         """The runtime's exception for a step's reference that raised (failures.classify)."""

@@ -134,7 +134,8 @@ def cluster(cfg: RelayConfig) -> Cluster:
 
 def context(cfg: RelayConfig) -> Context:
     return Context(workload(cfg), cluster(cfg), iterations=cfg.plan.iterations,
-                   max_pp=cfg.plan.max_pp, offload=cfg.plan.offload)  # fmt: skip
+                   max_pp=cfg.plan.max_pp, offload=cfg.plan.offload,
+                   fuse=cfg.plan.fuse_calls)  # fmt: skip
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 
 from orchestrator.data.text import pad_id
 from orchestrator.workers.engine_host import EngineGenerator
+from orchestrator.workers.evaluating import Evaluating
 from orchestrator.workers.failures import portable
 from orchestrator.workers.groups import (
     DataParallelGroups,
@@ -47,7 +48,7 @@ from orchestrator.workers.replica import Replica, RoleModel
 REALLOC_KEY = "_realloc/"  # a rank's stats of the reallocation its call task ran first
 
 
-class DeviceWorker:
+class DeviceWorker(Evaluating):
     """One device of the plan's cluster (created as a Ray actor by DeviceCluster)."""
 
     def __init__(self, device: int, world_size: int, threads: int = 1, kind: str = "cpu") -> None:
@@ -105,7 +106,8 @@ class DeviceWorker:
             key = tuple(ranks)
             if key not in self.groups:
                 self.groups[key] = dist.new_group(list(ranks))
-        return {"pid": os.getpid(), "host": socket.gethostname()}
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "cores": len(os.sched_getaffinity(0))}  # fmt: skip
 
     def _init_world(self, master: tuple[str, int]) -> None:
         import torch.distributed as dist
@@ -213,6 +215,8 @@ class DeviceWorker:
                 module = rep.build(self._group(self._my_group(rep.sharding, "tp")),
                                    self.torch_device)  # fmt: skip
                 module.requires_grad_(False)
+                if spec.dtype != "float32" and spec.optim is None:
+                    self._cast_frozen(rep, module, spec.dtype)
             rep.ctx = WorkerContext(rep.role, module, self.tokenizer, self.task, rows=self.rows,
                                     task_rows=spec.task_rows)  # fmt: skip
             if spec.reward is not None:
@@ -224,6 +228,24 @@ class DeviceWorker:
             ctx.generator = self._generator(rep, spec)
             rep.generates = True
         return ctx
+
+    def _cast_frozen(self, rep: Replica, module: torch.nn.Module, dtype: str) -> None:
+        """Hold a frozen replica in `dtype`; what it changes on the run's first prompts is
+        logged by every call of the role (models.precision)."""
+        from orchestrator.data.text import encode_prompts
+        from orchestrator.models.precision import cast_frozen
+
+        rows = self.rows.rows("train")[:8] if self.rows.folder else []
+        ids = mask = torch.zeros((0, 0), dtype=torch.long)
+        if rows:
+            ids, mask = encode_prompts(self.tokenizer, [r.text for r in rows],
+                                       add_bos=not rows[0].templated)  # fmt: skip
+        value = rep.model.kind.name == "value"
+        diff = cast_frozen(module, getattr(torch, dtype), ids.to(self.torch_device),
+                           mask.to(self.torch_device), value)  # fmt: skip
+        what = "score" if value else "logprob"
+        self.__dict__.setdefault("dtype_diffs", {})[rep.role] = {
+            f"perf/{rep.role}_{dtype}_{what}_diff_{k}": v for k, v in diff.items()}  # fmt: skip
 
     def _reward(self, mix: Any) -> Any:
         """The LoadedReward of a RewardMix, its functions imported once per worker (the
@@ -349,58 +371,87 @@ class DeviceWorker:
         calls on its data-parallel share of the rows, train calls on the whole batch
         (each rank trains on its share of every mini-batch). Returns ((dp index, outputs)
         from the first rank of each tp group, else None; metrics)."""
-        from algos.graph import CallKind, check_outputs
-        from orchestrator.interfaces.lookup import get_interface
+        return self.run_fused([call], sharding, [options], *inputs)  # type: ignore[return-value]
 
-        self.produced.pop(call.name, None)
-        options = dict(options)
+    @portable
+    def run_fused(
+        self, calls: list[Any], sharding: Sharding, options: list[Mapping[str, Any]], *inputs: Any
+    ) -> tuple[Any, ...]:
+        """`run` of several inference or generate calls of one replica that are ready
+        together, as one batch of their interface's engine (interfaces.registry.FUSED):
+        (part, metrics) of each call in turn, flattened. Each call's time and CPU time
+        are the batch's, shared by its rows."""
+        from algos.graph import CallKind, check_outputs
+        from orchestrator.interfaces.lookup import get_fused, get_interface
+
+        call, opts = calls[0], [dict(o) for o in options]
+        for c in calls:
+            self.produced.pop(c.name, None)
         folded: dict[str, float] = {}
-        if "reallocate" in options:  # this replica lags the trained one: refresh it first
-            src, dpn = options.pop("reallocate")
-            stats = self.reallocate(call.role, src, sharding, dpn, options["version"])
+        if "reallocate" in opts[0]:  # this replica lags the trained one: refresh it first
+            src, dpn = opts[0].pop("reallocate")
+            stats = self.reallocate(call.role, src, sharding, dpn, opts[0]["version"])
             folded = {REALLOC_KEY + k: float(v) for k, v in stats.items()}
         rep = self._replica(call.role, sharding)
         train = call.kind is CallKind.TRAIN
         ctx = self._context(rep, train, call.kind is CallKind.GENERATE)
-        batch, dp_i, first = self._batch(call, sharding, options, inputs)
-        options.update(inputs=call.inputs, outputs=call.outputs)
+        batches = []
+        for c, o in zip(calls, opts):
+            batch, dp_i, first = self._batch(c, sharding, o, inputs)
+            o.update(inputs=c.inputs, outputs=c.outputs)
+            batches.append(batch)
         if train:
-            options.update(dp_rank=dp_i, dp_size=sharding[1].dp)
+            opts[0].update(dp_rank=dp_i, dp_size=sharding[1].dp)
         else:
-            rep.version = options.get("version", rep.version)
+            rep.version = opts[0].get("version", rep.version)
         wall, t0 = time.time(), time.perf_counter()
         self.pushed_s = 0.0
         moved = self._reload(rep.key)
+        threads = opts[0].pop("threads", self.threads)
+        torch.set_num_threads(threads)
         start, cpu = time.perf_counter(), time.process_time()
         try:
-            outputs, metrics = get_interface(call.interface)(ctx, batch, options)
-            metrics[f"time/{call.name}_s"] = time.perf_counter() - start
+            if len(calls) == 1:
+                results = [get_interface(call.interface)(ctx, batches[0], opts[0])]
+            else:
+                results = get_fused(call.interface)(ctx, batches, opts)
+            seconds = time.perf_counter() - start
         finally:  # reload before, offload after (a failed call too); the span covers both
             if rep.key in self.parked:
                 from orchestrator.models.offload import offload
 
                 self.parked[rep.key] = offload(rep.module)
-        metrics[f"perf/cpu_{call.name}_s"] = time.process_time() - cpu
+        cpu_s = time.process_time() - cpu
         if train:
-            rep.version = options.get("version", rep.version)
-            if options.get("push_weights") and rep.generates and self.engine is not None:
+            rep.version = opts[0].get("version", rep.version)
+            if opts[0].get("push_weights") and rep.generates and self.engine is not None:
                 self.push_engine(rep)  # the next step samples from these weights: now
-        if self.pushed_s:
-            metrics["time/weight_sync"] = self.pushed_s
-        if rep.key in self.parked:
-            metrics[f"time/offload_{call.name}_s"] = (
-                time.perf_counter() - t0 - metrics[f"time/{call.name}_s"]
-            )
-            metrics[f"offload/{call.name}_bytes"] = float(moved)
-        metrics[f"span/{call.name}/start"] = wall
-        metrics[f"span/{call.name}/end"] = wall + time.perf_counter() - t0
-        metrics.update(self._memory())
-        outputs = {k: v.cpu() for k, v in outputs.items()}  # the object store holds CPU tensors
-        check_outputs(call, outputs)
-        if not train:  # consumers under this sharding read it here
-            self.produced[call.name] = (options.get("step"), outputs)
-        metrics.update(folded)
-        return ((dp_i, outputs) if first else None), metrics
+        end = wall + time.perf_counter() - t0
+        rows = [next(iter(b.values())).shape[0] if b else 1 for b in batches]
+        out: list[Any] = []
+        for c, o, (outputs, metrics), n in zip(calls, opts, results, rows):
+            share = n / max(sum(rows), 1)
+            metrics[f"time/{c.name}_s"] = seconds * share
+            metrics[f"perf/cpu_{c.name}_s"] = cpu_s * share
+            metrics[f"perf/threads_{c.name}"] = float(threads)
+            if len(calls) > 1:
+                metrics[f"time/fused_{c.name}_s"] = seconds  # the whole engine batch's
+            if self.pushed_s and c is call:
+                metrics["time/weight_sync"] = self.pushed_s
+            if rep.key in self.parked and c is call:
+                metrics[f"time/offload_{c.name}_s"] = time.perf_counter() - t0 - seconds
+                metrics[f"offload/{c.name}_bytes"] = float(moved)
+            metrics[f"span/{c.name}/start"], metrics[f"span/{c.name}/end"] = wall, end
+            metrics.update(self._memory())
+            outputs = {k: v.cpu() for k, v in outputs.items()}  # the object store: CPU tensors
+            check_outputs(c, outputs)
+            if not train:  # consumers under this sharding read it here
+                self.produced[c.name] = (o.get("step"), outputs)
+            if c is call:
+                metrics.update(folded)
+                metrics.update(self.__dict__.get("dtype_diffs", {}).get(c.role, {}))
+            out += [(dp_i, outputs) if first else None, metrics]
+        return tuple(out)
 
     def _batch(
         self, call: Any, sharding: Sharding, options: dict[str, Any], inputs: tuple[Any, ...]
@@ -473,61 +524,6 @@ class DeviceWorker:
         from orchestrator.models.offload import reload
 
         return reload(self.parked[key]) if key in self.parked else 0
-
-    @portable
-    def evaluate(
-        self, role: str, sharding: Sharding, count: int, params: Any, version: int
-    ) -> tuple[int, list[float], list[float]] | None:
-        """Correctness and reward of responses to this dp rank's share of the first `count`
-        evaluation rows (np.array_split order); None from all but the first rank of each tp
-        group. Correctness is NaN where nothing says (a function without "correct")."""
-        import numpy as np
-
-        from orchestrator.data.scoring import score_rows
-        from orchestrator.data.text import decode_responses, encode_prompts
-
-        rep = self._replica(role, sharding)
-        rep.version = version
-        ctx = self._context(rep, train=False, generates=True)
-        dp_i, dp, first = self._ranks(sharding)
-        mine = self.rows.at("eval", np.array_split(np.arange(count), dp)[dp_i])
-        if not mine:
-            return (dp_i, [], [], {}) if first else None
-        ids, mask = encode_prompts(ctx.tokenizer, [r.text for r in mine],
-                                   add_bos=not mine[0].templated)  # fmt: skip
-        self._reload(rep.key)
-        try:
-            gen = ctx.generator.generate(ids.to(self.torch_device), mask.to(self.torch_device),
-                                         params)  # fmt: skip
-        finally:
-            if rep.key in self.parked:
-                from orchestrator.models.offload import offload
-
-                self.parked[rep.key] = offload(rep.module)
-        responses = decode_responses(ctx.tokenizer, gen.response_ids.cpu())
-        spec = self.specs[role]
-        use = not spec.task_rows and spec.eval_reward is not None
-        reward = self._reward(spec.eval_reward) if use else None
-        s = score_rows(self.task, spec.task_rows, reward, mine, responses)
-        nan = [float("nan")] * len(mine)
-        rewards = s.verifier if s.verifier is not None else s.scores or nan
-        correct = s.correct if s.correct is not None else nan
-        return (dp_i, correct, rewards, s.extras) if first else None
-
-    def merge_evaluation(self, *parts: Any) -> dict[str, float]:
-        """{'accuracy', 'reward', 'reward_fn/<key>'} over the ranks' (dp index, correct,
-        rewards, the reward functions' values by key); a figure no sample has (NaN
-        throughout) is left out."""
-        import math
-
-        rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
-        columns = {"accuracy": [v for p in rows for v in p[1]],
-                   "reward": [v for p in rows for v in p[2]]}  # fmt: skip
-        for p in rows:
-            for k, v in p[3].items():
-                columns.setdefault(f"reward_fn/{k}", []).extend(v)
-        known = {k: [v for v in vs if not math.isnan(v)] for k, vs in columns.items()}
-        return {k: sum(vs) / len(vs) for k, vs in known.items() if vs}
 
     # -- checkpoints ------------------------------------------------------------------
 

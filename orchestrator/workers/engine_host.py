@@ -155,6 +155,10 @@ class EngineGenerator:
         self.worker.push_engine(self.rep)
         return self.engine.generate(prompt_ids, prompt_mask, params)
 
+    def generate_many(self, parts: list[Any]) -> list[Any]:
+        self.worker.push_engine(self.rep)
+        return self.engine.generate_many(parts)
+
     def sequence_logprobs(self, *batch: torch.Tensor) -> torch.Tensor:
         self.worker.push_engine(self.rep)
         return self.engine.sequence_logprobs(*batch)

@@ -28,6 +28,7 @@ class RoleSpec:
     rows_folder: str | None = None  # the run's RL rows (data/rl_<split>.jsonl)
     task_rows: bool = True  # the rows are the task's prompts: its verifier scores them
     eval_reward: RewardMix | None = None  # a generating role: what scores evaluation responses
+    dtype: str = "float32"  # a frozen role's weights (model.frozen_dtype): float32 | bfloat16
 
     def kind(self) -> ModelKind:
         """The model this role holds (orchestrator.models.kinds)."""

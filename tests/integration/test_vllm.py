@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from algos.graph import MFC, CallKind
-from algos.ppo import PROMPT, RESPONSE
+from algos.ppo import GREEDY_RESPONSE, PROMPT, RESPONSE, UNIQUE_PROMPT
 from orchestrator.data.tasks import make_task
 from orchestrator.data.text import encode_prompts
 from orchestrator.engines.generate import SamplingParams
@@ -390,3 +390,48 @@ def test_gpu_engine_sleeps_and_wakes_with_fresh_weights(model) -> None:
     trainer, _ = device.run(*logprob_call(), fixed)
     mask = gen["response_mask"].bool()
     assert (engine_lp - trainer["logprobs"])[mask].abs().max() < 1e-3
+
+
+GREEDY = MFC("actor_greedy_gen", "actor", CallKind.GENERATE, "generate", UNIQUE_PROMPT,
+             GREEDY_RESPONSE, options={"greedy": True})  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_fused_sampled_and_greedy_generation_equals_two_calls(samplers, model, backend) -> None:
+    """ReMax's sampled and greedy generations as one task (DeviceWorker.run_fused; with
+    vLLM one engine batch with per-request parameters) give each call what it gets alone:
+    the same tokens (per-row seeds), the same greedy responses, the trainer's log-probs
+    and each call's own metrics."""
+    import ray
+
+    from orchestrator.models.batch import gather_inputs
+
+    _, tok = model
+    w = samplers[backend]
+    sampled = prompts(tok, 16, seed=7)
+    unique = {f"unique_{k}": v[:8] for k, v in prompts(tok, 8, seed=8).items()}
+    batch = {**sampled, **unique}
+    params = SamplingParams(max_new_tokens=10, seed=11)
+    opts = [{"sampling": params, "version": 0, "metric_prefix": "rollout/"},
+            {"sampling": params, "version": 0, "greedy": True,
+             "metric_prefix": "rollout/greedy_"}]  # fmt: skip
+    alone = [w.run(c, o, batch) for c, o in zip((GEN, GREEDY), opts)]
+    parts = ray.get(list(w.workers[0].run_fused.options(num_returns=4)
+                         .remote([GEN, GREEDY], w.sharding, opts, batch)))  # fmt: skip
+    fused = [(gather_inputs([parts[0]]), parts[1]), (gather_inputs([parts[2]]), parts[3])]
+    for (a, am), (f, fm) in zip(alone, fused):
+        assert a.keys() == f.keys()
+        for k in a:
+            if k == "logprobs":
+                torch.testing.assert_close(f[k], a[k], atol=1e-5, rtol=0)
+            else:
+                assert torch.equal(f[k], a[k]), k
+        assert {k for k in am if k.startswith("rollout/")} == {
+            k for k in fm if k.startswith("rollout/")}  # fmt: skip
+    _, gm = fused[1]
+    assert gm["rollout/greedy_response_length_mean"] == pytest.approx(
+        float(fused[1][0]["greedy_response_mask"].sum(-1).float().mean()))  # fmt: skip
+    # the whole batch's time is logged, and each call's share of it
+    assert fused[0][1]["time/fused_actor_gen_s"] == fused[1][1]["time/fused_actor_greedy_gen_s"]
+    assert fused[0][1]["time/actor_gen_s"] == pytest.approx(
+        fused[0][1]["time/fused_actor_gen_s"] * 16 / 24)  # fmt: skip

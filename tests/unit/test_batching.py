@@ -134,3 +134,22 @@ def test_token_budget_micro_batches_cover_each_share_alike_on_every_rank() -> No
             assert torch.equal(
                 cut["prompt_ids"], mini["prompt_ids"][m][:, 10 - cut["prompt_ids"].shape[1] :]
             )
+
+
+def test_join_rows_pads_prompts_left_and_responses_right() -> None:
+    import torch
+
+    from orchestrator.models.batch import full_sequence, join_rows
+
+    a = {"prompt_ids": torch.tensor([[5, 6, 7]]), "prompt_mask": torch.tensor([[1, 1, 1]]),
+         "response_ids": torch.tensor([[8]]), "response_mask": torch.tensor([[1]])}  # fmt: skip
+    b = {"prompt_ids": torch.tensor([[9]]), "prompt_mask": torch.tensor([[1]]),
+         "response_ids": torch.tensor([[1, 2, 3]]), "response_mask": torch.tensor([[1, 1, 0]])}  # fmt: skip
+    j = join_rows([a, b], pad=0)
+    assert j["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert j["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert j["response_ids"].tolist() == [[8, 0, 0], [1, 2, 3]]
+    assert j["response_mask"].tolist() == [[1, 0, 0], [1, 1, 0]]
+    # positions count real tokens only: the joined row's are the lone row's, shifted
+    _, _, pos = full_sequence(j)
+    assert pos[1, 2:5].tolist() == [0, 1, 2]

@@ -184,3 +184,63 @@ def test_check_outputs_wrong_rank() -> None:
     check_outputs(call, {"scores": torch.zeros(4)})
     with pytest.raises(GraphError, match="'scores' is torch.float32 with 2 dims, declared"):
         check_outputs(call, {"scores": torch.zeros(4, 1)})
+
+
+def test_remax_calls_fuse_into_one_generation_and_one_reward_task() -> None:
+    """Under one placement, ReMax's sampled and greedy generations become one task, then
+    their two reward calls (ready together once the generations are one task); the
+    reference and the train call stay alone. Placed apart, nothing fuses."""
+    from algos.graph import FUSABLE_INTERFACES, fused_groups
+    from algos.ppo import remax_graph
+    from orchestrator.interfaces.lookup import fusable
+
+    g = remax_graph()
+    one = {c.name: "d0" for c in g.calls}
+    names = [tuple(c.name for c in grp) for grp in fused_groups(g, one)]
+    assert names == [
+        ("actor_gen", "actor_greedy_gen"),
+        ("ref_inf",),
+        ("reward_inf", "reward_greedy_inf"),
+        ("actor_train",),
+    ]
+    apart = {**one, "actor_greedy_gen": "d1"}
+    assert all(len(grp) == 1 for grp in fused_groups(g, apart))
+    assert [
+        len(grp) for grp in fused_groups(ppo_graph(), {c.name: "d0" for c in ppo_graph().calls})
+    ] == [1] * 6
+    # the runtime fuses exactly the interfaces the graph (and the planner) call fusable
+    assert all(fusable(name) for name in FUSABLE_INTERFACES)
+    assert not fusable("logprobs")
+
+
+def test_concurrent_calls_are_neither_ancestors_nor_descendants() -> None:
+    g = ppo_graph()
+    assert g.concurrent(g.call("actor_gen")) == []
+    assert sorted(g.concurrent(g.call("ref_inf"))) == ["critic_inf", "reward_inf"]
+    assert g.concurrent(g.call("actor_train")) == ["critic_train"]
+    assert g.ancestors(g.call("actor_train")) == {
+        "actor_gen",
+        "ref_inf",
+        "reward_inf",
+        "critic_inf",
+    }
+
+
+def test_a_call_running_alone_gets_every_core() -> None:
+    """runtime.threads: the node's cores split among the devices busy while a call runs."""
+    from orchestrator.runtime.threads import call_threads
+    from planner.layout import Layout, Mesh
+
+    g = ppo_graph()
+    on = {"actor_gen": 0, "ref_inf": 1, "reward_inf": 2, "critic_inf": 3, "actor_train": 0,
+          "critic_train": 3}  # fmt: skip
+    plan = {n: (Mesh(d, 1), Layout(1, 1, 1)) for n, d in on.items()}
+    t = call_threads(g, plan, 4, {0: 2}, 1)
+    assert t["actor_gen"] == 2  # alone: both cores
+    assert t["ref_inf"] == t["reward_inf"] == t["critic_inf"] == 1  # three at once
+    assert t["actor_train"] == t["critic_train"] == 1  # beside each other
+    assert call_threads(g, plan, 4, {0: 16}, 1)["critic_train"] == 8
+    assert call_threads(g, plan, 4, {0: 2}, 3)["actor_gen"] == 3  # never below the device's
+    # a call on two devices of a 16-core node, alone: 8 threads each
+    two = {n: (Mesh(0, 2), Layout(2, 1, 1)) for n in on}
+    assert call_threads(g, two, 4, {0: 16}, 1)["actor_gen"] == 8

@@ -192,3 +192,28 @@ def test_decode_responses_cuts_at_first_eos_and_drops_pads(tokenizer) -> None:
         ]
     )
     assert decode_responses(tokenizer, rows) == ["861", "4", "123456", "", "12", "1<unk><bos>"]
+
+
+def test_a_frozen_model_in_bfloat16_reports_what_it_changed(tokenizer, lm_folder: Path) -> None:
+    """models.precision.cast_frozen: the module ends in bfloat16 and the reported change
+    is the log-probs' own, small but not zero; log-probs of the cast model through the
+    trainer's path stay float32."""
+    import random
+
+    from orchestrator.models.batch import response_logprobs
+    from orchestrator.models.precision import cast_frozen
+
+    task = make_task("add", 3)
+    ids, mask = encode_prompts(tokenizer, [task.sample_prompt(random.Random(i)) for i in range(4)])
+    model = load_causal_lm(lm_folder)
+    batch = {"prompt_ids": ids[:, :-2], "prompt_mask": mask[:, :-2],
+             "response_ids": ids[:, -2:], "response_mask": mask[:, -2:]}  # fmt: skip
+    with torch.no_grad():
+        before = response_logprobs(model, batch)
+    diff = cast_frozen(model, torch.bfloat16, ids, mask, value=False)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert 0 < diff["mean"] <= diff["max"] < 0.5
+    with torch.no_grad():
+        after = response_logprobs(model, batch)
+    assert after.dtype == torch.float32
+    assert float((after - before).abs().max()) <= diff["max"] * 2 + 1e-3

@@ -496,3 +496,27 @@ def test_reallocation_across_nodes_uses_the_network() -> None:
     assert tr.moved_bytes == 6_899_712 and not tr.send_intra
     assert tr.recv_inter == {d: 6_899_712 // 4 for d in range(4, 8)}
     assert set(tr.peers.values()) == {1}
+
+
+def test_the_simulator_costs_fused_remax_calls_as_one_task() -> None:
+    """ReMax's sampled and greedy generations under one placement are one task costed
+    over both batches (as the runtime runs them), shared by sequences; unfused, two."""
+    from planner.catalogue import device_kind
+    from planner.plan import Assignment, Context, evaluate, tasks
+
+    g = remax_graph()
+    seven = MODEL_SHAPES["llama2-7b"]
+    wl = workload_from_graph(g, rl_shapes(g, seven, seven), prompts=64,
+                             samples_per_prompt=1, prompt_tokens=128, gen_tokens=256,
+                             mini_batches=4)  # fmt: skip
+    ctx = Context(wl, Cluster(1, 8, device_kind("h100-sxm")), iterations=1)
+    whole = {c.name: Assignment(Mesh(0, 8), Layout(8, 1, 1)) for c in g.calls}
+    names = [t.name for t in tasks(ctx, whole)]
+    assert "actor_gen+actor_greedy_gen" in names and "reward_inf+reward_greedy_inf" in names
+    est = evaluate(ctx, whole)
+    both = ctx.group_s(("actor_gen", "actor_greedy_gen"), whole["actor_gen"])
+    assert est.call_s["actor_gen"] + est.call_s["actor_greedy_gen"] == pytest.approx(both)
+    alone = ctx.call_s("actor_gen", whole["actor_gen"]) * 2
+    assert both < alone  # one decode over 128 sequences beats two over 64
+    apart = replace(ctx, fuse=False, _call_s={}, _act={}, _realloc={})
+    assert "actor_gen+actor_greedy_gen" not in [t.name for t in tasks(apart, whole)]
