@@ -164,24 +164,6 @@ class DataflowGraph:
     def parents(self, call: MFC) -> list[str]:
         return sorted({self.producer[k] for k in call.inputs if self.producer[k] != "<dataset>"})
 
-    def ancestors(self, call: MFC) -> set[str]:
-        """Every call whose outputs `call` reads, directly or through other calls."""
-        seen: set[str] = set()
-        todo = self.parents(call)
-        while todo:
-            p = todo.pop()
-            if p not in seen:
-                seen.add(p)
-                todo += self.parents(self.call(p))
-        return seen
-
-    def concurrent(self, call: MFC) -> list[str]:
-        """The calls that may run at the same time as `call`: neither its ancestors nor
-        its descendants."""
-        mine = self.ancestors(call)
-        return [c.name for c in self.calls if c.name != call.name and c.name not in mine
-                and call.name not in self.ancestors(c)]  # fmt: skip
-
     def _find_cycle(self) -> list[str] | None:
         by_name = {c.name: c for c in self.calls}
         state: dict[str, int] = {}

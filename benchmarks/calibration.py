@@ -1,15 +1,24 @@
-"""The planner's estimate against executed plans: the default job's RL step under several
-plans, estimated time per iteration next to the measured step time on this machine.
+"""The planner's estimate against executed plans, and whether the searched plan wins when
+measured: per algorithm, the RL step under every plan mode, estimated next to measured.
 
-Runs `relay train` on the default job (SFT and reward-model stages shortened: they do
-not change the RL step) under plan=per_role, symmetric, heuristic, search and a hand-made
-mixed plan file, `--steps` RL steps each, all generating with transformers (the planner
-does not model vLLM). Per plan: `plan/est_step_s` and the mean `time/step_s` over steps
-2.. (step 1 pays first-call costs), their relative error |est - measured| / measured,
-and the same per call. Adds `calibration` and `max_rel_error` to
-benchmarks/results/planner.json (the other keys are benchmarks/planner.py's).
+Per algorithm (`--algos`, default ppo, remax, grpo) on the default job (its SFT and
+reward-model stages shortened: they do not change the RL step; generating with
+transformers) or the `large` preset (`--preset large`):
 
-    .venv/bin/python benchmarks/calibration.py [--steps 6]
+1. `relay profile --calls` measures the job's calls under every candidate layout
+   (planner.measured); the plans below are made and estimated with that profile;
+2. `relay train` runs `--steps` RL steps under plan=per_role, symmetric, heuristic,
+   search and a hand-made mixed plan file (reallocations both ways), one after another;
+3. per plan: `plan/est_step_s` against the mean `time/step_s` over steps 2.. (step 1 pays
+   first-call costs), their relative error |est - measured| / measured, the same per
+   call, and `measured_best_hand_over_search`: the best measured step time of per_role,
+   symmetric and heuristic over the searched plan's (above 1: the search won).
+
+Writes `calibration` and `max_rel_error` (over every algorithm and plan) into
+benchmarks/results/planner.json (its other keys are benchmarks/planner.py's).
+
+    .venv/bin/python benchmarks/calibration.py [--steps 6] [--algos ppo,remax,grpo]
+        [--preset default|large] [--profile-steps 3]
 """
 
 from __future__ import annotations
@@ -26,29 +35,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 JOB = ("sft.steps=20", "reward.steps=20", "logger.wandb_mode=disabled", "logger.progress=false",
        "generate.backend=hf")  # fmt: skip
-MIXED = {  # call -> (mesh, dp, tp): a plan no mode makes, with reallocations both ways
+PRESETS = {"default": (), "large": ("model.preset=large",)}
+HAND = ("per_role", "symmetric", "heuristic")
+# a plan no mode makes, with reallocations both ways: (mesh, dp, tp) by call, or else by
+# role and kind (ReMax's greedy calls follow their sampled twins)
+MIXED = {
     "actor_gen": ("d0-1", 1, 2),
+    "actor_greedy_gen": ("d0-1", 1, 2),
     "ref_inf": ("d3", 1, 1),
     "reward_inf": ("d2", 1, 1),
+    "reward_greedy_inf": ("d2", 1, 1),
     "critic_inf": ("d0-1", 2, 1),
     "actor_train": ("d2-3", 2, 1),
     "critic_train": ("d0-3", 2, 2),
 }
 
 
-def train(out: str, name: str, steps: int, *plan: str) -> Path:
-    cmd = [sys.executable, "-m", "launch.cli", "train", *JOB, *plan, f"train.steps={steps}",
-           f"run.output_dir={out}", f"run.name={name}"]  # fmt: skip
+def cli(*args: str) -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    print("+", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    print("+ relay", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env, check=True)
+
+
+def train(out: str, name: str, steps: int, job: tuple[str, ...], *plan: str) -> Path:
+    cli("train", *job, *plan, f"train.steps={steps}", f"run.output_dir={out}", f"run.name={name}")
     return Path(out) / name
 
 
 def mixed_plan_file(folder: Path, template: Path) -> Path:
     data = json.loads(template.read_text())
     data["mode"] = "file"
-    for call, (mesh, dp, tp) in MIXED.items():
+    for call in data["calls"]:
+        mesh, dp, tp = MIXED[call]
         data["calls"][call].update(mesh=mesh, dp=dp, tp=tp, pp=1, micro_batches=1)
     path = folder / "mixed.json"
     path.write_text(json.dumps(data))
@@ -58,7 +76,7 @@ def mixed_plan_file(folder: Path, template: Path) -> Path:
 def measure(folder: Path) -> dict:
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("stage") == "rl" and r.get("step", 0) > 1
-            and "time/step_s" in r]  # fmt: skip
+            and "time/step_s" in r and not any(k.startswith("eval/") for k in r)]  # fmt: skip
     plan = json.loads((folder / "plan.json").read_text())
     est = rows[0]["plan/est_step_s"]
     measured = statistics.fmean(r["time/step_s"] for r in rows)
@@ -69,7 +87,8 @@ def measure(folder: Path) -> dict:
         calls[call] = {"estimated_s": e, "measured_s": m, "rel_error": abs(e - m) / m}
     return {
         "plan": {
-            n: f"{c['mesh']} dp{c['dp']} tp{c['tp']} pp{c['pp']}" for n, c in plan["calls"].items()
+            n: f"{c['mesh']} dp{c['dp']} tp{c['tp']} mb{c['micro_batches']}"
+            for n, c in plan["calls"].items()
         },  # fmt: skip
         "estimated_step_s": est,
         "measured_step_s": measured,
@@ -79,32 +98,56 @@ def measure(folder: Path) -> dict:
     }
 
 
+def calibrate(algo: str, preset: str, steps: int, profile_steps: int, out: str) -> dict:
+    job = (*JOB, f"algo={algo}", *PRESETS[preset])
+    profile = Path(out) / f"calls-{algo}-{preset}.json"
+    cli("profile", "--calls", "--steps", str(profile_steps), "--out", str(profile), *job)
+    job = (*job, f"cluster.calls_profile={profile}")
+    results = {}
+    for mode in (*HAND, "search"):
+        results[mode] = measure(train(out, f"{algo}-{mode}", steps, job, f"plan={mode}"))
+    mixed = mixed_plan_file(Path(out), Path(out) / f"{algo}-symmetric" / "plan.json")
+    results["mixed (file)"] = measure(
+        train(out, f"{algo}-mixed", steps, job, "plan=file", f"plan.path={mixed}")
+    )
+    best_hand = min(results[m]["measured_step_s"] for m in HAND)
+    return {
+        "job": list(job[:-1]),
+        "profile": json.loads(profile.read_text()),
+        "plans": results,
+        "max_rel_error": max(r["rel_error"] for r in results.values()),
+        "measured_best_hand_over_search": best_hand / results["search"]["measured_step_s"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--algos", default="ppo,remax,grpo")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "planner.json"))
     args = ap.parse_args()
-    results = {}
+    by_algo = {}
     with tempfile.TemporaryDirectory() as out:
-        for mode in ("per_role", "symmetric", "heuristic", "search"):
-            results[mode] = measure(train(out, mode, args.steps, f"plan={mode}"))
-        mixed = mixed_plan_file(Path(out), Path(out) / "symmetric" / "plan.json")
-        results["mixed (file)"] = measure(
-            train(out, "mixed", args.steps, "plan=file", f"plan.path={mixed}")
-        )
+        for algo in args.algos.split(","):
+            by_algo[algo] = calibrate(algo, args.preset, args.steps, args.profile_steps, out)
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["calibration"] = {
         "command": "python " + " ".join(sys.argv),
-        "job": list(JOB),
+        "preset": args.preset,
         "rl_steps": args.steps,
-        "plans": results,
+        "algorithms": by_algo,
     }
-    data["max_rel_error"] = max(r["rel_error"] for r in results.values())
+    data["max_rel_error"] = max(a["max_rel_error"] for a in by_algo.values())
     path.write_text(json.dumps(data, indent=1) + "\n")
-    for name, r in results.items():
-        print(f"{name:14s} estimated {r['estimated_step_s']:.4f} s  measured "
-              f"{r['measured_step_s']:.4f} s  rel error {r['rel_error']:.2f}")  # fmt: skip
+    for algo, a in by_algo.items():
+        for name, r in a["plans"].items():
+            print(f"{algo:6s} {name:14s} estimated {r['estimated_step_s']:.4f} s  measured "
+                  f"{r['measured_step_s']:.4f} s  rel error {r['rel_error']:.2f}")  # fmt: skip
+        print(f"{algo:6s} measured_best_hand_over_search "
+              f"{a['measured_best_hand_over_search']:.3f}")  # fmt: skip
     print(f"max_rel_error {data['max_rel_error']:.2f} -> {path}")
 
 

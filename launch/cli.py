@@ -5,6 +5,7 @@ relay train --help              the config groups, their options and every key
 relay config [key=value ...]    print the composed, validated config
 relay plan [key=value ...]      the execution plan and its estimated cost, without running
 relay profile [--out F]         measure this machine's per-layer costs for the planner
+relay profile --calls [OVERRIDES]  measure this job's calls under each layout (planner)
 relay submit [key=value ...]    the run as a Ray Job on a cluster; status, logs, stop follow it
 relay convert FILE.gguf FOLDER  a GGUF model file as a model folder for model.path
 """
@@ -21,7 +22,8 @@ commands:
   train     run a Hydra-configured job on a local Ray cluster (or RAY_ADDRESS)
   config    print the composed and validated configuration, then exit
   plan      the execution plan of the same overrides: table, estimate per mode, Gantt chart
-  profile   measure this machine's per-layer costs (profiles/cpu.json) for the planner
+  profile   measure this machine's per-layer costs (profiles/cpu.json) for the planner;
+            with --calls, this job's calls under each layout (cluster.calls_profile)
   submit    send the run to a Ray cluster as a Ray Job (--address); prints the job id
   status    a submitted run's status (relay status JOB)
   logs      a submitted run's output (relay logs JOB [--follow])
@@ -160,6 +162,10 @@ def plan(argv: list[str]) -> int:
 
 
 def profile(argv: list[str]) -> int:
+    if "--calls" in argv:  # this job's calls under each layout (launch/profile_calls.py)
+        from launch.profile_calls import profile_calls
+
+        return profile_calls([a for a in argv if a != "--calls"])
     from launch.profile import profile as run
 
     return run(argv)

@@ -42,8 +42,10 @@ from planner.cost import (
     weight_bytes,
 )
 from planner.layout import Layout, Mesh, is_valid_mesh
+from planner.measured import CallProfile
 from planner.realloc import comm_plan, realloc_s, traffic
 from planner.simulate import Slot, Task, list_schedule, makespan
+from planner.threads import busy_devices, cores_per_device
 from planner.workload import CallWork, Workload
 
 MEMORY_HEADROOM = 0.9  # share of a device's memory a plan may use (allocator, buffers)
@@ -105,6 +107,10 @@ class Context:
     max_pp: int | None = None  # layouts with a larger pipeline degree are not candidates
     offload: str = "auto"  # frozen roles sharing devices: auto | always | never (above)
     fuse: bool = True  # like calls ready together run as one task (the runtime's fusing)
+    measured: CallProfile | None = None  # call times measured here (planner.measured)
+    threads_per_device: int = 1  # with `measured`: the threads the runtime gives calls
+    auto_threads: bool = True  # (cluster.call_threads=auto: planner.threads)
+    _roof: dict[tuple, float] = field(default_factory=dict, repr=False)
     _call_s: dict[tuple, float] = field(default_factory=dict, repr=False)
     _act: dict[tuple, float] = field(default_factory=dict, repr=False)
     _realloc: dict[tuple, float] = field(default_factory=dict, repr=False)
@@ -115,19 +121,61 @@ class Context:
     def spans(self, a: Assignment) -> bool:
         return a.mesh.size > self.cluster.devices_per_node
 
-    def call_s(self, call: str, a: Assignment) -> float:
+    def roofline_s(self, call: str, a: Assignment) -> float:
+        """The call's time by the roofline of planner.cost."""
         key = (call, a.mesh.size, a.layout)
-        if key not in self._call_s:
+        if key not in self._roof:
             w = self.workload.call(call)
             shape = self.workload.roles[w.role].shape
-            self._call_s[key] = call_time_s(w, shape, self.placement(a), self.workload.zero_stage)
+            self._roof[key] = call_time_s(w, shape, self.placement(a), self.workload.zero_stage)
+        return self._roof[key]
+
+    def call_s(self, call: str, a: Assignment) -> float:
+        """The call's time on its mesh with nothing else computing on the node: measured
+        where the profile has it, else the roofline (planner.measured)."""
+        key = (call, a.mesh.size, a.layout)
+        if key not in self._call_s:
+            self._call_s[key] = self._alone_s(call, a)
         return self._call_s[key]
+
+    def _alone_s(self, call: str, a: Assignment) -> float:
+        roof, prof = self.roofline_s(call, a), self.measured
+        if prof is None:
+            return roof
+        m = prof.lookup(call, a.mesh.size, a.layout.dp, a.layout.tp)
+        if m is None:
+            return roof * prof.kind_ratio.get(self.workload.call(call).kind.value, 1.0)
+        one = self.roofline_s(call, Assignment(a.mesh, replace(a.layout, micro_batches=1)))
+        return m.seconds * roof / one * m.cores / self.cores(a.mesh.size, a.mesh.size)
+
+    def cores(self, size: int, busy: int) -> float:
+        """Cores per device of a call on `size` devices of a node where `busy` devices
+        compute at once (profiled clusters; planner.threads)."""
+        n = self.measured.cores_per_node if self.measured else 1
+        threads = max(self.threads_per_device, n // busy) if self.auto_threads else (
+            self.threads_per_device)  # fmt: skip
+        return cores_per_device(threads, busy, n)
+
+    def slowdowns(self, assign: dict[str, Assignment]) -> dict[str, float]:
+        """Call -> how much slower than alone it runs under the plan: the node's cores
+        shared with the calls that may run beside it (1 without a profile)."""
+        if self.measured is None:
+            return {c.name: 1.0 for c in self.topo}
+        parents = {c.name: c.parents for c in self.topo}
+        meshes = {n: a.mesh for n, a in assign.items()}
+        busy = busy_devices(parents, meshes, self.cluster.devices_per_node)
+        return {n: self.cores(assign[n].mesh.size, assign[n].mesh.size) / self.cores(
+            assign[n].mesh.size, b) for n, b in busy.items()}  # fmt: skip
 
     def group_s(self, calls: tuple[str, ...], a: Assignment) -> float:
         """One task running `calls` (of one role, kind and placement) as one batch: the
         cost of a call over all their sequences."""
         if len(calls) == 1:
             return self.call_s(calls[0], a)
+        if self.measured is not None and all(
+            self.measured.lookup(c, a.mesh.size, a.layout.dp, a.layout.tp) for c in calls
+        ):  # measured fused: each call's time is its share of the task
+            return sum(self.call_s(c, a) for c in calls)
         key = (calls, a.mesh.size, a.layout)
         if key not in self._call_s:
             works = [self.workload.call(c) for c in calls]
@@ -148,10 +196,11 @@ class Context:
         return group_ready_together(self.topo, lambda c: c.name, lambda c: c.parents, key)
 
     def shared_call_s(self, assign: dict[str, Assignment]) -> dict[str, float]:
-        """Each call's time; a fused call's is its group's, shared by sequences."""
-        out = {}
+        """Each call's time under the plan; a fused call's is its group's, shared by
+        sequences."""
+        out, slow = {}, self.slowdowns(assign)
         for g in self.groups(assign):
-            total = self.group_s(tuple(c.name for c in g), assign[g[0].name])
+            total = self.group_s(tuple(c.name for c in g), assign[g[0].name]) * slow[g[0].name]
             seqs = sum(c.batch_seqs for c in g)
             out.update({c.name: total * c.batch_seqs / seqs for c in g})
         return out
@@ -327,6 +376,7 @@ def tasks(
     home = homes(ctx, assign)
     off = set(offloaded_roles(ctx, assign) if offloaded is None else offloaded)
     hooks = realloc_hooks(ctx, assign)
+    slow = ctx.slowdowns(assign)
     out: list[Task] = []
     index: dict[tuple[int, str], int] = {}
     refreshed: dict[tuple, int] = {}  # (role, replica) -> this iteration's reallocation
@@ -359,7 +409,7 @@ def tasks(
             if (c.role, a.replica) in refreshed:
                 deps += (refreshed[(c.role, a.replica)],)
             names = tuple(m.name for m in group)
-            duration = ctx.group_s(names, a)
+            duration = ctx.group_s(names, a) * slow[c.name]
             if c.role in off:  # reload before, offload after
                 w = weight_bytes(wl.roles[c.role].shape, home[c.role].layout, k.param_bytes)
                 duration += 2 * w / k.host_bytes_s
@@ -374,8 +424,9 @@ def evaluate(ctx: Context, assign: dict[str, Assignment]) -> Estimate:
     re = {}
     for h in realloc_hooks(ctx, assign):
         re[h.before] = ctx.realloc_s(h.role, h.src, h.dst)
+    overhead = ctx.measured.step_overhead_s if ctx.measured else 0.0
     return Estimate(
-        time_per_iteration_s=makespan(slots) / ctx.iterations,
+        time_per_iteration_s=makespan(slots) / ctx.iterations + overhead,
         call_s=ctx.shared_call_s(assign),
         realloc_s=re,
         memory_bytes=memory_per_device(ctx, assign),

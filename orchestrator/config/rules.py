@@ -260,6 +260,9 @@ def _plan_rules(p: list[Problem], cfg: RelayConfig) -> None:
     elif pl.mode == "file" and pl.path is None:
         p.append(Problem("plan.path", pl.path, "plan=file reads an existing plan file",
                          "write one with `relay plan ...` and pass plan.path=<file>"))  # fmt: skip
+    if c.calls_profile is not None and not Path(c.calls_profile).is_file():
+        p.append(Problem("cluster.calls_profile", c.calls_profile, "the file does not exist",
+                         "measure this job's calls with `relay profile --calls`"))  # fmt: skip
     if c.profile is not None and not Path(c.profile).is_file():
         p.append(Problem("cluster.profile", c.profile, "the profile file does not exist",
                          "measure one with `relay profile --out <file>`"))  # fmt: skip

@@ -219,6 +219,7 @@ class ClusterConfig:
     call_threads: str = "auto"
     device_kind: str | None = None  # planner catalogue: cpu | h100-sxm | h200-sxm | a100-sxm-80g
     profile: str | None = None  # a `relay profile` file (default: profiles/<kind>.json if present)
+    calls_profile: str | None = None  # a `relay profile --calls` file: this job's call times
 
 
 @dataclass

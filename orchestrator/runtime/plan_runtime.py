@@ -31,12 +31,12 @@ import ray
 
 from algos.graph import MFC, CallKind, DataflowGraph, fused_groups
 from orchestrator.runtime.metrics import merge_metrics
-from orchestrator.runtime.threads import call_threads as call_threads_of
 from orchestrator.workers.cluster import DeviceCluster
 from orchestrator.workers.failures import classify, gather
 from orchestrator.workers.groups import Sharding, sharding_key
 from orchestrator.workers.spec import RoleSpec
 from planner.layout import Layout, Mesh
+from planner.threads import call_threads as call_threads_of
 
 
 @dataclass
@@ -123,10 +123,10 @@ class PlanRuntime:
         self.workers = self.cluster.workers
         self.threads: dict[str, int] = {}  # call -> its torch threads (empty: the device's)
         if call_threads and device == "cpu":
-            cores = {
-                d // devices_per_node: p["cores"] for d, p in enumerate(self.cluster.processes)
-            }
-            self.threads = call_threads_of(graph, self.sharding, devices_per_node, cores, threads)
+            cores = min(p["cores"] for p in self.cluster.processes)
+            parents = {c.name: graph.parents(c) for c in graph.calls}
+            meshes = {n: sh[0] for n, sh in self.sharding.items()}
+            self.threads = call_threads_of(parents, meshes, devices_per_node, cores, threads)
         try:
             self._build(graph, specs, offload, engine)
         except BaseException:

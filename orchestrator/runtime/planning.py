@@ -19,7 +19,7 @@ from pathlib import Path
 
 from algos.graph import CallKind, DataflowGraph
 from algos.ppo import ALGORITHM_GRAPHS, reward_model_graph, sft_graph
-from orchestrator.config.schema import ConfigError, Problem, RelayConfig
+from orchestrator.config.schema import ConfigError, Problem, RelayConfig, generation_backend
 from planner.catalogue import (
     MODEL_SHAPES,
     Cluster,
@@ -27,6 +27,7 @@ from planner.catalogue import (
     device_kind,
     shape_from_hf_config,
 )
+from planner.measured import CallProfile, read_call_profile
 from planner.plan import Assignment, Context, Estimate, evaluate, load_plan_file, validate
 from planner.search import SearchResult, heuristic, mcmc, per_role, symmetric
 from planner.workload import Workload, rl_shapes, without_roles, workload_from_graph
@@ -133,9 +134,49 @@ def cluster(cfg: RelayConfig) -> Cluster:
 
 
 def context(cfg: RelayConfig) -> Context:
-    return Context(workload(cfg), cluster(cfg), iterations=cfg.plan.iterations,
+    wl, c = workload(cfg), cfg.cluster
+    measured = call_profile(cfg, wl)
+    return Context(wl, cluster(cfg), iterations=cfg.plan.iterations,
                    max_pp=cfg.plan.max_pp, offload=cfg.plan.offload,
-                   fuse=cfg.plan.fuse_calls)  # fmt: skip
+                   fuse=cfg.plan.fuse_calls, measured=measured,
+                   threads_per_device=c.threads_per_device,
+                   auto_threads=c.call_threads == "auto")  # fmt: skip
+
+
+def job_identity(cfg: RelayConfig, wl: Workload) -> dict[str, object]:
+    """What a `relay profile --calls` file's times are of: the graph, the roles' models,
+    every call's batch and lengths, the generation backend and the cluster's slots."""
+    c = cfg.cluster
+    return {
+        "graph": wl.graph,
+        "roles": {r: [x.shape.layers, x.shape.hidden, x.shape.vocab] for r, x in wl.roles.items()},
+        "calls": {
+            w.name: [w.batch_seqs, w.prompt_tokens, w.gen_tokens, w.optimizer_steps]
+            for w in wl.calls
+        },  # fmt: skip
+        "zero_stage": wl.zero_stage,
+        "generate_backend": generation_backend(cfg),
+        "devices_per_node": c.devices_per_node,
+        "threads_per_device": c.threads_per_device,
+        "call_threads": c.call_threads,
+        "fuse_calls": cfg.plan.fuse_calls,
+    }
+
+
+def call_profile(cfg: RelayConfig, wl: Workload) -> CallProfile | None:
+    """cluster.calls_profile, checked against the job (ConfigError if it is another's)."""
+    path = cfg.cluster.calls_profile
+    if path is None:
+        return None
+    prof = read_call_profile(path)
+    mine = json.loads(json.dumps(job_identity(cfg, wl)))  # as the file holds it
+    differ = sorted(k for k in set(mine) | set(prof.job) if mine.get(k) != prof.job.get(k))
+    if differ:
+        raise ConfigError([Problem(
+            "cluster.calls_profile", path,
+            f"it measured another job (differs in {', '.join(differ)})",
+            "measure this job: `relay profile --calls <the same overrides>`, or drop it")])  # fmt: skip
+    return prof
 
 
 @dataclass

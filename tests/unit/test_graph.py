@@ -214,33 +214,31 @@ def test_remax_calls_fuse_into_one_generation_and_one_reward_task() -> None:
 
 
 def test_concurrent_calls_are_neither_ancestors_nor_descendants() -> None:
+    from planner.threads import concurrent
+
     g = ppo_graph()
-    assert g.concurrent(g.call("actor_gen")) == []
-    assert sorted(g.concurrent(g.call("ref_inf"))) == ["critic_inf", "reward_inf"]
-    assert g.concurrent(g.call("actor_train")) == ["critic_train"]
-    assert g.ancestors(g.call("actor_train")) == {
-        "actor_gen",
-        "ref_inf",
-        "reward_inf",
-        "critic_inf",
-    }
+    c = concurrent({x.name: g.parents(x) for x in g.calls})
+    assert c["actor_gen"] == set()
+    assert c["ref_inf"] == {"critic_inf", "reward_inf"}
+    assert c["actor_train"] == {"critic_train"}
 
 
 def test_a_call_running_alone_gets_every_core() -> None:
-    """runtime.threads: the node's cores split among the devices busy while a call runs."""
-    from orchestrator.runtime.threads import call_threads
-    from planner.layout import Layout, Mesh
+    """planner.threads: the node's cores split among the devices busy while a call runs."""
+    from planner.layout import Mesh
+    from planner.threads import call_threads
 
     g = ppo_graph()
+    parents = {c.name: g.parents(c) for c in g.calls}
     on = {"actor_gen": 0, "ref_inf": 1, "reward_inf": 2, "critic_inf": 3, "actor_train": 0,
           "critic_train": 3}  # fmt: skip
-    plan = {n: (Mesh(d, 1), Layout(1, 1, 1)) for n, d in on.items()}
-    t = call_threads(g, plan, 4, {0: 2}, 1)
+    meshes = {n: Mesh(d, 1) for n, d in on.items()}
+    t = call_threads(parents, meshes, 4, 2, 1)
     assert t["actor_gen"] == 2  # alone: both cores
     assert t["ref_inf"] == t["reward_inf"] == t["critic_inf"] == 1  # three at once
     assert t["actor_train"] == t["critic_train"] == 1  # beside each other
-    assert call_threads(g, plan, 4, {0: 16}, 1)["critic_train"] == 8
-    assert call_threads(g, plan, 4, {0: 2}, 3)["actor_gen"] == 3  # never below the device's
+    assert call_threads(parents, meshes, 4, 16, 1)["critic_train"] == 8
+    assert call_threads(parents, meshes, 4, 2, 3)["actor_gen"] == 3  # never below the device's
     # a call on two devices of a 16-core node, alone: 8 threads each
-    two = {n: (Mesh(0, 2), Layout(2, 1, 1)) for n in on}
-    assert call_threads(g, two, 4, {0: 16}, 1)["actor_gen"] == 8
+    two = {n: Mesh(0, 2) for n in on}
+    assert call_threads(parents, two, 4, 16, 1)["actor_gen"] == 8

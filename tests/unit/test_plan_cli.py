@@ -231,3 +231,69 @@ def test_a_checkpoint_resumes_only_under_its_plan(tmp_path: Path) -> None:
                                                           "search", None)))  # fmt: skip
     searched = load_config([f"run.output_dir={tmp_path}", "plan=search", "generate.backend=hf"])
     assert plan_for_run(searched).plan == symmetric.plan
+
+
+def test_a_call_profile_prices_calls_as_measured(tmp_path: Path) -> None:
+    """planner.measured through the config: a measured call costs its measured time
+    (scaled by the roofline to more micro-batches, and by the cores it shares under the
+    plan), an unmeasured one the roofline times its kind's measured ratio, every step pays
+    the measured overhead; another job's profile is refused naming the field."""
+    from orchestrator.config.load import load_config
+    from orchestrator.config.schema import ConfigError
+    from orchestrator.runtime.planning import context, job_identity, make_plan
+    from planner.layout import Layout, Mesh
+    from planner.plan import Assignment, evaluate
+
+    cfg = load_config([], for_run=False)
+    plain = context(cfg)
+    prof = {
+        "job": job_identity(cfg, plain.workload), "cores_per_node": 2, "step_overhead_s": 0.05,
+        "kind_ratio": {"generate": 2.0, "inference": 3.0, "train": 4.0},
+        "calls": [{"call": c.name, "mesh_size": 1, "dp": 1, "tp": 1, "seconds": 0.1 * (i + 1),
+                   "cores": 2.0} for i, c in enumerate(plain.topo)],
+    }  # fmt: skip
+    path = tmp_path / "calls.json"
+    path.write_text(json.dumps(prof))
+    ctx = context(load_config([f"cluster.calls_profile={path}"], for_run=False))
+    one = Assignment(Mesh(0, 1), Layout(1, 1, 1, 1))
+    first = ctx.topo[0].name
+    assert ctx.call_s(first, one) == pytest.approx(0.1)  # alone, as measured
+    two_mb = Assignment(Mesh(0, 1), Layout(1, 1, 1, 2))
+    scale = plain.roofline_s(first, two_mb) / plain.roofline_s(first, one)
+    assert ctx.call_s(first, two_mb) == pytest.approx(0.1 * scale)
+    dp2 = Assignment(Mesh(0, 2), Layout(2, 1, 1, 1))  # not measured: roofline x ratio
+    train = next(c.name for c in ctx.topo if c.kind.value == "train")
+    assert ctx.call_s(train, dp2) == pytest.approx(4.0 * plain.roofline_s(train, dp2))
+    # per_role on 4 devices of 2 cores: the step's first call runs alone (2 cores), the
+    # three inference calls share the node's 2 cores (2/3 core each, 3x slower)
+    plan = make_plan(load_config([f"cluster.calls_profile={path}", "plan=per_role"],
+                                 for_run=False)).plan  # fmt: skip
+    slow = ctx.slowdowns(plan)
+    assert slow["actor_gen"] == pytest.approx(1.0)
+    assert slow["ref_inf"] == pytest.approx(3.0)
+    est = evaluate(ctx, plan)
+    assert est.call_s["ref_inf"] == pytest.approx(ctx.call_s("ref_inf", plan["ref_inf"]) * 3)
+    base = evaluate(replace(ctx, measured=None, _call_s={}), plan)
+    assert est.time_per_iteration_s != pytest.approx(base.time_per_iteration_s)
+    # another job's profile (another batch) is refused, naming the field and what differs
+    with pytest.raises(ConfigError, match=r"cluster.calls_profile.*calls"):
+        context(load_config([f"cluster.calls_profile={path}", "train.rollout_batch_prompts=32"],
+                            for_run=False))  # fmt: skip
+
+
+def test_profile_calls_measures_every_layout_all_calls_can_take(tmp_path: Path) -> None:
+    """relay profile --calls: its layouts on the default job's 4 devices (the tiny model
+    has 2 heads: tp up to 2), each as a plan file the runtime reads back; bad options
+    exit 2 before anything runs."""
+    from launch.profile_calls import candidate_layouts, plan_file
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import context
+    from planner.plan import load_plan_file
+
+    ctx = context(load_config([], for_run=False))
+    layouts = candidate_layouts(ctx)
+    assert layouts == [(1, 1, 1), (2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 4, 1)]
+    plan = load_plan_file(plan_file(ctx, 4, 2, 2, tmp_path))
+    assert {(a.mesh.size, a.layout.dp, a.layout.tp) for a in plan.values()} == {(4, 2, 2)}
+    assert main(["profile", "--calls", "--steps", "0"]) == 2
+    assert main(["profile", "--calls", "--out", str(tmp_path)]) == 2
