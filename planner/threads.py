@@ -38,15 +38,19 @@ def concurrent(parents: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
 
 
 def busy_devices(
-    parents: Mapping[str, Iterable[str]], meshes: Mapping[str, Mesh], devices_per_node: int
+    parents: Mapping[str, Iterable[str]],
+    meshes: Mapping[str, Mesh],
+    devices_per_node: int,
+    light: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
     """Call -> the most devices of one of its nodes that can compute while it runs (its
-    own included)."""
+    own included). `light`: calls that barely compute (a reward function or verifier:
+    no model), which keep no device busy."""
     out = {}
     for name, others in concurrent(parents).items():
         devices = set(meshes[name].devices)
         busy = set(devices)
-        for o in others:
+        for o in others - light:
             busy |= set(meshes[o].devices)
         out[name] = max(sum(1 for d in busy if d // devices_per_node == node)
                         for node in {d // devices_per_node for d in devices})  # fmt: skip
@@ -59,9 +63,10 @@ def call_threads(
     devices_per_node: int,
     cores_per_node: int,
     threads_per_device: int,
+    light: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
     """Call name -> torch threads for each of its devices (see the module docstring)."""
-    busy = busy_devices(parents, meshes, devices_per_node)
+    busy = busy_devices(parents, meshes, devices_per_node, light)
     return {n: max(threads_per_device, cores_per_node // b) for n, b in busy.items()}
 
 

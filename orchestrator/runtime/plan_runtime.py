@@ -126,7 +126,10 @@ class PlanRuntime:
             cores = min(p["cores"] for p in self.cluster.processes)
             parents = {c.name: graph.parents(c) for c in graph.calls}
             meshes = {n: sh[0] for n, sh in self.sharding.items()}
-            self.threads = call_threads_of(parents, meshes, devices_per_node, cores, threads)
+            light = frozenset(c.name for c in graph.calls  # no model: a function's work
+                              if not by_name[c.role].kind().has_model)  # fmt: skip
+            self.threads = call_threads_of(parents, meshes, devices_per_node, cores, threads,
+                                           light)  # fmt: skip
         try:
             self._build(graph, specs, offload, engine)
         except BaseException:

@@ -239,6 +239,9 @@ def test_a_call_running_alone_gets_every_core() -> None:
     assert t["actor_train"] == t["critic_train"] == 1  # beside each other
     assert call_threads(parents, meshes, 4, 16, 1)["critic_train"] == 8
     assert call_threads(parents, meshes, 4, 2, 3)["actor_gen"] == 3  # never below the device's
+    # a verifier's call (no model) keeps no device busy: the three inference calls are two
+    light = frozenset({"reward_inf"})
+    assert call_threads(parents, meshes, 4, 4, 1, light)["ref_inf"] == 2
     # a call on two devices of a 16-core node, alone: 8 threads each
     two = {n: Mesh(0, 2) for n in on}
     assert call_threads(parents, two, 4, 16, 1)["actor_gen"] == 8
