@@ -84,15 +84,21 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
 
     cfg = load_config([*overrides, "cluster.calls_profile=null"])
     ctx = context(cfg)
-    layouts = candidate_layouts(ctx)
-    _say(f"relay profile --calls: {len(layouts)} layouts x {steps} steps of the "
-         f"{ctx.workload.graph} graph: {', '.join(f'm{s} dp{d} tp{t}' for s, d, t in layouts)}")  # fmt: skip
     c = cfg.cluster
+    layouts: list[tuple[int, int, int, tuple[str, ...]]] = [
+        (s, d, t, ()) for s, d, t in candidate_layouts(ctx)]  # fmt: skip
+    if c.call_threads == "auto" and os.cpu_count() and os.cpu_count() > c.threads_per_device:
+        # one device alone again at threads_per_device: how each call follows its cores
+        layouts.append((1, 1, 1, ("cluster.call_threads=device",)))
+    _say(f"relay profile --calls: {len(layouts)} layouts x {steps} steps of the "
+         f"{ctx.workload.graph} graph: {', '.join(f'm{s} dp{d} tp{t}' for s, d, t, _ in layouts)}")  # fmt: skip
     calls, pairs, overheads, cores_seen = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for size, dp, tp in layouts:
-            rows = run_layout(overrides, plan_file(ctx, size, dp, tp, Path(tmp)), steps,
-                              Path(tmp) / "runs")  # fmt: skip
+        for size, dp, tp, extra in layouts:
+            plan = plan_file(ctx, size, dp, tp, Path(tmp))
+            if extra:
+                plan = plan.rename(plan.with_name(plan.stem + "_device_threads.json"))
+            rows = run_layout([*overrides, *extra], plan, steps, Path(tmp) / "runs")
             cores = rows[0]["_cores"]
             cores_seen.append(cores)
             overheads += [r["time/overhead_s"] for r in rows]
@@ -106,9 +112,10 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
                 had = cores_per_device(threads, size, cores)
                 calls.append({"call": w.name, "mesh_size": size, "dp": dp, "tp": tp,
                               "seconds": seconds, "cores": had})  # fmt: skip
+                if extra:
+                    continue
                 roof = ctx.roofline_s(w.name, Assignment(Mesh(0, size), Layout(dp, tp, 1, 1)))
-                alone = seconds * had / cores_per_device(alone_threads, size, cores)
-                pairs.append((w.kind.value, alone, roof))
+                pairs.append((w.kind.value, seconds, roof))
             _say(f"  m{size} dp{dp} tp{tp}: " + ", ".join(
                 f"{x['call']} {x['seconds'] * 1e3:.1f} ms" for x in calls[-len(ctx.topo):]))  # fmt: skip
     return {

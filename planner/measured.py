@@ -44,12 +44,23 @@ class CallProfile:
     kind_ratio: dict[str, float]  # call kind -> median measured / roofline time
     step_overhead_s: float
     cores_per_node: int
+    # call -> {cores: seconds} on one device: how the call's time follows its cores
+    curves: dict[str, dict[float, float]] = field(default_factory=dict)
     source: str = ""
     measured_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def lookup(self, call: str, size: int, dp: int, tp: int) -> Measured | None:
         return self.calls.get((call, size, dp, tp))
+
+    def scale(self, call: str, cores_from: float, cores_to: float) -> float:
+        """time(cores_to) / time(cores_from) of the call: by its one-device curve where
+        the profile measured it at several core counts (linear between them, time-sliced
+        below the fewest, no faster above the most), else in inverse proportion."""
+        points = sorted(self.curves.get(call, {}).items())
+        if len(points) < 2:
+            return cores_from / cores_to
+        return _time_at(points, cores_to) / _time_at(points, cores_from)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,18 +84,31 @@ class CallProfile:
         }
 
 
+def _time_at(points: list[tuple[float, float]], cores: float) -> float:
+    (c0, t0) = points[0]
+    if cores <= c0:
+        return t0 * c0 / cores
+    for (a, ta), (b, tb) in zip(points, points[1:]):
+        if cores <= b:
+            return ta + (tb - ta) * (cores - a) / (b - a)
+    return points[-1][1]
+
+
 def read_call_profile(path: str | Path) -> CallProfile:
     data = json.loads(Path(path).read_text())
-    calls = {
-        (c["call"], int(c["mesh_size"]), int(c["dp"]), int(c["tp"])): Measured(
-            float(c["seconds"]), float(c["cores"])
-        )
-        for c in data["calls"]
-    }
+    calls: dict[Key, Measured] = {}
+    curves: dict[str, dict[float, float]] = {}
+    for c in data["calls"]:
+        key = (c["call"], int(c["mesh_size"]), int(c["dp"]), int(c["tp"]))
+        m = Measured(float(c["seconds"]), float(c["cores"]))
+        if key not in calls or m.cores > calls[key].cores:  # the run with the most cores
+            calls[key] = m
+        if key[1] == 1:
+            curves.setdefault(key[0], {})[m.cores] = m.seconds
     known = {"job", "cores_per_node", "step_overhead_s", "kind_ratio", "measured_at", "calls"}
     return CallProfile(
         data["job"], calls, {k: float(v) for k, v in data["kind_ratio"].items()},
-        float(data["step_overhead_s"]), int(data["cores_per_node"]), str(path),
+        float(data["step_overhead_s"]), int(data["cores_per_node"]), curves, str(path),
         data.get("measured_at", ""), {k: v for k, v in data.items() if k not in known},
     )  # fmt: skip
 

@@ -146,7 +146,9 @@ class Context:
         if m is None:
             return roof * prof.kind_ratio.get(self.workload.call(call).kind.value, 1.0)
         one = self.roofline_s(call, Assignment(a.mesh, replace(a.layout, micro_batches=1)))
-        return m.seconds * roof / one * m.cores / self.cores(a.mesh.size, a.mesh.size)
+        return (
+            m.seconds * roof / one * prof.scale(call, m.cores, self.cores(a.mesh.size, a.mesh.size))
+        )
 
     def cores(self, size: int, busy: int) -> float:
         """Cores per device of a call on `size` devices of a node where `busy` devices
@@ -164,8 +166,11 @@ class Context:
         parents = {c.name: c.parents for c in self.topo}
         meshes = {n: a.mesh for n, a in assign.items()}
         busy = busy_devices(parents, meshes, self.cluster.devices_per_node)
-        return {n: self.cores(assign[n].mesh.size, assign[n].mesh.size) / self.cores(
-            assign[n].mesh.size, b) for n, b in busy.items()}  # fmt: skip
+        prof, out = self.measured, {}
+        for n, b in busy.items():
+            size = assign[n].mesh.size
+            out[n] = prof.scale(n, self.cores(size, size), self.cores(size, b))
+        return out
 
     def group_s(self, calls: tuple[str, ...], a: Assignment) -> float:
         """One task running `calls` (of one role, kind and placement) as one batch: the

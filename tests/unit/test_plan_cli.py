@@ -275,6 +275,15 @@ def test_a_call_profile_prices_calls_as_measured(tmp_path: Path) -> None:
     assert est.call_s["ref_inf"] == pytest.approx(ctx.call_s("ref_inf", plan["ref_inf"]) * 3)
     base = evaluate(replace(ctx, measured=None, _call_s={}), plan)
     assert est.time_per_iteration_s != pytest.approx(base.time_per_iteration_s)
+    # measured on one core too, a call follows its own curve: here two threads gained
+    # nothing, so sharing 2 cores three ways (2/3 core each) costs 1.5x, not 3x
+    ref_s = next(c["seconds"] for c in prof["calls"] if c["call"] == "ref_inf")
+    prof["calls"].append({"call": "ref_inf", "mesh_size": 1, "dp": 1, "tp": 1, "seconds": ref_s,
+                          "cores": 1.0})  # fmt: skip
+    path.write_text(json.dumps(prof))
+    curved = context(load_config([f"cluster.calls_profile={path}"], for_run=False))
+    assert curved.slowdowns(plan)["ref_inf"] == pytest.approx(1.5)
+    assert curved.call_s("ref_inf", one) == pytest.approx(ref_s)
     # another job's profile (another batch) is refused, naming the field and what differs
     with pytest.raises(ConfigError, match=r"cluster.calls_profile.*calls"):
         context(load_config([f"cluster.calls_profile={path}", "train.rollout_batch_prompts=32"],
