@@ -116,6 +116,7 @@ def planner_estimate(budget_s: float) -> dict:
         e = evaluate(ctx, found.plan)
         est[algo] = {
             "iteration_s": e.time_per_iteration_s,
+            "memory_bytes": float(e.memory_bytes.sum()),
             "max_device_bytes": float(e.memory_bytes.max()),
         }
     return {

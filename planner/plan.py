@@ -45,7 +45,7 @@ from planner.layout import Layout, Mesh, is_valid_mesh
 from planner.measured import CallProfile
 from planner.realloc import comm_plan, realloc_s, traffic
 from planner.simulate import Slot, Task, list_schedule, makespan
-from planner.threads import busy_devices, cores_per_device
+from planner.threads import busy_devices, cores_per_device, fused_parents
 from planner.workload import CallWork, Workload
 
 MEMORY_HEADROOM = 0.9  # share of a device's memory a plan may use (allocator, buffers)
@@ -163,7 +163,8 @@ class Context:
         shared with the calls that may run beside it (1 without a profile)."""
         if self.measured is None:
             return {c.name: 1.0 for c in self.topo}
-        parents = {c.name: c.parents for c in self.topo}
+        parents = fused_parents({c.name: c.parents for c in self.topo},
+                                [[c.name for c in g] for g in self.groups(assign)])  # fmt: skip
         meshes = {n: a.mesh for n, a in assign.items()}
         busy = busy_devices(parents, meshes, self.cluster.devices_per_node)
         prof, out = self.measured, {}

@@ -37,6 +37,21 @@ def concurrent(parents: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
             for n in names}  # fmt: skip
 
 
+def fused_parents(
+    parents: Mapping[str, Iterable[str]], groups: Iterable[Iterable[str]]
+) -> dict[str, set[str]]:
+    """`parents` with each group of calls fused into one task (algos.graph.fused_groups)
+    as one call: a member waits for every member's producers, and a consumer of one
+    member for all of them (ReMax's greedy reward call then never runs beside the
+    sampled generation it is fused after)."""
+    group_of = {m: tuple(g) for g in groups for m in g}
+    out = {}
+    for name in parents:
+        producers = {p for m in group_of.get(name, (name,)) for p in parents[m]}
+        out[name] = {q for p in producers for q in group_of.get(p, (p,))}
+    return out
+
+
 def busy_devices(
     parents: Mapping[str, Iterable[str]],
     meshes: Mapping[str, Mesh],

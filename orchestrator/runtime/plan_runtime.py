@@ -37,6 +37,7 @@ from orchestrator.workers.groups import Sharding, sharding_key
 from orchestrator.workers.spec import RoleSpec
 from planner.layout import Layout, Mesh
 from planner.threads import call_threads as call_threads_of
+from planner.threads import fused_parents
 
 
 @dataclass
@@ -124,7 +125,8 @@ class PlanRuntime:
         self.threads: dict[str, int] = {}  # call -> its torch threads (empty: the device's)
         if call_threads and device == "cpu":
             cores = min(p["cores"] for p in self.cluster.processes)
-            parents = {c.name: graph.parents(c) for c in graph.calls}
+            parents = fused_parents({c.name: graph.parents(c) for c in graph.calls},
+                                    [[c.name for c in g] for g in self.groups(graph)])  # fmt: skip
             meshes = {n: sh[0] for n, sh in self.sharding.items()}
             light = frozenset(c.name for c in graph.calls  # no model: a function's work
                               if not by_name[c.role].kind().has_model)  # fmt: skip

@@ -408,7 +408,9 @@ class DeviceWorker(Evaluating):
         self.pushed_s = 0.0
         moved = self._reload(rep.key)
         threads = opts[0].pop("threads", self.threads)
-        torch.set_num_threads(threads)
+        # vLLM's CPU worker makes torch.set_num_threads a no-op in its process: the call
+        # sets torch's own setter (OpenMP's count for torch's and vLLM's kernels alike)
+        torch._C._set_num_threads(threads)
         start, cpu = time.perf_counter(), time.process_time()
         try:
             if len(calls) == 1:

@@ -242,6 +242,20 @@ def test_a_call_running_alone_gets_every_core() -> None:
     # a verifier's call (no model) keeps no device busy: the three inference calls are two
     light = frozenset({"reward_inf"})
     assert call_threads(parents, meshes, 4, 4, 1, light)["ref_inf"] == 2
+    # ReMax fused: the greedy reward call waits for the fused generation, which then
+    # runs alone on its device and gets both cores
+    from algos.graph import fused_groups
+    from algos.ppo import remax_graph
+    from planner.threads import fused_parents
+
+    r = remax_graph()
+    on_r = {"actor_gen": 0, "actor_greedy_gen": 0, "ref_inf": 1, "reward_inf": 2,
+            "reward_greedy_inf": 2, "actor_train": 0}  # fmt: skip
+    groups = [[c.name for c in g] for g in fused_groups(r, on_r)]
+    fused = fused_parents({c.name: r.parents(c) for c in r.calls}, groups)
+    m_r = {n: Mesh(d, 1) for n, d in on_r.items()}
+    assert call_threads(fused, m_r, 4, 2, 1)["actor_gen"] == 2
+    assert call_threads({c.name: r.parents(c) for c in r.calls}, m_r, 4, 2, 1)["actor_gen"] == 1
     # a call on two devices of a 16-core node, alone: 8 threads each
     two = {n: Mesh(0, 2) for n in on}
     assert call_threads(parents, two, 4, 16, 1)["actor_gen"] == 8
