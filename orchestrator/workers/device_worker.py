@@ -410,7 +410,7 @@ class DeviceWorker(Evaluating):
         threads = opts[0].pop("threads", self.threads)
         # vLLM's CPU worker makes torch.set_num_threads a no-op in its process: the call
         # sets torch's own setter (OpenMP's count for torch's and vLLM's kernels alike)
-        torch._C._set_num_threads(threads)
+        torch._C.set_num_threads(threads)
         start, cpu = time.perf_counter(), time.process_time()
         try:
             if len(calls) == 1:
