@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from planner.threads import busy_devices, cores_per_device, fused_parents
 
 Key = tuple[str, int, int, int]  # call, mesh size, dp, tp
 
@@ -117,3 +119,47 @@ def median_ratios(pairs: list[tuple[str, float, float]]) -> dict[str, float]:
     """Call kind -> median of measured / roofline over (kind, measured, roofline)."""
     kinds = {k for k, _, _ in pairs}
     return {k: statistics.median(m / r for kk, m, r in pairs if kk == k and r > 0) for k in kinds}
+
+
+# The planner's Context methods that use a profile (planner.plan.Context: `_alone_s`,
+# `cores`, `slowdowns`), kept here beside the profile they read.
+
+
+def alone_s(ctx: Any, call: str, a: Any) -> float:
+    """The call's time on its mesh with nothing else computing on the node: measured
+    where the profile has it, else the roofline (times its kind's measured ratio)."""
+    roof, prof = ctx.roofline_s(call, a), ctx.measured
+    if prof is None:
+        return roof
+    m = prof.lookup(call, a.mesh.size, a.layout.dp, a.layout.tp)
+    if m is None:
+        return roof * prof.kind_ratio.get(ctx.workload.call(call).kind.value, 1.0)
+    one = ctx.roofline_s(call, replace(a, layout=replace(a.layout, micro_batches=1)))
+    alone = call_cores(ctx, a.mesh.size, a.mesh.size)
+    return m.seconds * roof / one * prof.scale(call, m.cores, alone)
+
+
+def call_cores(ctx: Any, size: int, busy: int) -> float:
+    """Cores per device of a call on `size` devices of a node where `busy` devices compute
+    at once (planner.threads, as the runtime gives threads)."""
+    n = ctx.measured.cores_per_node if ctx.measured else 1
+    threads = max(ctx.threads_per_device, n // busy) if ctx.auto_threads else (
+        ctx.threads_per_device)  # fmt: skip
+    return cores_per_device(threads, busy, n)
+
+
+def plan_slowdowns(ctx: Any, assign: dict[str, Any]) -> dict[str, float]:
+    """Call -> how much slower than alone it runs under the plan: the node's cores shared
+    with the calls that may run beside it (1 without a profile)."""
+    if ctx.measured is None:
+        return {c.name: 1.0 for c in ctx.topo}
+    parents = fused_parents({c.name: c.parents for c in ctx.topo},
+                            [[c.name for c in g] for g in ctx.groups(assign)])  # fmt: skip
+    meshes = {n: a.mesh for n, a in assign.items()}
+    busy = busy_devices(parents, meshes, ctx.cluster.devices_per_node)
+    out = {}
+    for name, b in busy.items():
+        size = assign[name].mesh.size
+        out[name] = ctx.measured.scale(name, call_cores(ctx, size, size),
+                                       call_cores(ctx, size, b))  # fmt: skip
+    return out

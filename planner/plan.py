@@ -42,10 +42,9 @@ from planner.cost import (
     weight_bytes,
 )
 from planner.layout import Layout, Mesh, is_valid_mesh
-from planner.measured import CallProfile
+from planner.measured import CallProfile, alone_s, call_cores, plan_slowdowns
 from planner.realloc import comm_plan, realloc_s, traffic
 from planner.simulate import Slot, Task, list_schedule, makespan
-from planner.threads import busy_devices, cores_per_device, fused_parents
 from planner.workload import CallWork, Workload
 
 MEMORY_HEADROOM = 0.9  # share of a device's memory a plan may use (allocator, buffers)
@@ -139,39 +138,13 @@ class Context:
         return self._call_s[key]
 
     def _alone_s(self, call: str, a: Assignment) -> float:
-        roof, prof = self.roofline_s(call, a), self.measured
-        if prof is None:
-            return roof
-        m = prof.lookup(call, a.mesh.size, a.layout.dp, a.layout.tp)
-        if m is None:
-            return roof * prof.kind_ratio.get(self.workload.call(call).kind.value, 1.0)
-        one = self.roofline_s(call, Assignment(a.mesh, replace(a.layout, micro_batches=1)))
-        return (
-            m.seconds * roof / one * prof.scale(call, m.cores, self.cores(a.mesh.size, a.mesh.size))
-        )
+        return alone_s(self, call, a)  # planner.measured
 
     def cores(self, size: int, busy: int) -> float:
-        """Cores per device of a call on `size` devices of a node where `busy` devices
-        compute at once (profiled clusters; planner.threads)."""
-        n = self.measured.cores_per_node if self.measured else 1
-        threads = max(self.threads_per_device, n // busy) if self.auto_threads else (
-            self.threads_per_device)  # fmt: skip
-        return cores_per_device(threads, busy, n)
+        return call_cores(self, size, busy)
 
     def slowdowns(self, assign: dict[str, Assignment]) -> dict[str, float]:
-        """Call -> how much slower than alone it runs under the plan: the node's cores
-        shared with the calls that may run beside it (1 without a profile)."""
-        if self.measured is None:
-            return {c.name: 1.0 for c in self.topo}
-        parents = fused_parents({c.name: c.parents for c in self.topo},
-                                [[c.name for c in g] for g in self.groups(assign)])  # fmt: skip
-        meshes = {n: a.mesh for n, a in assign.items()}
-        busy = busy_devices(parents, meshes, self.cluster.devices_per_node)
-        prof, out = self.measured, {}
-        for n, b in busy.items():
-            size = assign[n].mesh.size
-            out[n] = prof.scale(n, self.cores(size, size), self.cores(size, b))
-        return out
+        return plan_slowdowns(self, assign)
 
     def group_s(self, calls: tuple[str, ...], a: Assignment) -> float:
         """One task running `calls` (of one role, kind and placement) as one batch: the

@@ -98,7 +98,7 @@ class PlanRuntime:
         threads: int = 1,
         device: str = "cpu",
         offload: list[str] | tuple[str, ...] = (),  # frozen roles kept in host memory
-        call_threads: bool = False,  # CPU: threads per call from the graph (runtime.threads)
+        call_threads: bool = False,  # CPU: threads per call from the graph (planner.threads)
         fuse: bool = False,  # calls of one replica ready together run as one task
     ) -> None:
         self.fuse = fuse
@@ -283,7 +283,7 @@ class PlanRuntime:
         opts: list[dict[str, Any]] = []
         refs: list[Any] = []  # the task's inputs: every call's, once each
         for c, o, ins in zip(calls, options, inputs):
-            parents = graph.parents(c)
+            o, parents = dict(o), graph.parents(c)  # the caller's options stay as they were
             if (
                 c.kind is not CallKind.TRAIN
                 and parents
