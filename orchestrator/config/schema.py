@@ -215,7 +215,7 @@ class ClusterConfig:
     device: str = "cpu"  # cpu | cuda
     threads_per_device: int = 1
     # auto: a call gets the node's cores split among the devices busy while it runs
-    # (orchestrator.runtime.threads); device: always threads_per_device
+    # (planner.threads); device: always threads_per_device
     call_threads: str = "auto"
     device_kind: str | None = None  # planner catalogue: cpu | h100-sxm | h200-sxm | a100-sxm-80g
     profile: str | None = None  # a `relay profile` file (default: profiles/<kind>.json if present)
