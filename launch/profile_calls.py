@@ -67,7 +67,9 @@ def run_layout(overrides: list[str], plan: Path, steps: int, out: Path) -> list[
     if done.returncode:
         raise RuntimeError(f"profiling run {plan.stem} failed:\n{done.stdout[-2000:]}\n"
                            f"{done.stderr[-2000:]}")  # fmt: skip
-    rows = [json.loads(x) for x in (out / plan.stem / "metrics.jsonl").read_text().splitlines()]
+    from orchestrator.run.tracking import read_metrics
+
+    rows = read_metrics(out / plan.stem / "metrics.jsonl")
     rl = [r for r in rows if r.get("stage") == "rl" and "time/step_s" in r]
     workers = json.loads((out / plan.stem / "workers.json").read_text())["workers"]
     cores = min(w.get("cores", os.cpu_count() or 1) for w in workers)

@@ -48,9 +48,6 @@ class CallProfile:
     cores_per_node: int
     # call -> {cores: seconds} on one device: how the call's time follows its cores
     curves: dict[str, dict[float, float]] = field(default_factory=dict)
-    source: str = ""
-    measured_at: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def lookup(self, call: str, size: int, dp: int, tp: int) -> Measured | None:
         return self.calls.get((call, size, dp, tp))
@@ -63,27 +60,6 @@ class CallProfile:
         if len(points) < 2:
             return cores_from / cores_to
         return _time_at(points, cores_to) / _time_at(points, cores_from)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "cores_per_node": self.cores_per_node,
-            "step_overhead_s": self.step_overhead_s,
-            "kind_ratio": self.kind_ratio,
-            "measured_at": self.measured_at,
-            "calls": [
-                {
-                    "call": k[0],
-                    "mesh_size": k[1],
-                    "dp": k[2],
-                    "tp": k[3],
-                    "seconds": m.seconds,
-                    "cores": m.cores,
-                }  # fmt: skip
-                for k, m in sorted(self.calls.items())
-            ],
-            **self.extra,
-        }
 
 
 def _time_at(points: list[tuple[float, float]], cores: float) -> float:
@@ -107,11 +83,9 @@ def read_call_profile(path: str | Path) -> CallProfile:
             calls[key] = m
         if key[1] == 1:
             curves.setdefault(key[0], {})[m.cores] = m.seconds
-    known = {"job", "cores_per_node", "step_overhead_s", "kind_ratio", "measured_at", "calls"}
     return CallProfile(
         data["job"], calls, {k: float(v) for k, v in data["kind_ratio"].items()},
-        float(data["step_overhead_s"]), int(data["cores_per_node"]), curves, str(path),
-        data.get("measured_at", ""), {k: v for k, v in data.items() if k not in known},
+        float(data["step_overhead_s"]), int(data["cores_per_node"]), curves,
     )  # fmt: skip
 
 
@@ -121,8 +95,8 @@ def median_ratios(pairs: list[tuple[str, float, float]]) -> dict[str, float]:
     return {k: statistics.median(m / r for kk, m, r in pairs if kk == k and r > 0) for k in kinds}
 
 
-# The planner's Context methods that use a profile (planner.plan.Context: `_alone_s`,
-# `cores`, `slowdowns`), kept here beside the profile they read.
+# The planner's Context costs that use a profile (planner.plan.Context: `call_s`,
+# `slowdowns`), kept here beside the profile they read.
 
 
 def alone_s(ctx: Any, call: str, a: Any) -> float:

@@ -42,7 +42,7 @@ from planner.cost import (
     weight_bytes,
 )
 from planner.layout import Layout, Mesh, is_valid_mesh
-from planner.measured import CallProfile, alone_s, call_cores, plan_slowdowns
+from planner.measured import CallProfile, alone_s, plan_slowdowns
 from planner.realloc import comm_plan, realloc_s, traffic
 from planner.simulate import Slot, Task, list_schedule, makespan
 from planner.workload import CallWork, Workload
@@ -134,14 +134,8 @@ class Context:
         where the profile has it, else the roofline (planner.measured)."""
         key = (call, a.mesh.size, a.layout)
         if key not in self._call_s:
-            self._call_s[key] = self._alone_s(call, a)
+            self._call_s[key] = alone_s(self, call, a)  # planner.measured
         return self._call_s[key]
-
-    def _alone_s(self, call: str, a: Assignment) -> float:
-        return alone_s(self, call, a)  # planner.measured
-
-    def cores(self, size: int, busy: int) -> float:
-        return call_cores(self, size, busy)
 
     def slowdowns(self, assign: dict[str, Assignment]) -> dict[str, float]:
         return plan_slowdowns(self, assign)
