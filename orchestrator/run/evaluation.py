@@ -12,14 +12,11 @@ from orchestrator.run.specs import sampling
 
 def evaluate_policy(run: Run, runtime: Any, step: int) -> dict[str, float]:
     """eval/ metrics of the actor on its generating replica (both evaluations at once)."""
-    import ray
-
     count = len(run.assets.eval_rows)
     if not count:
         return {}
-    greedy = runtime.evaluate(count, sampling(run, 0, greedy=True))
-    sampled = runtime.evaluate(count, sampling(run, call_seed(run.cfg.run.seed, step, "eval")))
-    g, s = ray.get([greedy, sampled])
+    seed = call_seed(run.cfg.run.seed, step, "eval")
+    g, s = runtime.evaluate(count, [sampling(run, 0, greedy=True), sampling(run, seed)])
     return {
         f"eval/{kind}_{k}": v for kind, r in (("greedy", g), ("sampled", s)) for k, v in r.items()
     }

@@ -32,6 +32,7 @@ import ray
 from algos.graph import MFC, CallKind, DataflowGraph, fused_groups
 from orchestrator.runtime.metrics import merge_metrics
 from orchestrator.workers.cluster import DeviceCluster
+from orchestrator.workers.evaluating import merge_evaluation
 from orchestrator.workers.failures import classify, gather
 from orchestrator.workers.groups import Sharding, sharding_key
 from orchestrator.workers.spec import RoleSpec
@@ -340,11 +341,14 @@ class PlanRuntime:
 
     # -- evaluation and checkpoints ---------------------------------------------------
 
-    def evaluate(self, count: int, params: Any, role: str = "actor") -> Any:
-        """A reference to {'accuracy', 'reward'} of `role`'s responses to the first `count`
-        evaluation rows (the run folder's data/rl_eval.jsonl), generated on the
-        replica (and layout) of its first generate call, or of its train call if it has
-        none (the one-call SFT stage)."""
+    def evaluate(
+        self, count: int, params: list[Any], role: str = "actor"
+    ) -> list[dict[str, float]]:
+        """{'accuracy', 'reward', ...} of `role`'s responses to the first `count` evaluation
+        rows (the run folder's data/rl_eval.jsonl) under each sampling of `params` (all
+        at once), generated on the replica (and layout) of its first generate call, or of
+        its train call if it has none (the one-call SFT stage). A worker that fails is
+        named by its device (failures.gather)."""
         gen = [c for c in self.graph.calls if c.role == role and c.kind is CallKind.GENERATE]
         r = self.roles[role]
         sh = self.sharding[gen[0].name] if gen else r.train
@@ -352,9 +356,12 @@ class PlanRuntime:
         reallocs = self._refresh(role, sh)
         if reallocs:
             ray.get(reallocs)
-        parts = [w.evaluate.remote(role, sh, count, params, r.version)
-                 for w in self.cluster.on(sh[0])]  # fmt: skip
-        return self.workers[sh[0].start].merge_evaluation.remote(*parts)
+        workers = self.cluster.on(sh[0])
+        labelled = [(w.evaluate.remote(role, sh, count, p, r.version), d)
+                    for p in params for w, d in zip(workers, sh[0].devices)]  # fmt: skip
+        parts = gather(labelled, self.roles_on, f"the evaluation of {role}")
+        n = len(workers)
+        return [merge_evaluation(parts[i * n : (i + 1) * n]) for i in range(len(params))]
 
     def _checkpoint_sharding(self, role: str) -> Sharding:
         """One device of the train mesh holding whole tensors: it writes the weights."""

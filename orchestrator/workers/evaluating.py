@@ -10,7 +10,7 @@ from orchestrator.workers.groups import Sharding
 
 
 class Evaluating:
-    """DeviceWorker's `evaluate` and `merge_evaluation`."""
+    """DeviceWorker's `evaluate`."""
 
     @portable
     def evaluate(
@@ -52,17 +52,18 @@ class Evaluating:
         correct = s.correct if s.correct is not None else nan
         return (dp_i, correct, rewards, s.extras) if first else None
 
-    def merge_evaluation(self, *parts: Any) -> dict[str, float]:
-        """{'accuracy', 'reward', 'reward_fn/<key>'} over the ranks' (dp index, correct,
-        rewards, the reward functions' values by key); a figure no sample has (NaN
-        throughout) is left out."""
-        import math
 
-        rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
-        columns = {"accuracy": [v for p in rows for v in p[1]],
-                   "reward": [v for p in rows for v in p[2]]}  # fmt: skip
-        for p in rows:
-            for k, v in p[3].items():
-                columns.setdefault(f"reward_fn/{k}", []).extend(v)
-        known = {k: [v for v in vs if not math.isnan(v)] for k, vs in columns.items()}
-        return {k: sum(vs) / len(vs) for k, vs in known.items() if vs}
+def merge_evaluation(parts: list[Any]) -> dict[str, float]:
+    """{'accuracy', 'reward', 'reward_fn/<key>'} over the ranks' `evaluate` results (dp
+    index, correct, rewards, the reward functions' values by key; None from ranks that
+    report nothing); a figure no sample has (NaN throughout) is left out."""
+    import math
+
+    rows = sorted((p for p in parts if p is not None), key=lambda p: p[0])
+    columns = {"accuracy": [v for p in rows for v in p[1]],
+               "reward": [v for p in rows for v in p[2]]}  # fmt: skip
+    for p in rows:
+        for k, v in p[3].items():
+            columns.setdefault(f"reward_fn/{k}", []).extend(v)
+    known = {k: [v for v in vs if not math.isnan(v)] for k, vs in columns.items()}
+    return {k: sum(vs) / len(vs) for k, vs in known.items() if vs}

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from orchestrator.workers.device_worker import DeviceWorker
+from orchestrator.workers.evaluating import merge_evaluation
 from orchestrator.workers.groups import free_port
 from orchestrator.workers.spec import RoleSpec
 from planner.layout import Layout, Mesh
@@ -45,9 +46,7 @@ class LocalDevice:
 
     def evaluate(self, count: int, params: Any) -> dict[str, float]:
         """Accuracy and reward on the first `count` rows of the eval split."""
-        return self.worker.merge_evaluation(
-            self.worker.evaluate("actor", ONE, count, params, version=0)
-        )
+        return merge_evaluation([self.worker.evaluate("actor", ONE, count, params, version=0)])
 
 
 def task_rows(
