@@ -28,7 +28,15 @@ from planner.catalogue import (
     shape_from_hf_config,
 )
 from planner.measured import CallProfile, read_call_profile
-from planner.plan import Assignment, Context, Estimate, evaluate, load_plan_file, validate
+from planner.plan import (
+    Assignment,
+    Context,
+    Estimate,
+    evaluate,
+    load_plan_file,
+    replicas,
+    validate,
+)
 from planner.search import SearchResult, heuristic, mcmc, per_role, symmetric
 from planner.workload import Workload, rl_shapes, without_roles, workload_from_graph
 
@@ -186,7 +194,7 @@ class PlanResult:
     plan: dict[str, Assignment]
     estimate: Estimate
     search: SearchResult | None = None
-    reason: str = ""  # why plan.mode=auto chose this mode
+    reason: str = ""  # why plan.mode=auto chose this mode; the search's estimate beside others
 
 
 def make_plan(
@@ -232,7 +240,26 @@ def make_plan(
         field = "plan.path" if mode == "file" else "plan.mode"
         raise ConfigError([Problem(f"{field} -> {p.field}", p.value, p.rule, p.fix)
                            for p in problems])  # fmt: skip
-    return PlanResult(mode, ctx, plan, evaluate(ctx, plan), search)
+    estimate = evaluate(ctx, plan)
+    why = _search_reason(cfg, ctx, search) if search else ""
+    return PlanResult(mode, ctx, plan, estimate, search, why)
+
+
+def _search_reason(cfg: RelayConfig, ctx: Context, search: SearchResult) -> str:
+    """Why the searched plan: the hand-made plans' estimates (those that fit) to set its
+    own beside,
+    what the costs come from, and how much was searched."""
+    hand = []
+    for mode, make in (("per_role", per_role), ("symmetric", symmetric), ("heuristic", heuristic)):
+        plan = make(ctx)
+        if plan is not None and not validate(ctx, plan):
+            hand.append(f"{mode} {evaluate(ctx, plan).time_per_iteration_s:.3g} s")
+    source = (f"call times measured by `relay profile --calls` ({cfg.cluster.calls_profile})"
+              if ctx.measured is not None
+              else "roofline costs (cluster.calls_profile unset: `relay profile --calls` "
+                   "measures this job's calls)")  # fmt: skip
+    others = f"the hand-made plans estimate {', '.join(hand)}; " if hand else ""
+    return f"{others}{source}; {search.evaluated} plans costed in {search.elapsed_s:.0f} s"
 
 
 def _auto(cfg: RelayConfig, ctx: Context) -> PlanResult:
@@ -332,4 +359,7 @@ def plan_for_run(cfg: RelayConfig) -> PlanResult:
     why = f" ({result.reason})" if result.reason else ""
     print(f"relay: plan={result.mode}{why}, estimated "
           f"{result.estimate.time_per_iteration_s:.3g} s per RL step (`relay plan` shows it)")  # fmt: skip
+    if result.search is not None:  # a search may differ from `relay plan`'s: show this one
+        for role, reps in replicas(result.ctx, result.plan).items():
+            print(f"relay:   {role}: {'; '.join(reps)}")
     return result

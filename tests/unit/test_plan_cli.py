@@ -138,6 +138,23 @@ def test_plan_and_train_share_the_plan(tmp_path: Path) -> None:
     assert set(make_plan(cfg).plan) == {"actor_sft"}  # what `relay plan` plans here
 
 
+def test_a_searched_run_prints_its_plan_and_why(tmp_path: Path, capsys) -> None:
+    """plan=search: the run prints the hand-made plans' estimates beside its own, what the
+    costs come from, and each role's replicas (a search may differ from `relay plan`'s)."""
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import make_plan, plan_for_run
+
+    cfg = load_config([f"run.output_dir={tmp_path}", "plan=search", "plan.search_time_s=0.5"])
+    used = plan_for_run(cfg)
+    out = capsys.readouterr().out
+    heuristic = make_plan(cfg, "heuristic").estimate.time_per_iteration_s
+    assert f"heuristic {heuristic:.3g} s" in out and "per_role " in out, out
+    assert "roofline costs (cluster.calls_profile unset" in out and "plans costed in" in out
+    assert used.estimate.time_per_iteration_s <= heuristic + 1e-12  # the search starts there
+    for role in ("actor", "critic", "ref", "reward"):
+        assert f"relay:   {role}: d" in out, out
+
+
 def test_verifier_reward_takes_no_device(tmp_path: Path) -> None:
     """With reward=verifier there is no reward model: the planner places none, so PPO's
     three models fit a 3-GPU cluster."""
