@@ -30,6 +30,8 @@ from planner.plan import (
 from planner.simulate import list_schedule, makespan
 
 Plan = dict[str, Assignment]
+# the relative saving a plan must estimate to replace the best one found (mcmc)
+TIE = 1e-3
 
 
 def _micro_batch_options(ctx: Context, call: str, dp: int, pp: int) -> list[int]:
@@ -103,10 +105,10 @@ def candidates(ctx: Context, keep: int = 4) -> dict[str, list[Assignment]]:
 
 
 def search_space(ctx: Context, keep: int = 4) -> tuple[dict[str, list[Assignment]], list[Plan]]:
-    """The candidates of every call, with the symmetric and heuristic plans' assignments
-    added, and those plans (the search's starting points)."""
+    """The candidates of every call, with the symmetric, heuristic and per-role plans'
+    assignments added, and those plans (the search's starting points)."""
     cands = candidates(ctx, keep)
-    starts = [p for p in (symmetric(ctx), heuristic(ctx)) if p is not None]
+    starts = [p for p in (symmetric(ctx), heuristic(ctx), per_role(ctx)) if p is not None]
     for plan in starts:
         for name, a in plan.items():
             if a not in cands[name]:
@@ -264,14 +266,17 @@ def mcmc(
     """Metropolis MCMC over per-call candidates, seeded, bounded by time (and optionally
     by a number of proposals, `max_steps`).
 
-    Start: the cheaper of the symmetric and heuristic plans (or `start`). A proposal
-    changes one call, or two (a neighbouring or any candidate), gives one call another call's
-    current mesh and layout, or moves all calls of one role to one candidate at once
+    Start: the cheapest of the symmetric, heuristic and per-role plans (or `start`). A
+    proposal changes one call, or two (a neighbouring or any candidate), gives one call
+    another call's current mesh and layout, or moves all calls of one role to one candidate at once
     (so a role's train and generate calls can move together without paying a
     reallocation in between). It is accepted with probability min(1, exp(-(c' - c) /
     (T c))), T falling linearly to a tenth over the budget; after `patience`
     evaluations without a new best the chain restarts from the best plan. The best plan
-    seen is returned."""
+    seen is returned; a plan is better only if it costs at least `TIE` less (relative), so
+    among plans the estimate cannot tell apart the search keeps the first, a hand-made
+    one where that is as cheap (the estimate does not price, say, a call split into 16
+    micro-batches on a CPU, or sharing a device with the actor, which measure slower)."""
     rng = random.Random(seed)
     t0 = time.perf_counter()
     cands, baselines = search_space(ctx, keep)
@@ -330,7 +335,7 @@ def mcmc(
         ):
             cur, cur_cost = prop, c
             accepted += 1
-            if c < best_cost:
+            if c < best_cost * (1 - TIE):
                 best, best_cost, last_best = dict(prop), c, evaluated
                 history.append((evaluated, c))
                 if progress:
