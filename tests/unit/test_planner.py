@@ -410,6 +410,28 @@ def test_search_keeps_the_cheapest_hand_made_plan_unless_it_beats_it(tmp_path: P
     assert found.plan == start, {n: f"{a.mesh} {a.layout}" for n, a in found.plan.items()}
 
 
+def test_searched_calls_take_the_fewest_micro_batches_that_cost_the_same(tmp_path: Path) -> None:
+    """PPO on the default job with a calls profile measured here: the estimate prices
+    micro-batches by FLOPs and bytes only, so plans that differ in them cost the same and
+    the walk ends on any of them (it had returned the reward model in 16 micro-batches);
+    the searched plan has each call in the fewest that keep its estimate."""
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import context
+    from planner.search import fewest_micro_batches
+
+    profile = Path(__file__).parent / "data" / "calls_profile_ppo.json"
+    cfg = load_config(["algo=ppo", "generate.backend=hf", f"cluster.calls_profile={profile}",
+                       f"run.output_dir={tmp_path}"], for_run=False)  # fmt: skip
+    ctx = context(cfg)
+    found = mcmc(ctx, seed=0, time_budget_s=60.0, max_steps=3000)
+    assert found.cost_s == cost(ctx, found.plan)
+    assert fewest_micro_batches(ctx, found.plan, found.cost_s) == (found.plan, found.cost_s)
+    for name, a in found.plan.items():
+        if a.layout.micro_batches > 1:  # only where fewer would cost more
+            fewer = replace(a, layout=replace(a.layout, micro_batches=a.layout.micro_batches // 2))
+            assert cost(ctx, {**found.plan, name: fewer}) > found.cost_s, name
+
+
 def test_search_beats_the_symmetric_plan_where_layouts_should_differ() -> None:
     """Long context (prompt 1024, response 2048) on 16 H100s: the symmetric layout needs
     micro-batches for the training activations and generates under them; the search
