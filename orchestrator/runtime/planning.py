@@ -194,7 +194,7 @@ class PlanResult:
     plan: dict[str, Assignment]
     estimate: Estimate
     search: SearchResult | None = None
-    reason: str = ""  # why plan.mode=auto chose this mode; the search's estimate beside others
+    reason: str = ""  # why plan.mode=auto chose this mode, or what the search weighed
 
 
 def make_plan(
@@ -247,8 +247,7 @@ def make_plan(
 
 def _search_reason(cfg: RelayConfig, ctx: Context, search: SearchResult) -> str:
     """Why the searched plan: the hand-made plans' estimates (those that fit) to set its
-    own beside,
-    what the costs come from, and how much was searched."""
+    own beside, what the costs come from, and how much was searched."""
     hand = []
     for mode, make in (("per_role", per_role), ("symmetric", symmetric), ("heuristic", heuristic)):
         plan = make(ctx)

@@ -391,12 +391,12 @@ def test_search_keeps_the_cheapest_hand_made_plan_unless_it_beats_it(tmp_path: P
     """GRPO on the default job, costed by a `relay profile --calls` file measured here
     (tests/unit/data): one device per role is the cheapest plan the estimate knows, and
     the search returns it, not a variant the estimate cannot tell from it (the reward
-    model in 16 micro-batches on the actor's device measured 14% slower). It leaves the
-    cheapest of the symmetric, heuristic and per-role plans only for a plan estimated at
-    least TIE cheaper."""
+    model in 16 micro-batches on the actor's device measured 14% slower): the search
+    starts from the cheapest of the symmetric, heuristic and per-role plans and leaves it
+    only for a plan estimated at least TIE cheaper."""
     from orchestrator.config.load import load_config
     from orchestrator.runtime.planning import context
-    from planner.search import TIE, per_role
+    from planner.search import per_role
 
     profile = Path(__file__).parent / "data" / "calls_profile_grpo.json"
     cfg = load_config(["algo=grpo", "generate.backend=hf", f"cluster.calls_profile={profile}",
@@ -406,7 +406,6 @@ def test_search_keeps_the_cheapest_hand_made_plan_unless_it_beats_it(tmp_path: P
     start = min(hand, key=lambda p: cost(ctx, p))
     assert start == per_role(ctx)
     found = mcmc(ctx, seed=0, time_budget_s=60.0, max_steps=3000)
-    assert found.plan == start or found.cost_s < cost(ctx, start) * (1 - TIE)
     assert found.plan == start, {n: f"{a.mesh} {a.layout}" for n, a in found.plan.items()}
 
 
