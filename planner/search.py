@@ -357,11 +357,8 @@ def fewest_micro_batches(ctx: Context, plan: Plan, plan_cost: float) -> tuple[Pl
     for name, a in plan.items():
         fewer = [m for m in _micro_batch_options(ctx, name, a.layout.dp, a.layout.pp)
                  if a.layout.pp <= m < a.layout.micro_batches]  # fmt: skip
-        for m in fewer:
-            lay = replace(a.layout, micro_batches=m)
-            if divides_batch(ctx.workload.call(name), lay) is not None:
-                continue
-            trial = {**out, name: Assignment(a.mesh, lay)}
+        for m in fewer:  # each divides the rank's rows (_micro_batch_options)
+            trial = {**out, name: Assignment(a.mesh, replace(a.layout, micro_batches=m))}
             c = cost(ctx, trial)
             if c <= plan_cost:
                 out, plan_cost = trial, c

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from algos.graph import MFC, CallKind, DataflowGraph, fused_groups
 from orchestrator.runtime.metrics import merge_metrics
 from orchestrator.workers.cluster import DeviceCluster
@@ -353,15 +351,22 @@ class PlanRuntime:
         r = self.roles[role]
         sh = self.sharding[gen[0].name] if gen else r.train
         assert sh is not None, f"role {role} neither generates nor trains"
-        reallocs = self._refresh(role, sh)
-        if reallocs:
-            ray.get(reallocs)
+        self._refresh_now(role, sh, f"the reallocation of {role} for its evaluation")
         workers = self.cluster.on(sh[0])
         labelled = [(w.evaluate.remote(role, sh, count, p, r.version), d)
                     for p in params for w, d in zip(workers, sh[0].devices)]  # fmt: skip
-        parts = gather(labelled, self.roles_on, f"the evaluation of {role}")
+        parts = self._wait(labelled, f"the evaluation of {role}")
         n = len(workers)
         return [merge_evaluation(parts[i * n : (i + 1) * n]) for i in range(len(params))]
+
+    def _wait(self, labelled: list[tuple[Any, int]], what: str) -> list[Any]:
+        """The values of (reference, device) pairs: a worker that died is named by its
+        device (WorkerLost), any other error is raised as it is (failures.gather)."""
+        return gather(labelled, self.roles_on, what, lost_only=True)
+
+    def _refresh_now(self, role: str, sh: Sharding, what: str) -> None:
+        """Bring the replica `sh` of `role` up to date before going on (`_refresh`)."""
+        self._wait([(r, self.device_of[r]) for r in self._refresh(role, sh)], what)
 
     def _checkpoint_sharding(self, role: str) -> Sharding:
         """One device of the train mesh holding whole tensors: it writes the weights."""
@@ -378,18 +383,20 @@ class PlanRuntime:
             assert r.train is not None
             one = self._checkpoint_sharding(role)
             if sharding_key(one) != sharding_key(r.train):
-                ray.get(self._refresh(role, one))
-            tasks.append(self.workers[one[0].start].write_model.remote(role, one, str(folder)))
-            tasks += [w.save_rank.remote(role, r.train, str(folder))
-                      for w in self.cluster.on(r.train[0])]  # fmt: skip
-        ray.get(tasks)
+                self._refresh_now(role, one, f"the reallocation of {role} to save it")
+            tasks.append((self.workers[one[0].start].write_model.remote(role, one, str(folder)),
+                          one[0].start))  # fmt: skip
+            tasks += [(w.save_rank.remote(role, r.train, str(folder)), d)
+                      for w, d in zip(self.cluster.on(r.train[0]), r.train[0].devices)]  # fmt: skip
+        self._wait(tasks, "saving a checkpoint")
 
     def write_model(self, role: str, folder: Path) -> None:
         """The role's current weights as the Hugging Face folder folder/<role>."""
         one = self._checkpoint_sharding(role)
         if sharding_key(one) != sharding_key(self.roles[role].train):
-            ray.get(self._refresh(role, one))
-        ray.get(self.workers[one[0].start].write_model.remote(role, one, str(folder)))
+            self._refresh_now(role, one, f"the reallocation of {role} to write it")
+        task = self.workers[one[0].start].write_model.remote(role, one, str(folder))
+        self._wait([(task, one[0].start)], f"writing the model of {role}")
 
     def load(self, folder: Path, roles: list[str]) -> None:
         """Restore the trained roles from `save`'s folder (under the same plan); every
@@ -400,9 +407,9 @@ class PlanRuntime:
             assert r.train is not None
             r.version += 1
             r.held[sharding_key(r.train)] = r.version
-            tasks += [w.load_rank.remote(role, r.train, str(folder), r.version)
-                      for w in self.cluster.on(r.train[0])]  # fmt: skip
-        ray.get(tasks)
+            tasks += [(w.load_rank.remote(role, r.train, str(folder), r.version), d)
+                      for w, d in zip(self.cluster.on(r.train[0]), r.train[0].devices)]  # fmt: skip
+        self._wait(tasks, "loading a checkpoint")
 
     def stop(self) -> None:
         cluster = getattr(self, "cluster", None)

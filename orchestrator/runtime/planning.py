@@ -248,11 +248,8 @@ def make_plan(
 def _search_reason(cfg: RelayConfig, ctx: Context, search: SearchResult) -> str:
     """Why the searched plan: the hand-made plans' estimates (those that fit) to set its
     own beside, what the costs come from, and how much was searched."""
-    hand = []
-    for mode, make in (("per_role", per_role), ("symmetric", symmetric), ("heuristic", heuristic)):
-        plan = make(ctx)
-        if plan is not None and not validate(ctx, plan):
-            hand.append(f"{mode} {evaluate(ctx, plan).time_per_iteration_s:.3g} s")
+    hand = [f"{mode} {evaluate(ctx, plan).time_per_iteration_s:.3g} s"
+            for mode, plan in hand_made_plans(ctx).items()]  # fmt: skip
     source = (f"call times measured by `relay profile --calls` ({cfg.cluster.calls_profile})"
               if ctx.measured is not None
               else "roofline costs (cluster.calls_profile unset: `relay profile --calls` "
@@ -274,15 +271,20 @@ def _auto(cfg: RelayConfig, ctx: Context) -> PlanResult:
     return replace(result, reason=f"auto: {why}")
 
 
-def fitting_modes(ctx: Context) -> list[str]:
-    """The deterministic plan modes that find a valid plan for `ctx` (the search is left
-    out: it costs seconds, and finds a plan wherever symmetric or heuristic does)."""
-    out = []
+def hand_made_plans(ctx: Context) -> dict[str, dict[str, Assignment]]:
+    """The deterministic plan modes' valid plans for `ctx`, by mode."""
+    out = {}
     for mode, make in (("symmetric", symmetric), ("heuristic", heuristic), ("per_role", per_role)):
         plan = make(ctx)
         if plan is not None and not validate(ctx, plan):
-            out.append(mode)
+            out[mode] = plan
     return out
+
+
+def fitting_modes(ctx: Context) -> list[str]:
+    """The deterministic plan modes that find a valid plan for `ctx` (the search is left
+    out: it costs seconds, and finds a plan wherever symmetric or heuristic does)."""
+    return list(hand_made_plans(ctx))
 
 
 def _no_plan_fix(ctx: Context, mode: str) -> str:

@@ -134,10 +134,14 @@ def classify(error: BaseException, device: int | None, roles: list[str], what: s
                             f"{type_name(cause)}: {first_line(cause, 3)}")  # fmt: skip
 
 
-def gather(labelled: list[tuple[Any, int]], roles_on: Any, what: str) -> list[Any]:
+def gather(
+    labelled: list[tuple[Any, int]], roles_on: Any, what: str, lost_only: bool = False
+) -> list[Any]:
     """The values of every reference, each labelled with the device running it, as they
     finish; the first failure becomes the runtime's exception for that device
-    (`classify`) at once (its peers may be left waiting on it in a collective)."""
+    (`classify`) at once (its peers may be left waiting on it in a collective). With
+    `lost_only` (work of a running stage, not of building), only a dead worker becomes
+    the runtime's exception (WorkerLost); any other error is raised as Ray gives it."""
     import ray
 
     device_of = {ref: device for ref, device in labelled}
@@ -149,5 +153,8 @@ def gather(labelled: list[tuple[Any, int]], roles_on: Any, what: str) -> list[An
             values[ref] = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - Ray wraps the worker's errors in many kinds
             device = device_of[ref]
-            raise classify(e, device, roles_on(device), what) from None
+            failure = classify(e, device, roles_on(device), what)
+            if lost_only and not isinstance(failure, WorkerLost):
+                raise
+            raise failure from None
     return [values[ref] for ref, _ in labelled]
