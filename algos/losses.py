@@ -110,7 +110,9 @@ def policy_loss_tokens(
     L = -min(rho*A, clip(rho, 1 - eps_low, 1 + eps_high)*A); where A < 0 and dual_clip_c
     is set, L = min(L, -c*A). metrics (python floats, over valid tokens): clip_frac (share
     where the clipped objective was strictly smaller than the unclipped one), approx_kl
-    (mean of old_logp - logp), dual_clip_frac (share where the dual clip bound was taken)."""
+    (mean of old_logp - logp), dual_clip_frac (share where the dual clip bound was taken),
+    ratio_mean (mean of rho: the importance weight of samples drawn from an older policy,
+    which the clip bounds)."""
     m = mask.to(torch.float32)
     rho = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     unclipped = rho * advantages
@@ -127,6 +129,7 @@ def policy_loss_tokens(
         "clip_frac": float(clip_frac),
         "approx_kl": float(masked_mean((old_logp - logp).detach(), m)),
         "dual_clip_frac": float(dual_frac),
+        "ratio_mean": float(masked_mean(rho.detach(), m)),
     }
     return loss, metrics
 

@@ -9,16 +9,21 @@ transformers) or the `large` preset (`--preset large`):
    (planner.measured); the plans below are made and estimated with that profile;
 2. `relay train` runs `--steps` RL steps under plan=per_role, symmetric, heuristic,
    search and a hand-made mixed plan file (reallocations both ways), one after another;
-3. per plan: `plan/est_step_s` against the mean `time/step_s` over steps 2.. (step 1 pays
-   first-call costs), their relative error |est - measured| / measured, the same per
-   call, and `measured_best_hand_over_search`: the best measured step time of per_role,
-   symmetric and heuristic over the searched plan's (above 1: the search won).
+   `--rounds` times, the order reversed every other round (this machine drifts by up to
+   30% over minutes: alternating spreads the drift over the plans). The first run trains
+   the SFT and reward models; every other run starts its RL stage from them
+   (`model.path`, `reward.path`), so all plans train the same weights;
+3. per plan: `plan/est_step_s` against the median `time/step_s` over steps 2.. of every
+   round (step 1 pays first-call costs), their relative error |est - measured| /
+   measured, the same per call, and `measured_best_hand_over_search`: the best measured
+   step time of per_role, symmetric and heuristic over the searched plan's (above 1: the
+   search won).
 
 Writes `calibration` and `max_rel_error` (over every algorithm and plan) into
 benchmarks/results/planner.json (its other keys are benchmarks/planner.py's).
 
     .venv/bin/python benchmarks/calibration.py [--steps 6] [--algos ppo,remax,grpo]
-        [--preset default|large] [--profile-steps 3]
+        [--preset default|large] [--profile-steps 3] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -73,17 +78,24 @@ def mixed_plan_file(folder: Path, template: Path) -> Path:
     return path
 
 
-def measure(folder: Path) -> dict:
+def step_rows(folder: Path) -> list[dict]:
+    """The RL steps of a run that time a plain step: from step 2 on, evaluations left out."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r.get("stage") == "rl" and r.get("step", 0) > 1
+    return [r for r in rows if r.get("stage") == "rl" and r.get("step", 0) > 1
             and "time/step_s" in r and not any(k.startswith("eval/") for k in r)]  # fmt: skip
-    plan = json.loads((folder / "plan.json").read_text())
+
+
+def measure(folders: list[Path]) -> dict:
+    """A plan's estimate against the median of its runs' step times (each run a round)."""
+    runs = [step_rows(f) for f in folders]
+    rows = [r for run in runs for r in run]
+    plan = json.loads((folders[0] / "plan.json").read_text())
     est = rows[0]["plan/est_step_s"]
-    measured = statistics.fmean(r["time/step_s"] for r in rows)
+    measured = statistics.median(r["time/step_s"] for r in rows)
     calls = {}
     for call in plan["calls"]:
         e = rows[0][f"plan/est_{call}_s"]
-        m = statistics.fmean(r[f"time/{call}_s"] for r in rows)
+        m = statistics.median(r[f"time/{call}_s"] for r in rows)
         calls[call] = {"estimated_s": e, "measured_s": m, "rel_error": abs(e - m) / m}
     return {
         "plan": {
@@ -94,22 +106,35 @@ def measure(folder: Path) -> dict:
         "measured_step_s": measured,
         "rel_error": abs(est - measured) / measured,
         "steps_measured": len(rows),
+        "round_medians_s": [statistics.median(r["time/step_s"] for r in run) for run in runs],
         "calls": calls,
     }
 
 
-def calibrate(algo: str, preset: str, steps: int, profile_steps: int, out: str) -> dict:
+def calibrate(
+    algo: str, preset: str, steps: int, profile_steps: int, rounds: int, out: str
+) -> dict:
     job = (*JOB, f"algo={algo}", *PRESETS[preset])
     profile = Path(out) / f"calls-{algo}-{preset}.json"
     cli("profile", "--calls", "--steps", str(profile_steps), "--out", str(profile), *job)
     job = (*job, f"cluster.calls_profile={profile}")
-    results = {}
-    for mode in (*HAND, "search"):
-        results[mode] = measure(train(out, f"{algo}-{mode}", steps, job, f"plan={mode}"))
-    mixed = mixed_plan_file(Path(out), Path(out) / f"{algo}-symmetric" / "plan.json")
-    results["mixed (file)"] = measure(
-        train(out, f"{algo}-mixed", steps, job, "plan=file", f"plan.path={mixed}")
-    )
+    modes = [*HAND, "search", "mixed"]
+    folders: dict[str, list[Path]] = {m: [] for m in modes}
+    models: tuple[str, ...] = ()  # after the first run: its SFT and reward models
+    for r in range(rounds):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            name = f"{algo}-{mode}-{r + 1}"
+            if mode == "mixed":  # round 1's symmetric plan (run before it), placed by MIXED
+                mixed = mixed_plan_file(Path(out), folders["symmetric"][0] / "plan.json")
+                plan: tuple[str, ...] = ("plan=file", f"plan.path={mixed}")
+            else:
+                plan = (f"plan={mode}",)
+            folders[mode].append(train(out, name, steps, (*job, *models), *plan))
+            if not models:
+                first = folders[mode][0] / "models"
+                models = ("sft.enabled=false", f"model.path={first / 'sft'}",
+                          f"reward.path={first / 'reward'}")  # fmt: skip
+    results = {("mixed (file)" if m == "mixed" else m): measure(folders[m]) for m in modes}
     best_hand = min(results[m]["measured_step_s"] for m in HAND)
     return {
         "job": list(job[:-1]),
@@ -126,18 +151,21 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--algos", default="ppo,remax,grpo")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each plan, order alternating")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "planner.json"))
     args = ap.parse_args()
     by_algo = {}
     with tempfile.TemporaryDirectory() as out:
         for algo in args.algos.split(","):
-            by_algo[algo] = calibrate(algo, args.preset, args.steps, args.profile_steps, out)
+            by_algo[algo] = calibrate(algo, args.preset, args.steps, args.profile_steps,
+                                      args.rounds, out)  # fmt: skip
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["calibration"] = {
         "command": "python " + " ".join(sys.argv),
         "preset": args.preset,
         "rl_steps": args.steps,
+        "rounds": args.rounds,
         "algorithms": by_algo,
     }
     data["max_rel_error"] = max(a["max_rel_error"] for a in by_algo.values())

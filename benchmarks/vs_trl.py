@@ -13,6 +13,11 @@ process of its own, one after the other, `--rounds` times alternating. Writes
 benchmarks/results/vs_trl.json.
 
     .venv/bin/python benchmarks/vs_trl.py [--steps 5] [--rounds 1] [--relay OVERRIDE ...]
+        [--overlap]
+
+`--overlap` adds a third run: Relay with the actor's train call on one device and its
+generation and the reference on the other, the next step's rollout generated while
+this step trains (train.overlap_generation, one step off-policy).
 """
 
 from __future__ import annotations
@@ -129,6 +134,25 @@ def relay_overrides(folder: Path, steps: int, out: str) -> list[str]:
     ]  # fmt: skip
 
 
+def overlap_plan(folder: Path, steps: int, out: Path) -> list[str]:
+    """Overrides for Relay's overlapped run: the actor's train call on device 0, its
+    generation and the reference on device 1, and the next step's rollout launched while
+    this step trains (train.overlap_generation: one step off-policy)."""
+    sys.path.insert(0, str(REPO))
+    from orchestrator.config.load import load_config
+    from orchestrator.runtime.planning import make_plan
+    from planner.plan import to_dict
+
+    cfg = load_config(relay_overrides(folder, steps, str(out)), for_run=False)
+    result = make_plan(cfg, "per_role")
+    data = to_dict(result.ctx, result.plan, "file", None)
+    for name, call in data["calls"].items():
+        call.update(mesh="d0" if name == "actor_train" else "d1", dp=1, tp=1, pp=1)
+    path = out / "overlap_plan.json"
+    path.write_text(json.dumps(data))
+    return ["plan=file", f"plan.path={path}", "train.overlap_generation=true"]
+
+
 def run_relay(folder: Path, steps: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "launch.cli", "train", *relay_overrides(folder, steps, out),
@@ -157,15 +181,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--relay", nargs="*", default=[], help="overrides for Relay's run")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--overlap", action="store_true",
+                    help="also run Relay with the next step's generation overlapping training")  # fmt: skip
     args = ap.parse_args()
-    runs: dict[str, list[dict]] = {"trl": [], "relay": []}
+    names = ["trl", "relay"] + (["relay_overlap"] if args.overlap else [])
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model(Path(tmp))
+        overlap = overlap_plan(folder, args.steps, Path(tmp)) if args.overlap else []
         for r in range(args.rounds):
-            for name in ("trl", "relay"):
+            for name in names:
                 print(f"round {r + 1}: {name}", flush=True)
-                res = (run_trl(folder, args.steps, args.threads) if name == "trl"
-                       else run_relay(folder, args.steps, args.relay))  # fmt: skip
+                if name == "trl":
+                    res = run_trl(folder, args.steps, args.threads)
+                else:
+                    extra = args.relay + (overlap if name == "relay_overlap" else [])
+                    res = run_relay(folder, args.steps, extra)
                 print(json.dumps(res)[:600], flush=True)
                 runs[name].append(res)
     med = {n: statistics.median(s for r in rs for s in r["step_s"][1:]) for n, rs in runs.items()}
@@ -186,13 +217,24 @@ def main() -> None:
         "relay_step_s": med["relay"],
         "relay_over_trl": med["relay"] / med["trl"],
         "relay_per_call_s": {c: statistics.median(v[1:]) for c, v in calls.items()},
+        **(
+            {
+                "relay_overlap_step_s": med["relay_overlap"],
+                "relay_overlap_over_trl": med["relay_overlap"] / med["trl"],
+                "relay_overlap_per_call_s": {
+                    c: statistics.median(v[1:])
+                    for c, v in runs["relay_overlap"][0]["per_call_s"].items()
+                },
+            }
+            if args.overlap
+            else {}
+        ),  # fmt: skip
         "goal": {"relay_over_trl": 0.5},
         "runs": runs,
     }
     path = REPO / "benchmarks" / "results" / "vs_trl.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("trl_step_s", "relay_step_s", "relay_over_trl",
-                                             "relay_per_call_s")}))  # fmt: skip
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("trl_", "relay_"))}))
 
 
 if __name__ == "__main__":

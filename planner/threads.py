@@ -20,9 +20,13 @@ from collections.abc import Iterable, Mapping
 from planner.layout import Mesh
 
 
-def concurrent(parents: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
+def concurrent(
+    parents: Mapping[str, Iterable[str]], overlapped: frozenset[str] = frozenset()
+) -> dict[str, set[str]]:
     """Call -> the calls that may run at the same time as it: neither its ancestors nor
-    its descendants (`parents`: call -> the calls whose outputs it reads)."""
+    its descendants (`parents`: call -> the calls whose outputs it reads). `overlapped`:
+    calls that also run beside every other call (the train calls, when the next step's
+    rollout is launched while they run: train.overlap_generation)."""
     up: dict[str, set[str]] = {}
 
     def ancestors(name: str) -> set[str]:
@@ -33,7 +37,8 @@ def concurrent(parents: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
         return up[name]
 
     names = list(parents)
-    return {n: {m for m in names if m != n and m not in ancestors(n) and n not in ancestors(m)}
+    return {n: {m for m in names if m != n and (m not in ancestors(n) and n not in ancestors(m)
+                                                 or (m in overlapped) != (n in overlapped))}
             for n in names}  # fmt: skip
 
 
@@ -57,12 +62,13 @@ def busy_devices(
     meshes: Mapping[str, Mesh],
     devices_per_node: int,
     light: frozenset[str] = frozenset(),
+    overlapped: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
     """Call -> the most devices of one of its nodes that can compute while it runs (its
     own included). `light`: calls that barely compute (a reward function or verifier:
-    no model), which keep no device busy."""
+    no model), which keep no device busy; `overlapped`: see `concurrent`."""
     out = {}
-    for name, others in concurrent(parents).items():
+    for name, others in concurrent(parents, overlapped).items():
         devices = set(meshes[name].devices)
         busy = set(devices)
         for o in others - light:
@@ -79,9 +85,10 @@ def call_threads(
     cores_per_node: int,
     threads_per_device: int,
     light: frozenset[str] = frozenset(),
+    overlapped: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
     """Call name -> torch threads for each of its devices (see the module docstring)."""
-    busy = busy_devices(parents, meshes, devices_per_node, light)
+    busy = busy_devices(parents, meshes, devices_per_node, light, overlapped)
     return {n: max(threads_per_device, cores_per_node // b) for n, b in busy.items()}
 
 

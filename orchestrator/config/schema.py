@@ -170,6 +170,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     zero_stage: int = 0
     eval_every_steps: int = 20
+    # true: the next step's rollout (generation and inference calls) runs while this step
+    # trains, sampling from weights one update older (one step off-policy; the clipped
+    # ratio against the sampling policy's log-probs corrects for it). Opt-in.
+    overlap_generation: bool = False
 
 
 @dataclass

@@ -33,6 +33,17 @@ def pipeline_rules(p: list[Problem], cfg: RelayConfig) -> None:
     choice("reweight.strategy", rw.strategy, REWEIGHT_STRATEGIES, "reweighting strategy")
     choice("reweight.policy_proxy", rw.policy_proxy, POLICY_PROXIES, "difficulty proxy")
     choice("algo.policy_loss", a.policy_loss, POLICY_LOSSES, "policy loss")
+    if cfg.train.overlap_generation and a.policy_loss == "reinforce":
+        p.append(
+            Problem(
+                "train.overlap_generation",
+                True,
+                "samples from a policy one update older need the clipped ratio loss "
+                "(algo.policy_loss=ppo) as their importance correction; the REINFORCE loss "
+                f"of algo.name={a.name} has no ratio",
+                "drop train.overlap_generation, or use algo=grpo or algo=ppo",
+            )
+        )
     if r.path is not None:
         if r.source != "model":
             p.append(

@@ -31,7 +31,7 @@ from orchestrator.run.evaluation import evaluate_policy
 from orchestrator.run.folder import RunError
 from orchestrator.run.specs import rl_specs, sampling
 from orchestrator.run.tracking import plot_learning_curves, read_metrics
-from orchestrator.runtime.graph_runner import run_graph
+from orchestrator.runtime.graph_runner import Launched, finish, launch, rollout_calls
 from orchestrator.runtime.metrics import busy_seconds, without_spans
 from orchestrator.runtime.plan_runtime import PlanRuntime
 from planner.plan import offloaded_roles
@@ -66,13 +66,20 @@ def run_rl(run: Run, after_fault: bool = False) -> dict[str, float]:
     try:
         if start_step == 0:
             tracker.record(0, evaluate_policy(run, runtime, 0))
+        ahead: Launched | None = None  # the next step's rollout, launched during this one
         for step in range(start_step + 1, t.steps + 1):
             t0 = time.perf_counter()
-            dataset = step_batch(run, graph, step)
+            rollout, ahead = ahead, None
+            off_policy = rollout is not None
             try:
-                per_call = run_graph(
-                    graph, runtime, dataset, step_options(run, graph, step, kl_ctl)
-                )
+                if rollout is None:
+                    rollout = launch_rollout(run, graph, runtime, step, kl_ctl)
+                if t.overlap_generation and step < t.steps and not saves_at(run, step):
+                    # sampled from the weights before this step's update: one step off-policy
+                    ahead = launch_rollout(run, graph, runtime, step + 1, kl_ctl)
+                trains = {c.name for c in graph.calls} - rollout_calls(graph)
+                opts = step_options(run, graph, step, kl_ctl)
+                per_call = finish(runtime, launch(graph, runtime, opts, trains, rollout).running)
             except RewardError as e:
                 reason = str(getattr(e, "cause", None) or e).strip()
                 if cfg.reward.on_error == "stop":
@@ -83,6 +90,7 @@ def run_rl(run: Run, after_fault: bool = False) -> dict[str, float]:
                 per_call = {}
             m: dict[str, float] = {k: v for call in per_call.values() for k, v in call.items()}
             m["rollout/skipped_steps"] = skipped
+            m["rollout/off_policy_steps"] = float(off_policy)  # sampled one update behind
             if per_call:
                 kl_ctl.update(m.get("rollout/kl_to_ref_token_mean", 0.0), n_samples)
             m["time/step_s"] = time.perf_counter() - t0
@@ -97,7 +105,7 @@ def run_rl(run: Run, after_fault: bool = False) -> dict[str, float]:
             tracker.log(step, m)
             last = m
             stop = run.stop_requested  # read once: a signal may land at any point
-            if step % cfg.run.save_every_steps == 0 or step == t.steps or stop:
+            if saves_at(run, step) or stop:
                 save_checkpoint(run, step, runtime, trainable, kl_ctl, skipped)
             if stop and step < t.steps:
                 run.stopped_early = True
@@ -111,6 +119,20 @@ def run_rl(run: Run, after_fault: bool = False) -> dict[str, float]:
     return {k: v for k, v in last.items() if k.startswith(("eval/", "rollout/"))}
 
 
+def saves_at(run: Run, step: int) -> bool:
+    """Whether the run writes a checkpoint after `step` (a signal aside). No rollout is
+    launched ahead across one, so a run resumed there goes on as if never stopped."""
+    return step % run.cfg.run.save_every_steps == 0 or step == run.cfg.train.steps
+
+
+def launch_rollout(
+    run: Run, graph: DataflowGraph, runtime: PlanRuntime, step: int, kl_ctl: Any
+) -> Launched:
+    """Dispatch the step's rollout (every call but the train calls) on its prompts."""
+    opts = step_options(run, graph, step, kl_ctl)
+    return launch(graph, runtime, opts, rollout_calls(graph), step_batch(run, graph, step))
+
+
 def rl_runtime(run: Run, graph: DataflowGraph) -> PlanRuntime:
     """The RL graph's workers: one per device of the plan's cluster."""
     c, p = run.cfg.cluster, run.plan
@@ -119,9 +141,34 @@ def rl_runtime(run: Run, graph: DataflowGraph) -> PlanRuntime:
     runtime = PlanRuntime(graph, plan, specs, c.num_nodes, c.devices_per_node,
                           c.threads_per_device, c.device, offloaded_roles(p.ctx, p.plan),
                           call_threads=c.call_threads == "auto",
-                          fuse=run.cfg.plan.fuse_calls)  # fmt: skip
+                          fuse=run.cfg.plan.fuse_calls,
+                          overlap=run.cfg.train.overlap_generation)  # fmt: skip
     run.paths.write_workers("rl", runtime.processes())
+    if run.cfg.train.overlap_generation:
+        shared = shared_devices(graph, runtime)
+        if shared:
+            print(f"relay: train.overlap_generation: the plan runs {shared}, so the next "
+                  "step's rollout waits there for this step's training (still one step "
+                  "off-policy). A plan that puts the train calls on devices of their own "
+                  "overlaps them (docs/configuration.md).", flush=True)  # fmt: skip
     return runtime
+
+
+def shared_devices(graph: DataflowGraph, runtime: PlanRuntime) -> str:
+    """Where a rollout call and a train call share a device (they cannot overlap there),
+    as 'actor_gen and actor_train on device 0, ...'; empty if nowhere."""
+    trains = [c for c in graph.calls if c.kind is CallKind.TRAIN]
+    found = []
+    for r in graph.calls:
+        if r.kind is CallKind.TRAIN:
+            continue
+        for tr in trains:
+            both = sorted(set(runtime.sharding[r.name][0].devices)
+                          & set(runtime.sharding[tr.name][0].devices))  # fmt: skip
+            if both:
+                devices = ", ".join(str(d) for d in both)
+                found.append(f"{r.name} and {tr.name} on device {devices}")
+    return "; ".join(found)
 
 
 def step_batch(run: Run, graph: DataflowGraph, step: int) -> dict[str, torch.Tensor]:

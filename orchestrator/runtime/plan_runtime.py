@@ -22,7 +22,7 @@ workers. A call's consumers take the parts its ranks return and join them themse
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ class PlanRuntime:
         offload: list[str] | tuple[str, ...] = (),  # frozen roles kept in host memory
         call_threads: bool = False,  # CPU: threads per call from the graph (planner.threads)
         fuse: bool = False,  # calls of one replica ready together run as one task
+        overlap: bool = False,  # the next step's rollout runs beside the train calls
     ) -> None:
         self.fuse = fuse
         self.graph = graph
@@ -129,8 +130,9 @@ class PlanRuntime:
             meshes = {n: sh[0] for n, sh in self.sharding.items()}
             light = frozenset(c.name for c in graph.calls  # no model: a function's work
                               if not by_name[c.role].kind().has_model)  # fmt: skip
+            trains = frozenset(c.name for c in graph.calls if c.kind is CallKind.TRAIN)
             self.threads = call_threads_of(parents, meshes, devices_per_node, cores, threads,
-                                           light)  # fmt: skip
+                                           light, trains if overlap else frozenset())  # fmt: skip
         try:
             self._build(graph, specs, offload, engine)
         except BaseException:
@@ -210,7 +212,7 @@ class PlanRuntime:
         reallocation is for its first call, which reads only the dataset, leaves it to
         `dispatch` (folded into that call's task)."""
         graph = graph or self.graph
-        self.ahead, self.device_of = {}, {}
+        self.ahead = {}
         placed = list(graph.waves())
         stale, seen = [], set()
         for c in placed:
@@ -331,6 +333,12 @@ class PlanRuntime:
                                   [p[2 * j + 1] for p in parts] + mine, finish))  # fmt: skip
         return out
 
+    def forget(self, dispatched: Iterable[Dispatched]) -> None:
+        """Drop the devices of finished calls' references (`failure` names them)."""
+        for d in dispatched:
+            for ref in d.waits + d.outputs:
+                self.device_of.pop(ref, None)
+
     def failure(self, ref: Any, error: BaseException, call: str) -> Exception:
         """The runtime's exception for a step's reference that raised (failures.classify)."""
         device = self.device_of.get(ref)
@@ -366,7 +374,8 @@ class PlanRuntime:
 
     def _refresh_now(self, role: str, sh: Sharding, what: str) -> None:
         """Bring the replica `sh` of `role` up to date before going on (`_refresh`)."""
-        self._wait([(r, self.device_of[r]) for r in self._refresh(role, sh)], what)
+        refs = self._refresh(role, sh)
+        self._wait([(r, self.device_of.pop(r)) for r in refs], what)
 
     def _checkpoint_sharding(self, role: str) -> Sharding:
         """One device of the train mesh holding whole tensors: it writes the weights."""

@@ -193,3 +193,33 @@ def test_pmoe_policy_and_zero3_under_sharded_plans(ray_cluster, tmp_path: Path) 
                 want = rows[ref][step][key]
                 got = rows[name][step][key]
                 assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (name, step, key)
+
+
+def test_overlapped_rollout_samples_one_update_behind(ray_cluster, tmp_path: Path) -> None:
+    """train.overlap_generation: GRPO trained on d0, sampling (and the reference) on d1;
+    each step's rollout is launched before the previous step's train call, so it samples
+    from the weights one update older, except after a checkpoint (run.save_every_steps=2:
+    steps 1 and 3 are on-policy, step 2 is not), where a resumed run would start afresh.
+    One optimizer step per batch: on-policy, the trainer's log-probs before the update
+    are the sampler's (importance ratio 1); one update behind, they are not. Step 1 is
+    the run without overlap's."""
+    grpo = ("algo=grpo", "train.rollout_batch_prompts=4", "train.samples_per_prompt=4",
+            "train.mini_batch_samples=16", "train.micro_batch_samples_per_device=8",
+            "train.actor_lr=1e-3")  # fmt: skip
+    path = plan_file(tmp_path, "split", "d1", 1, 1, *grpo, actor_train=("d0", 1, 1))
+    rows = {}
+    for name, extra in (("overlap", ("train.overlap_generation=true",)), ("serial", ())):
+        run(tmp_path, name, "plan=file", f"plan.path={path}", *grpo, *extra,
+            rollouts=("generate.backend=hf", "train.eval_every_steps=100"))  # fmt: skip
+        rows[name] = rl_rows(tmp_path / name)
+    o, s = rows["overlap"], rows["serial"]
+    assert [o[k]["rollout/off_policy_steps"] for k in (1, 2, 3)] == [0.0, 1.0, 0.0]
+    assert [s[k]["rollout/off_policy_steps"] for k in (1, 2, 3)] == [0.0, 0.0, 0.0]
+    for step in (1, 3):
+        assert abs(o[step]["train/approx_kl"]) < 1e-5, (step, o[step]["train/approx_kl"])
+        assert o[step]["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(o[2]["train/approx_kl"]) > 1e-4, o[2]["train/approx_kl"]
+    assert o[2]["train/ratio_mean"] != pytest.approx(1.0, abs=1e-4)
+    assert abs(s[2]["train/approx_kl"]) < 1e-5
+    for key in ("loss/policy", "rollout/reward_mean", "train/grad_norm_actor"):
+        assert o[1][key] == pytest.approx(s[1][key], rel=1e-5, abs=1e-7), key

@@ -64,6 +64,13 @@ def test_micro_batch_that_does_not_divide() -> None:
     assert "train.micro_batch_samples_per_device = 5" in msg and "Fix:" in msg
 
 
+def test_overlapped_generation_needs_the_ratio_loss() -> None:
+    (msg,) = problems_of(["algo=remax", "train.overlap_generation=true"])
+    assert "train.overlap_generation = True" in msg and "reinforce" in msg.lower()
+    assert "algo=grpo" in msg and "Fix:" in msg
+    assert load_config(["algo=grpo", "train.overlap_generation=true"]).train.overlap_generation
+
+
 def test_unknown_algorithm() -> None:
     (msg,) = problems_of(["algo.name=ppx"])
     assert "algo.name = 'ppx'" in msg and "unknown algorithm" in msg and "ppo" in msg

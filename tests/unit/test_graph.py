@@ -221,6 +221,28 @@ def test_concurrent_calls_are_neither_ancestors_nor_descendants() -> None:
     assert c["actor_gen"] == set()
     assert c["ref_inf"] == {"critic_inf", "reward_inf"}
     assert c["actor_train"] == {"critic_train"}
+    # the next step's rollout launched while this step trains: each side beside the other
+    trains = frozenset({"actor_train", "critic_train"})
+    o = concurrent({x.name: g.parents(x) for x in g.calls}, trains)
+    assert o["actor_gen"] == set(trains)
+    assert o["actor_train"] == {"critic_train", "actor_gen", "ref_inf", "reward_inf", "critic_inf"}
+
+
+def test_overlapped_train_and_generation_share_the_cores() -> None:
+    """GRPO with the train call on device 0 and the rollout on device 1: alone, each gets
+    both cores; overlapped (train.overlap_generation), one each."""
+    from algos.ppo import ALGORITHM_GRAPHS
+    from planner.layout import Mesh
+    from planner.threads import call_threads
+
+    g = ALGORITHM_GRAPHS["grpo"]()
+    parents = {c.name: g.parents(c) for c in g.calls}
+    meshes = {"actor_gen": Mesh(1, 1), "ref_inf": Mesh(1, 1), "reward_inf": Mesh(1, 1),
+              "actor_train": Mesh(0, 1)}  # fmt: skip
+    assert call_threads(parents, meshes, 2, 2, 1)["actor_train"] == 2
+    assert call_threads(parents, meshes, 2, 2, 1)["actor_gen"] == 2
+    overlapped = call_threads(parents, meshes, 2, 2, 1, overlapped=frozenset({"actor_train"}))
+    assert overlapped["actor_train"] == overlapped["actor_gen"] == 1
 
 
 def test_a_call_running_alone_gets_every_core() -> None:

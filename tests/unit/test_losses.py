@@ -240,6 +240,8 @@ def test_policy_loss_clip_and_dual_clip() -> None:
     assert m["dual_clip_frac"] == pytest.approx(0.25, rel=1e-6)
     # approx_kl = mean(old - new) = -(ln 1.1 + ln 1.5 + ln 0.5 + ln 5) / 4 = -0.35426650
     assert m["approx_kl"] == pytest.approx(-(math.log(1.1 * 1.5 * 0.5 * 5)) / 4, rel=1e-5)
+    # the importance weight's mean over the valid tokens (the padded 9.0 left out)
+    assert m["ratio_mean"] == pytest.approx((1.1 + 1.5 + 0.5 + 5.0) / 4, rel=1e-5)
 
 
 def test_policy_loss_without_dual_clip() -> None:
