@@ -145,16 +145,17 @@ def rl_runtime(run: Run, graph: DataflowGraph) -> PlanRuntime:
                           overlap=run.cfg.train.overlap_generation)  # fmt: skip
     run.paths.write_workers("rl", runtime.processes())
     if run.cfg.train.overlap_generation:
-        shared = shared_devices(graph, runtime)
+        shared = shared_devices(graph, runtime.sharding)
         if shared:
-            print(f"relay: train.overlap_generation: the plan runs {shared}, so the next "
-                  "step's rollout waits there for this step's training (still one step "
-                  "off-policy). A plan that puts the train calls on devices of their own "
-                  "overlaps them (docs/configuration.md).", flush=True)  # fmt: skip
+            print(f"relay: train.overlap_generation: the plan runs {shared}; there a "
+                  "step's training waits behind the next step's rollout calls (still one "
+                  "step off-policy, with less overlap). A plan that puts the train calls on "
+                  "devices of their own overlaps them (docs/configuration.md).",
+                  flush=True)  # fmt: skip
     return runtime
 
 
-def shared_devices(graph: DataflowGraph, runtime: PlanRuntime) -> str:
+def shared_devices(graph: DataflowGraph, sharding: dict[str, Any]) -> str:
     """Where a rollout call and a train call share a device (they cannot overlap there),
     as 'actor_gen and actor_train on device 0, ...'; empty if nowhere."""
     trains = [c for c in graph.calls if c.kind is CallKind.TRAIN]
@@ -163,11 +164,10 @@ def shared_devices(graph: DataflowGraph, runtime: PlanRuntime) -> str:
         if r.kind is CallKind.TRAIN:
             continue
         for tr in trains:
-            both = sorted(set(runtime.sharding[r.name][0].devices)
-                          & set(runtime.sharding[tr.name][0].devices))  # fmt: skip
+            both = sorted(set(sharding[r.name][0].devices) & set(sharding[tr.name][0].devices))
             if both:
-                devices = ", ".join(str(d) for d in both)
-                found.append(f"{r.name} and {tr.name} on device {devices}")
+                where = ", ".join(str(d) for d in both)
+                found.append(f"{r.name} and {tr.name} on device{'s' * (len(both) > 1)} {where}")
     return "; ".join(found)
 
 

@@ -281,3 +281,24 @@ def test_a_call_running_alone_gets_every_core() -> None:
     # a call on two devices of a 16-core node, alone: 8 threads each
     two = {n: Mesh(0, 2) for n in on}
     assert call_threads(parents, two, 4, 16, 1)["actor_gen"] == 8
+
+
+def test_overlap_names_the_calls_that_share_a_train_device() -> None:
+    """train.overlap_generation under a plan whose rollout and train calls share devices:
+    the run says which (orchestrator.run.rl.shared_devices); none under the split plan."""
+    from algos.ppo import ALGORITHM_GRAPHS
+    from orchestrator.run.rl import shared_devices
+    from planner.layout import Layout, Mesh
+
+    g = ALGORITHM_GRAPHS["grpo"]()
+    one = (Layout(1, 1, 1),)
+    split = {"actor_gen": (Mesh(1, 1), *one), "ref_inf": (Mesh(1, 1), *one),
+             "reward_inf": (Mesh(1, 1), *one), "actor_train": (Mesh(0, 1), *one)}  # fmt: skip
+    assert shared_devices(g, split) == ""
+    wide = {**split, "ref_inf": (Mesh(0, 2), *one)}
+    assert shared_devices(g, wide) == "ref_inf and actor_train on device 0"
+    wide["actor_train"] = (Mesh(0, 2), *one)
+    assert shared_devices(g, wide) == (
+        "actor_gen and actor_train on device 1; ref_inf and actor_train on devices 0, 1; "
+        "reward_inf and actor_train on device 1"
+    )
