@@ -67,6 +67,7 @@ def run_rl(run: Run, after_fault: bool = False) -> dict[str, float]:
         if start_step == 0:
             tracker.record(0, evaluate_policy(run, runtime, 0))
         ahead: Launched | None = None  # the next step's rollout, launched during this one
+        trains = {c.name for c in graph.calls} - rollout_calls(graph)
         for step in range(start_step + 1, t.steps + 1):
             t0 = time.perf_counter()
             rollout, ahead = ahead, None
@@ -77,7 +78,6 @@ def run_rl(run: Run, after_fault: bool = False) -> dict[str, float]:
                 if t.overlap_generation and step < t.steps and not saves_at(run, step):
                     # sampled from the weights before this step's update: one step off-policy
                     ahead = launch_rollout(run, graph, runtime, step + 1, kl_ctl)
-                trains = {c.name for c in graph.calls} - rollout_calls(graph)
                 opts = step_options(run, graph, step, kl_ctl)
                 per_call = finish(runtime, launch(graph, runtime, opts, trains, rollout).running)
             except RewardError as e:

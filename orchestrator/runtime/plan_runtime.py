@@ -336,7 +336,7 @@ class PlanRuntime:
     def forget(self, dispatched: Iterable[Dispatched]) -> None:
         """Drop the devices of finished calls' references (`failure` names them)."""
         for d in dispatched:
-            for ref in d.waits + d.outputs:
+            for ref in d.waits:  # what dispatch labelled: metrics and reallocations
                 self.device_of.pop(ref, None)
 
     def failure(self, ref: Any, error: BaseException, call: str) -> Exception:
