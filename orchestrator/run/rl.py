@@ -50,16 +50,16 @@ def run_rl(run: Run, after_fault: bool = False) -> dict[str, float]:
     resume_from = run.ckpt.newest_valid() if after_fault else resume_point(run)
     if resume_from is not None:
         check_plan(run, resume_from)
+        done = json.loads((resume_from / "controller.json").read_text())["step"]
+        if done >= t.steps:  # before any worker starts: there is nothing for them to do
+            print(f"relay: run {run.paths.root} already finished at step {done} of "
+                  f"{t.steps}; nothing to do (raise train.steps to continue it).")  # fmt: skip
+            return final_metrics(run)
     runtime = rl_runtime(run, graph)
     trainable = list(graph.trainable_roles)
     start_step = skipped = 0  # skipped: steps without an update (reward.on_error=skip)
     if resume_from is not None:
         start_step, skipped = restore(run, resume_from, runtime, trainable, kl_ctl)
-    if start_step >= t.steps:
-        runtime.stop()
-        print(f"relay: run {run.paths.root} already finished at step {start_step} of "
-              f"{t.steps}; nothing to do (raise train.steps to continue it).")  # fmt: skip
-        return final_metrics(run)
     tracker = run.tracker("rl", t.steps, start_step)
     n_samples = t.rollout_batch_prompts * t.samples_per_prompt
     last: dict[str, float] = {}

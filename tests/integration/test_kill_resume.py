@@ -1,8 +1,9 @@
 """SIGKILL of the driver at a random moment: resume loses at most the steps since the
 last checkpoint, never loads an incomplete checkpoint, and continues a user's data
 mid-epoch as if never stopped. Both tests run a sharded plan
-(`plan=symmetric`: every call data-parallel over the four device workers), so the kill
-and the stop reach device workers that each hold a slice of every role's batch."""
+(`plan=symmetric` on two devices: every call data-parallel over both device workers), so
+the kill and the stop reach device workers that each hold a slice of every role's batch
+(two, not the local cluster's four: the same sharding for half the workers' start)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from orchestrator.run.checkpoint import CheckpointManager
 from tests.integration.tiny import RL_ONLY, tiny_overrides
 
-SHARDED = "plan=symmetric"
+SHARDED = ("plan=symmetric", "cluster.devices_per_node=2")
 STEPS = 6  # RL steps of the killed run and of the one never killed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -77,7 +78,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     with the per-step metrics and the weights of a run never killed."""
     yours = your_data(tmp_path)
     overrides = tiny_overrides(tmp_path, "killed", STEPS, "run.save_every_steps=1",
-                               "logger.wandb_mode=offline", SHARDED, *yours)  # fmt: skip
+                               "logger.wandb_mode=offline", *SHARDED, *yours)  # fmt: skip
     run_dir = tmp_path / "killed"
     ckpts = CheckpointManager(run_dir, keep=2)
     # the same run, never killed, alongside (its final weights are the reference)
@@ -85,7 +86,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
     with straight_log.open("w") as log:
         straight = relay(
             tiny_overrides(tmp_path, "straight", STEPS, "run.save_every_steps=1",
-                           "logger.wandb_mode=offline", SHARDED, *yours), log)  # fmt: skip
+                           "logger.wandb_mode=offline", *SHARDED, *yours), log)  # fmt: skip
     request.addfinalizer(lambda: kill_group(straight))
     proc = relay(overrides)
     try:
@@ -134,7 +135,7 @@ def test_sigkill_driver_then_resume(tmp_path: Path, request: pytest.FixtureReque
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(tmp_path: Path) -> None:
     overrides = tiny_overrides(
-        tmp_path, "stopped", 30, "run.save_every_steps=100", SHARDED, *RL_ONLY
+        tmp_path, "stopped", 30, "run.save_every_steps=100", *SHARDED, *RL_ONLY
     )
     run_dir = tmp_path / "stopped"
     proc = relay(overrides)

@@ -100,10 +100,12 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
     stages = [r["stage"] for r in logged]
     assert stages.index("sft") < stages.index("reward_model") < stages.index("rl")
     assert "rollout/verifier_reward_mean" in rows[2]
-    # another algorithm from the same SFT and reward models: no SFT or reward stage
+    # another algorithm from the same SFT and reward models: no SFT or reward stage (on
+    # one device: one worker to start)
     again = run(
         tiny_overrides(tmp_path, "reuse", 1, "algo=remax", f"model.path={run_dir}/models/sft",
-                       "sft.enabled=false", f"reward.path={run_dir}/models/reward")
+                       "sft.enabled=false", f"reward.path={run_dir}/models/reward",
+                       "cluster.devices_per_node=1")
     )  # fmt: skip
     reused = read_metrics(Path(again["run_dir"]) / "metrics.jsonl")
     assert {r["stage"] for r in reused} == {"rl"}
@@ -123,8 +125,11 @@ def test_resume_continues_and_a_finished_run_is_left_as_it_is(
     )
     assert sorted(rl_rows(resumed)) == [0, 1, 2, 3]
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_3"
+    workers = resumed / "workers.json"
+    workers.unlink()  # a worker start would write it again
     again = run(tiny_overrides(tmp_path, "split", 3, "run.resume=auto", *RL_ONLY))
     assert "already finished at step 3" in capsys.readouterr().out
+    assert not workers.exists(), "a finished run started workers it had no use for"
     assert "rollout/reward_mean" in again["rl"]
     with pytest.raises(RunError, match="different config"):
         run(tiny_overrides(tmp_path, "split", 3, *RL_ONLY, "algo.kl_coef=0.5"))
@@ -147,8 +152,8 @@ def test_critic_free_algorithm_runs_under_a_sharded_plan(ray_cluster, tmp_path: 
             tmp_path,
             "grpo",
             2,
+            *RL_ONLY,  # the RL stage under test: no SFT stage before it
             "algo=grpo",
-            "reward=verifier",
             "plan=symmetric",
             "generate.backend=hf",
             "train.rollout_batch_prompts=4",

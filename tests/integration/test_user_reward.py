@@ -68,6 +68,9 @@ def setup(tmp_path: Path, flag: str) -> tuple[list[str], list[str]]:
         "generate.backend=hf",
         "generate.max_new_tokens=8",
         "run.save_every_steps=100",  # no checkpoint before the error: the stop writes one
+        # every role on one device: one worker to start, not three (placement is tested
+        # elsewhere; the reward function's errors and the data position are tested here)
+        "cluster.devices_per_node=1",
     )
     return overrides, prompts
 

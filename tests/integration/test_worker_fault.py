@@ -67,14 +67,15 @@ def run_and_kill_a_worker(tmp_path: Path, name: str, steps: int, *extra: str) ->
 
 @pytest.mark.parametrize("plan", ["per_role", "symmetric"])
 def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path, plan: str) -> None:
-    """per_role, and a sharded plan (every call data-parallel over the four devices: the
-    other workers are left inside collectives with the dead one)."""
+    """per_role, and a sharded plan (every call data-parallel over two devices: the other
+    worker is left inside collectives with the dead one)."""
     run_dir = tmp_path / "fault"
     # per_role with vLLM: the new workers start new engine shards
     backend = "generate.backend=" + ("vllm" if plan == "per_role" else "hf")
     # 12 steps, saved every 2: after the kill at step 3 or so, enough are left for the
     # run to meet the dead worker (steps of the tiny model take well under a second)
-    out = run_and_kill_a_worker(tmp_path, "fault", 12, f"plan={plan}", backend)
+    devices = "cluster.devices_per_node=" + ("4" if plan == "per_role" else "2")
+    out = run_and_kill_a_worker(tmp_path, "fault", 12, f"plan={plan}", backend, devices)
     assert out.startswith("rc=0\n"), out
     assert "the worker of device" in out and "died during" in out and "restart 1 of 3" in out
     assert "continue from checkpoint" in out  # the step-2 (or later) checkpoint
@@ -100,7 +101,8 @@ def test_dead_sft_worker_restarts_the_stage(tmp_path: Path) -> None:
     """SFT keeps no checkpoints: a dead SFT worker is replaced and the stage starts over;
     its metrics read as one clean pass and the run goes on to RL."""
     run_dir = tmp_path / "sft_fault"
-    extra = ("sft.steps=60", "reward=verifier", "generate.backend=hf")
+    # the RL step after it on one device: one worker to start, not three
+    extra = ("sft.steps=60", "reward=verifier", "generate.backend=hf", "cluster.devices_per_node=1")
     proc = relay(tiny_overrides(tmp_path, "sft_fault", 1, *extra))
     try:
         logged = kill_a_worker(proc, run_dir, after_step=3, stage="sft")

@@ -53,6 +53,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# every role on one device: one worker (and one vLLM engine) to start; placement is tested
+# elsewhere, the user's files, model and reward function here
+ONE_DEVICE = "cluster.devices_per_node=1"
+
+
 def relay(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -70,7 +75,7 @@ def overrides(tmp_path: Path, folder: Path, train: Path, *extra: str) -> list[st
         f"model.path={folder}", f"data.train_files=['{train}']",
         "sft.enabled=false", "reward=function", f"reward.function={tmp_path / 'reward.py'}:score",
         "algo=grpo", "train.rollout_batch_prompts=4", "train.samples_per_prompt=4",
-        "generate.max_new_tokens=8", *extra,
+        "generate.max_new_tokens=8", ONE_DEVICE, *extra,
     )  # fmt: skip
 
 
@@ -141,7 +146,7 @@ def test_sft_reward_model_and_grpo_on_your_parquet_files(tmp_path: Path, folder:
         "sft.batch_samples=8", "sft.micro_batch_samples_per_device=8", "sft.lr=3e-3",
         "reward.batch_pairs=8", "reward.micro_batch_pairs_per_device=8",
         "algo=grpo", "train.rollout_batch_prompts=4", "train.samples_per_prompt=4",
-        "generate.max_new_tokens=8",
+        "generate.max_new_tokens=8", ONE_DEVICE,
     ))  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "pipeline"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -27,13 +26,20 @@ def _step(engine, rank: int, seed: int) -> None:
     engine.step()
 
 
-def _worker(rank: int, folder: str, stage: int) -> None:
+def _worker(rank: int, folder: str, stages: list[int]) -> None:
+    """Every stage in one pair of processes (a process start and DeepSpeed's import cost
+    more than a stage's round trip)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
     join_world(rank, folder, world=2)
+    own = [dist.new_group([r]) for r in range(2)]
+    problems = [p for stage in stages for p in _round_trip(rank, stage, own)]
+    report(rank, folder, problems)
+
+
+def _round_trip(rank: int, stage: int, own: list) -> list[str]:
     from orchestrator.engines.train import OptimSpec, TrainEngine
     from orchestrator.workers.groups import DataParallelGroups
 
-    own = [dist.new_group([r]) for r in range(2)]
     spec = OptimSpec(lr=0.05, warmup_steps=2, weight_decay=0.01, grad_clip=1.0, zero_stage=stage,
                      mini_batch_samples=8, micro_batch_samples_per_device=4)  # fmt: skip
 
@@ -53,13 +59,13 @@ def _worker(rank: int, folder: str, stage: int) -> None:
         _step(a, rank, s)
         _step(b, rank, s)
     after_a, after_b = a.full_state_dict(), b.full_state_dict()
-    problems = [f"rank {rank}: {k} differs after the reload" for k, v in after_a.items()
-                if not torch.equal(v, after_b[k])]  # fmt: skip
+    problems = [f"ZeRO {stage}, rank {rank}: {k} differs after the reload"
+                for k, v in after_a.items() if not torch.equal(v, after_b[k])]  # fmt: skip
     if b.version != a.version + 1:
-        problems.append(f"rank {rank}: version {b.version}, expected {a.version + 1}")
-    report(rank, folder, problems)
+        problems.append(f"ZeRO {stage}, rank {rank}: version {b.version}, "
+                        f"expected {a.version + 1}")  # fmt: skip
+    return problems
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_rank_state_round_trip(tmp_path: Path, stage: int) -> None:
-    run_ranks(_worker, tmp_path, stage, world=2)
+def test_rank_state_round_trip_under_every_zero_stage(tmp_path: Path) -> None:
+    run_ranks(_worker, tmp_path, [0, 1, 2, 3], world=2)
