@@ -3,10 +3,14 @@ on this cluster, under every candidate layout, for the planner (planner.measured
 
 For each layout (dp, tp) of m devices that every call of the job can take (m = 1, 2, 4,
 ... up to a node's devices), it runs `relay train` with the job's overrides under the
-plan that puts every call on the first m devices with that layout, for `--steps` RL steps
-(the SFT and reward-model stages one step each: they only build the models), and records
-each call's mean time over the steps after the first, the threads it computed with, and
-the step's orchestration overhead. The file names the job it measured; a run that names
+plan that puts every call on the first m devices with that layout, for `--steps` RL steps,
+and records each call's mean time over the steps after the first, the threads it computed
+with, and the step's orchestration overhead. The first layout's run trains the job's SFT
+and reward models as the job sets them; every later run starts its RL stage from those
+models (`model.path`, `reward.path`). A call's time follows the policy it runs: how long
+its responses are (a batch is as long as its longest), so every layout is measured on the
+job's own policy (a policy after one SFT step wrote other lengths: its ReMax train call
+measured 88 ms where the job's took 114 ms). The file names the job it measured; a run that names
 it in `cluster.calls_profile` plans with these times, and refuses it for another job.
 """
 
@@ -55,10 +59,22 @@ def plan_file(ctx: Any, size: int, dp: int, tp: int, folder: Path) -> Path:
     return path
 
 
+def reuse_models(run_dir: Path) -> tuple[str, ...]:
+    """The overrides that start a later profiling run's RL stage from the SFT and reward
+    models the run in `run_dir` trained (none if it trained neither)."""
+    models = run_dir / "models"
+    out: tuple[str, ...] = ()
+    if (models / "sft" / "DONE").is_file():
+        out += ("sft.enabled=false", f"model.path={models / 'sft'}")
+    if (models / "reward" / "DONE").is_file():
+        out += (f"reward.path={models / 'reward'}",)
+    return out
+
+
 def run_layout(overrides: list[str], plan: Path, steps: int, out: Path) -> list[dict]:
     """The RL steps' metrics of one profiling run (the first step and evaluations left out)."""
     cmd = [sys.executable, "-m", "launch.cli", "train", *overrides, "plan=file",
-           f"plan.path={plan}", f"train.steps={steps + 1}", "sft.steps=1", "reward.steps=1",
+           f"plan.path={plan}", f"train.steps={steps + 1}",
            f"train.eval_every_steps={steps + 2}", f"run.save_every_steps={steps + 2}",
            "logger.wandb_mode=disabled", "logger.progress=false", "cluster.calls_profile=null",
            f"run.output_dir={out}", f"run.name={plan.stem}"]  # fmt: skip
@@ -95,12 +111,16 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
     _say(f"relay profile --calls: {len(layouts)} layouts x {steps} steps of the "
          f"{ctx.workload.graph} graph: {', '.join(f'm{s} dp{d} tp{t}' for s, d, t, _ in layouts)}")  # fmt: skip
     calls, pairs, overheads, cores_seen = [], [], [], []
+    models: tuple[str, ...] | None = None  # after the first run: the models it trained
     with tempfile.TemporaryDirectory() as tmp:
         for size, dp, tp, extra in layouts:
             plan = plan_file(ctx, size, dp, tp, Path(tmp))
             if extra:
                 plan = plan.rename(plan.with_name(plan.stem + "_device_threads.json"))
-            rows = run_layout([*overrides, *extra], plan, steps, Path(tmp) / "runs")
+            rows = run_layout([*overrides, *(models or ()), *extra], plan, steps,
+                              Path(tmp) / "runs")  # fmt: skip
+            if models is None:
+                models = reuse_models(Path(tmp) / "runs" / plan.stem)
             cores = rows[0]["_cores"]
             cores_seen.append(cores)
             overheads += [r["time/overhead_s"] for r in rows]

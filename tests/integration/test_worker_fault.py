@@ -22,6 +22,9 @@ from tests.integration.tiny import RL_ONLY, tiny_overrides
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
+# every role on one device, one worker to start: for the tests whose subject is not what a
+# plan shards (the dead-worker test below runs per_role and a sharded plan)
+ONE_DEVICE = "cluster.devices_per_node=1"
 
 
 def rl_steps(run_dir: Path, stage: str = "rl") -> list[int]:
@@ -86,7 +89,7 @@ def test_dead_worker_is_replaced_and_the_run_finishes(tmp_path: Path, plan: str)
 
 def test_restarts_are_bounded(tmp_path: Path) -> None:
     run_dir = tmp_path / "bounded"
-    out = run_and_kill_a_worker(tmp_path, "bounded", 40, "run.max_restarts=0")
+    out = run_and_kill_a_worker(tmp_path, "bounded", 40, "run.max_restarts=0", ONE_DEVICE)
     assert not out.startswith("rc=0\n")
     assert "run.max_restarts = 0" in out and "newest complete checkpoint is" in out
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
@@ -102,7 +105,7 @@ def test_dead_sft_worker_restarts_the_stage(tmp_path: Path) -> None:
     its metrics read as one clean pass and the run goes on to RL."""
     run_dir = tmp_path / "sft_fault"
     # the RL step after it on one device: one worker to start, not three
-    extra = ("sft.steps=60", "reward=verifier", "generate.backend=hf", "cluster.devices_per_node=1")
+    extra = ("sft.steps=60", "reward=verifier", "generate.backend=hf", ONE_DEVICE)
     proc = relay(tiny_overrides(tmp_path, "sft_fault", 1, *extra))
     try:
         logged = kill_a_worker(proc, run_dir, after_step=3, stage="sft")
@@ -130,7 +133,7 @@ def test_a_worker_that_fails_while_built_stops_the_run_with_its_own_error(tmp_pa
     config["quantization_config"] = {"quant_method": "gguf"}
     (folder / "config.json").write_text(json.dumps(config))
     proc = relay(tiny_overrides(tmp_path, "bad", 1, *RL_ONLY, f"model.path={folder}",
-                                "generate.backend=vllm"))  # fmt: skip
+                                "generate.backend=vllm", ONE_DEVICE))  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -150,7 +153,7 @@ def test_a_worker_killed_for_memory_is_reported_as_such(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.cli", "train",
          *tiny_overrides(tmp_path, "oom", 1, *RL_ONLY, "run.max_restarts=0",
-                         "generate.backend=hf")],
+                         "generate.backend=hf", ONE_DEVICE)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, env=env,
     )  # fmt: skip

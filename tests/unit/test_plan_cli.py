@@ -323,3 +323,19 @@ def test_profile_calls_measures_every_layout_all_calls_can_take(tmp_path: Path) 
     assert {(a.mesh.size, a.layout.dp, a.layout.tp) for a in plan.values()} == {(4, 2, 2)}
     assert main(["profile", "--calls", "--steps", "0"]) == 2
     assert main(["profile", "--calls", "--out", str(tmp_path)]) == 2
+
+
+def test_profile_calls_measures_later_layouts_on_the_first_runs_models(tmp_path: Path) -> None:
+    """The first profiling run trains the job's SFT and reward models; every later run
+    starts its RL stage from the finished ones (a stage's folder counts once DONE)."""
+    from launch.profile_calls import reuse_models
+
+    models = tmp_path / "models"
+    assert reuse_models(tmp_path) == ()
+    (models / "sft").mkdir(parents=True)
+    (models / "reward").mkdir()
+    (models / "reward" / "DONE").write_text("{}")
+    assert reuse_models(tmp_path) == (f"reward.path={models / 'reward'}",)
+    (models / "sft" / "DONE").write_text("{}")
+    assert reuse_models(tmp_path) == ("sft.enabled=false", f"model.path={models / 'sft'}",
+                                      f"reward.path={models / 'reward'}")  # fmt: skip
