@@ -10,8 +10,9 @@ and reward models as the job sets them; every later run starts its RL stage from
 models (`model.path`, `reward.path`). A call's time follows the policy it runs: how long
 its responses are (a batch is as long as its longest), so every layout is measured on the
 job's own policy (a policy after one SFT step wrote other lengths: its ReMax train call
-measured 88 ms where the job's took 114 ms). The file names the job it measured; a run that names
-it in `cluster.calls_profile` plans with these times, and refuses it for another job.
+measured 88 ms where the job's took 114 ms). The file names the job it measured; a run
+that names it in `cluster.calls_profile` plans with these times, and refuses it for
+another job.
 """
 
 from __future__ import annotations
