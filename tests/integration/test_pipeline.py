@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from orchestrator.config.load import load_config
 from orchestrator.run.controller import Controller, RunError
 from orchestrator.run.tracking import read_metrics
-from tests.integration.tiny import RL_ONLY, tiny_overrides
+from tests.integration.tiny import ONE_DEVICE, RL_ONLY, tiny_overrides
 from tests.unit.test_docs import undocumented
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ def test_ppo_pipeline_runs_and_writes_everything(ray_cluster, tmp_path: Path) ->
     again = run(
         tiny_overrides(tmp_path, "reuse", 1, "algo=remax", f"model.path={run_dir}/models/sft",
                        "sft.enabled=false", f"reward.path={run_dir}/models/reward",
-                       "cluster.devices_per_node=1")
+                       ONE_DEVICE)
     )  # fmt: skip
     reused = read_metrics(Path(again["run_dir"]) / "metrics.jsonl")
     assert {r["stage"] for r in reused} == {"rl"}

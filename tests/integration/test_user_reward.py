@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.data.text import take
 from orchestrator.run.tracking import read_metrics
-from tests.integration.tiny import tiny_overrides
+from tests.integration.tiny import ONE_DEVICE, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -70,7 +70,7 @@ def setup(tmp_path: Path, flag: str) -> tuple[list[str], list[str]]:
         "run.save_every_steps=100",  # no checkpoint before the error: the stop writes one
         # every role on one device: one worker to start, not three (placement is tested
         # elsewhere; the reward function's errors and the data position are tested here)
-        "cluster.devices_per_node=1",
+        ONE_DEVICE,
     )
     return overrides, prompts
 

@@ -17,14 +17,11 @@ import pytest
 
 from orchestrator.run.tracking import read_metrics
 from tests.integration.test_kill_resume import kill_group, relay
-from tests.integration.tiny import RL_ONLY, tiny_overrides
+from tests.integration.tiny import ONE_DEVICE, RL_ONLY, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-# every role on one device, one worker to start: for the tests whose subject is not what a
-# plan shards (the dead-worker test below runs per_role and a sharded plan)
-ONE_DEVICE = "cluster.devices_per_node=1"
 
 
 def rl_steps(run_dir: Path, stage: str = "rl") -> list[int]:

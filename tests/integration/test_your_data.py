@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.run.tracking import read_metrics
-from tests.integration.tiny import tiny_overrides
+from tests.integration.tiny import ONE_DEVICE, tiny_overrides
 from tests.qwen_like import qwen_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -51,11 +51,6 @@ def problems(rng: random.Random, n: int, form: str = "What is {a} plus {b}?") ->
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-# every role on one device: one worker (and one vLLM engine) to start; placement is tested
-# elsewhere, the user's files, model and reward function here
-ONE_DEVICE = "cluster.devices_per_node=1"
 
 
 def relay(*args: str) -> subprocess.CompletedProcess:

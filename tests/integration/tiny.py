@@ -7,6 +7,8 @@ from pathlib import Path
 # RL alone: no SFT or reward-model stage (the verifier scores), for tests of the RL loop's
 # faults and resumes, which would otherwise spend most of their time on those stages.
 RL_ONLY = ("sft.enabled=false", "reward=verifier")
+# every role on one device, one worker to start: for tests whose subject is not placement
+ONE_DEVICE = "cluster.devices_per_node=1"
 
 
 def tiny_overrides(out: Path, name: str, steps: int, *extra: str) -> list[str]:
