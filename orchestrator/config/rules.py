@@ -267,6 +267,10 @@ def _plan_rules(p: list[Problem], cfg: RelayConfig) -> None:
         p.append(Problem("cluster.profile", c.profile, "the profile file does not exist",
                          "measure one with `relay profile --out <file>`"))  # fmt: skip
     positive(p, pl, "plan", ["search_time_s", "iterations", "max_pp"])
+    if not 0 <= pl.min_gain < 1:
+        p.append(Problem("plan.min_gain", pl.min_gain, "must be in [0, 1): a fraction of the "
+                         "best hand-made plan's estimated step time",
+                         "use 0.1 (the default), or 0 to run whatever the search finds"))  # fmt: skip
     if pl.prompt_tokens is not None and pl.prompt_tokens <= 0:
         p.append(Problem("plan.prompt_tokens", pl.prompt_tokens, "must be > 0", "use 128"))
 

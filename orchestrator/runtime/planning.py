@@ -241,21 +241,48 @@ def make_plan(
         raise ConfigError([Problem(f"{field} -> {p.field}", p.value, p.rule, p.fix)
                            for p in problems])  # fmt: skip
     estimate = evaluate(ctx, plan)
-    why = _search_reason(cfg, ctx, search) if search else ""
+    why = ""
+    if search is not None:
+        plan, estimate, why = _keep_or_fall_back(cfg, ctx, plan, estimate, search)
     return PlanResult(mode, ctx, plan, estimate, search, why)
 
 
-def _search_reason(cfg: RelayConfig, ctx: Context, search: SearchResult) -> str:
-    """Why the searched plan: the hand-made plans' estimates (those that fit) to set its
-    own beside, what the costs come from, and how much was searched."""
-    hand = [f"{mode} {evaluate(ctx, plan).time_per_iteration_s:.3g} s"
-            for mode, plan in hand_made_plans(ctx).items()]  # fmt: skip
+def _keep_or_fall_back(
+    cfg: RelayConfig,
+    ctx: Context,
+    plan: dict[str, Assignment],
+    estimate: Estimate,
+    search: SearchResult,
+) -> tuple[dict[str, Assignment], Estimate, str]:
+    """The searched plan if it is estimated at least plan.min_gain faster than the
+    best-estimated hand-made plan, else that plan (a gain smaller than the cost model's
+    error is not a gain a run can count on); with why: the hand-made plans' estimates,
+    what the costs come from, how much was searched and which plan was kept."""
+    hand = {m: (p, evaluate(ctx, p)) for m, p in hand_made_plans(ctx).items()}
+    shown = [f"{m} {e.time_per_iteration_s:.3g} s" for m, (_, e) in hand.items()]
     source = (f"call times measured by `relay profile --calls` ({cfg.cluster.calls_profile})"
               if ctx.measured is not None
               else "roofline costs (cluster.calls_profile unset: `relay profile --calls` "
                    "measures this job's calls)")  # fmt: skip
-    others = f"the hand-made plans estimate {', '.join(hand)}; " if hand else ""
-    return f"{others}{source}; {search.evaluated} plans costed in {search.elapsed_s:.0f} s"
+    others = f"the hand-made plans estimate {', '.join(shown)}; " if shown else ""
+    why = f"{others}{source}; {search.evaluated} plans costed in {search.elapsed_s:.0f} s"
+    if not hand:
+        return plan, estimate, why
+    best = min(hand, key=lambda m: hand[m][1].time_per_iteration_s)
+    mine, theirs = estimate.time_per_iteration_s, hand[best][1].time_per_iteration_s
+    gain = 1 - mine / theirs if theirs > 0 else 0.0
+    need = cfg.plan.min_gain
+    if plan == hand[best][0]:
+        return plan, estimate, f"{why}; the search found nothing faster than {best}'s plan"
+    if gain >= need:
+        return (
+            plan,
+            estimate,
+            f"{why}; the searched plan is estimated {gain:.0%} faster than {best}",
+        )
+    fell = (f"{why}; the best searched plan ({mine:.3g} s) is estimated {gain:.0%} faster than "
+            f"{best}, under plan.min_gain={need:g}: running {best}'s plan")  # fmt: skip
+    return hand[best][0], hand[best][1], fell
 
 
 def _auto(cfg: RelayConfig, ctx: Context) -> PlanResult:

@@ -339,3 +339,28 @@ def test_profile_calls_measures_later_layouts_on_the_first_runs_models(tmp_path:
     (models / "sft" / "DONE").write_text("{}")
     assert reuse_models(tmp_path) == ("sft.enabled=false", f"model.path={models / 'sft'}",
                                       f"reward.path={models / 'reward'}")  # fmt: skip
+
+
+def test_search_runs_a_hand_made_plan_unless_estimated_min_gain_faster(tmp_path: Path) -> None:
+    """plan.min_gain: the searched plan runs only when its estimate beats the best
+    hand-made plan's by that fraction; otherwise the run gets that hand-made plan and says
+    so. An out-of-range value is refused naming the field."""
+    from orchestrator.config.load import load_config
+    from orchestrator.config.schema import ConfigError
+    from orchestrator.runtime.planning import hand_made_plans, make_plan
+
+    job = [*PAPER, f"run.output_dir={tmp_path}", "plan=search", "plan.search_time_s=1"]
+    free = make_plan(load_config([*job, "plan.min_gain=0"], for_run=False))
+    hand = {m: make_plan(load_config(job, for_run=False), m) for m in hand_made_plans(free.ctx)}
+    best = min(hand, key=lambda m: hand[m].estimate.time_per_iteration_s)
+    best_s = hand[best].estimate.time_per_iteration_s
+    gain = 1 - free.estimate.time_per_iteration_s / best_s
+    assert free.plan != hand[best].plan and gain > 0, (best, gain)
+    assert f"estimated {gain:.0%} faster than {best}" in free.reason
+    strict = make_plan(load_config([*job, f"plan.min_gain={min(0.99, gain + 0.05):.2f}"],
+                                   for_run=False))  # fmt: skip
+    assert strict.mode == "search" and strict.plan == hand[best].plan
+    assert strict.estimate.time_per_iteration_s == pytest.approx(best_s)
+    assert f"running {best}'s plan" in strict.reason and "plan.min_gain=" in strict.reason
+    with pytest.raises(ConfigError, match=r"plan.min_gain.*must be in \[0, 1\)"):
+        load_config([*job, "plan.min_gain=1.5"], for_run=False)
