@@ -25,7 +25,7 @@ Writes `calibration` and `max_rel_error` (over every algorithm and plan) into
 benchmarks/results/planner.json (its other keys are benchmarks/planner.py's).
 
     .venv/bin/python benchmarks/calibration.py [--steps 6] [--algos ppo,remax,grpo]
-        [--preset default|large] [--profile-steps 3] [--rounds 2]
+        [--preset default|large] [--profile-steps 3] [--profile-rounds 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -114,11 +114,18 @@ def measure(folders: list[Path]) -> dict:
 
 
 def calibrate(
-    algo: str, preset: str, steps: int, profile_steps: int, rounds: int, out: str
+    algo: str,
+    preset: str,
+    steps: int,
+    profile_steps: int,
+    profile_rounds: int,
+    rounds: int,
+    out: str,
 ) -> dict:
     job = (*JOB, f"algo={algo}", *PRESETS[preset])
     profile = Path(out) / f"calls-{algo}-{preset}.json"
-    cli("profile", "--calls", "--steps", str(profile_steps), "--out", str(profile), *job)
+    cli("profile", "--calls", "--steps", str(profile_steps), "--rounds", str(profile_rounds),
+        "--out", str(profile), *job)  # fmt: skip
     job = (*job, f"cluster.calls_profile={profile}")
     modes = [*HAND, "search", "mixed"]
     folders: dict[str, list[Path]] = {m: [] for m in modes}
@@ -158,6 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--profile-rounds", type=int, default=2, help="relay profile --calls --rounds")
     ap.add_argument("--algos", default="ppo,remax,grpo")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each plan, order alternating")
@@ -167,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for algo in args.algos.split(","):
             by_algo[algo] = calibrate(algo, args.preset, args.steps, args.profile_steps,
-                                      args.rounds, out)  # fmt: skip
+                                      args.profile_rounds, args.rounds, out)  # fmt: skip
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["calibration"] = {

@@ -1,5 +1,6 @@
-"""`relay profile --calls [--steps N] [--out F] [overrides ...]`: measure this job's calls
-on this cluster, under every candidate layout, for the planner (planner.measured).
+"""`relay profile --calls [--steps N] [--rounds R] [--out F] [overrides ...]`: measure
+this job's calls on this cluster, under every candidate layout, for the planner
+(planner.measured).
 
 For each layout (dp, tp) of m devices that every call of the job can take (m = 1, 2, 4,
 ... up to a node's devices), it runs `relay train` with the job's overrides under the
@@ -10,9 +11,12 @@ and reward models as the job sets them; every later run starts its RL stage from
 models (`model.path`, `reward.path`). A call's time follows the policy it runs: how long
 its responses are (a batch is as long as its longest), so every layout is measured on the
 job's own policy (a policy after one SFT step wrote other lengths: its ReMax train call
-measured 88 ms where the job's took 114 ms). The file names the job it measured; a run
-that names it in `cluster.calls_profile` plans with these times, and refuses it for
-another job.
+measured 88 ms where the job's took 114 ms). `--rounds` passes are made over the layouts,
+every other one backwards, and each layout's figures are the mean over all its runs: this
+machine's speed drifts by 10-30% over the minutes a profile takes, and one pass had
+ranked a layout 14% ahead of another that runs measured as fast (calibration run 5, GRPO).
+The file names the job it measured; a run that names it in `cluster.calls_profile` plans
+with these times, and refuses it for another job.
 """
 
 from __future__ import annotations
@@ -93,7 +97,17 @@ def run_layout(overrides: list[str], plan: Path, steps: int, out: Path) -> list[
     return [{**r, "_cores": cores} for r in rl[1:] if not any(k.startswith("eval/") for k in r)]
 
 
-def measure(overrides: list[str], steps: int) -> dict[str, Any]:
+def pass_order(layouts: int, rounds: int) -> list[int]:
+    """The order the layouts are run in: `rounds` passes over all of them, every other
+    pass backwards, so a drift of this machine's speed over the minutes a profile takes
+    falls on every layout alike (the first layout once, first)."""
+    order: list[int] = []
+    for r in range(rounds):
+        order += list(range(layouts)) if r % 2 == 0 else list(range(layouts - 1, -1, -1))
+    return order
+
+
+def measure(overrides: list[str], steps: int, rounds: int = 1) -> dict[str, Any]:
     from orchestrator.config.load import load_config
     from orchestrator.runtime.planning import context, job_identity
     from planner.layout import Layout, Mesh
@@ -113,15 +127,23 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
          f"{ctx.workload.graph} graph: {', '.join(f'm{s} dp{d} tp{t}' for s, d, t, _ in layouts)}")  # fmt: skip
     calls, pairs, overheads, cores_seen = [], [], [], []
     models: tuple[str, ...] | None = None  # after the first run: the models it trained
+    measured: dict[int, list[dict]] = {i: [] for i in range(len(layouts))}
     with tempfile.TemporaryDirectory() as tmp:
-        for size, dp, tp, extra in layouts:
-            plan = plan_file(ctx, size, dp, tp, Path(tmp))
+        for n, i in enumerate(pass_order(len(layouts), rounds)):
+            size, dp, tp, extra = layouts[i]
+            folder = Path(tmp) / f"pass{n // len(layouts)}"  # run names repeat per pass
+            folder.mkdir(exist_ok=True)
+            plan = plan_file(ctx, size, dp, tp, folder)
             if extra:
                 plan = plan.rename(plan.with_name(plan.stem + "_device_threads.json"))
-            rows = run_layout([*overrides, *(models or ()), *extra], plan, steps,
-                              Path(tmp) / "runs")  # fmt: skip
+            measured[i] += run_layout([*overrides, *(models or ()), *extra], plan, steps,
+                                      plan.parent / "runs")  # fmt: skip
             if models is None:
-                models = reuse_models(Path(tmp) / "runs" / plan.stem)
+                models = reuse_models(plan.parent / "runs" / plan.stem)
+            if rounds > 1:
+                _say(f"  pass {n // len(layouts) + 1} of {rounds}: m{size} dp{dp} tp{tp} done")
+        for i, (size, dp, tp, extra) in enumerate(layouts):
+            rows = measured[i]
             cores = rows[0]["_cores"]
             cores_seen.append(cores)
             overheads += [r["time/overhead_s"] for r in rows]
@@ -148,6 +170,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, Any]:
         "kind_ratio": median_ratios(pairs),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "steps": steps,
+        "rounds": rounds,
         "overrides": overrides,
         "calls": calls,
     }
@@ -158,6 +181,8 @@ def profile_calls(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", default="profiles/calls.json", help="where to write the profile")
     p.add_argument("--steps", type=int, default=3, help="measured RL steps per layout")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="passes over the layouts, every other one backwards (drift)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="the job's overrides, as `relay train` takes them")
     try:
         args = p.parse_args(argv)
@@ -166,10 +191,13 @@ def profile_calls(argv: list[str]) -> int:
     if args.steps < 1:
         _say(f"relay profile --calls: --steps = {args.steps}: must be >= 1. Fix: pass 2 or 3")
         return 2
+    if args.rounds < 1:
+        _say(f"relay profile --calls: --rounds = {args.rounds}: must be >= 1. Fix: pass 2")
+        return 2
     if Path(args.out).is_dir():
         _say(f"relay profile --calls: --out = {args.out!r} is a folder. Fix: name a file")
         return 2
-    data = measure(args.overrides, args.steps)
+    data = measure(args.overrides, args.steps, args.rounds)
     _write_atomic(Path(args.out), data)
     _say(f"step overhead {data['step_overhead_s'] * 1e3:.1f} ms; measured / roofline by kind: "
          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(data["kind_ratio"].items()))

@@ -13,7 +13,7 @@ import pytest
 
 from launch.cli import main
 from launch.jobs import _client, wait_for
-from tests.integration.tiny import RL_ONLY, tiny_overrides
+from tests.integration.tiny import ONE_DEVICE, RL_ONLY, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.slow]
 
@@ -84,7 +84,9 @@ def _submit(address: str, overrides: list[str], capsys) -> str:
 def test_submit_stop_checkpoints_and_resubmit_completes(
     job_server: str, tmp_path: Path, capsys
 ) -> None:
-    extra = ("run.save_every_steps=1000", "logger.wandb_mode=offline", *RL_ONLY)
+    # every role on one device: the subject is the job server, not placement (one worker
+    # to start per job instead of three)
+    extra = ("run.save_every_steps=1000", "logger.wandb_mode=offline", *RL_ONLY, ONE_DEVICE)
     overrides = tiny_overrides(tmp_path, "long", 400, *extra)
     job_id = _submit(job_server, overrides, capsys)
     client = _client(job_server)
@@ -118,7 +120,8 @@ def test_submit_stop_checkpoints_and_resubmit_completes(
     assert main(["logs", again, "--address", job_server]) == 0
     assert "relay train: done" in capsys.readouterr().out
     run_dir = tmp_path / "long"  # run.output_dir made absolute: the run folder is here
-    assert json.loads((run_dir / "plan.json").read_text())["mode"] == "per_role"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["mode"] == "symmetric"  # plan=auto on one device
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at + 1}"
     steps = [
         json.loads(r)["step"]

@@ -364,3 +364,15 @@ def test_search_runs_a_hand_made_plan_unless_estimated_min_gain_faster(tmp_path:
     assert f"running {best}'s plan" in strict.reason and "plan.min_gain=" in strict.reason
     with pytest.raises(ConfigError, match=r"plan.min_gain.*must be in \[0, 1\)"):
         load_config([*job, "plan.min_gain=1.5"], for_run=False)
+
+
+def test_profile_calls_passes_alternate_so_drift_falls_on_every_layout() -> None:
+    """relay profile --calls --rounds: every layout once per pass, every other pass
+    backwards (the first layout, which trains the job's models, runs first); a round
+    count below one exits 2 before anything runs."""
+    from launch.profile_calls import pass_order
+
+    assert pass_order(3, 1) == [0, 1, 2]
+    assert pass_order(3, 2) == [0, 1, 2, 2, 1, 0]
+    assert pass_order(2, 3) == [0, 1, 1, 0, 0, 1]
+    assert main(["profile", "--calls", "--rounds", "0"]) == 2
