@@ -39,6 +39,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launch.profile_calls import pass_order
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = ("sft.steps=20", "reward.steps=20", "logger.wandb_mode=disabled", "logger.progress=false",
        "generate.backend=hf")  # fmt: skip
@@ -130,19 +132,19 @@ def calibrate(
     modes = [*HAND, "search", "mixed"]
     folders: dict[str, list[Path]] = {m: [] for m in modes}
     models: tuple[str, ...] = ()  # after the first run: its SFT and reward models
-    for r in range(rounds):
-        for mode in modes if r % 2 == 0 else modes[::-1]:
-            name = f"{algo}-{mode}-{r + 1}"
-            if mode == "mixed":  # round 1's symmetric plan (run before it), placed by MIXED
-                mixed = mixed_plan_file(Path(out), folders["symmetric"][0] / "plan.json")
-                plan: tuple[str, ...] = ("plan=file", f"plan.path={mixed}")
-            else:
-                plan = (f"plan={mode}",)
-            folders[mode].append(train(out, name, steps, (*job, *models), *plan))
-            if not models:
-                first = folders[mode][0] / "models"
-                models = ("sft.enabled=false", f"model.path={first / 'sft'}",
-                          f"reward.path={first / 'reward'}")  # fmt: skip
+    for n, i in enumerate(pass_order(len(modes), rounds)):  # every other round backwards
+        mode = modes[i]
+        name = f"{algo}-{mode}-{n // len(modes) + 1}"
+        if mode == "mixed":  # round 1's symmetric plan (run before it), placed by MIXED
+            mixed = mixed_plan_file(Path(out), folders["symmetric"][0] / "plan.json")
+            plan: tuple[str, ...] = ("plan=file", f"plan.path={mixed}")
+        else:
+            plan = (f"plan={mode}",)
+        folders[mode].append(train(out, name, steps, (*job, *models), *plan))
+        if not models:
+            first = folders[mode][0] / "models"
+            models = ("sft.enabled=false", f"model.path={first / 'sft'}",
+                      f"reward.path={first / 'reward'}")  # fmt: skip
     results = {("mixed (file)" if m == "mixed" else m): measure(folders[m]) for m in modes}
     # plan.min_gain: a search that finds no plan estimated enough faster runs the best
     # hand-made plan. Runs of one plan measure one thing: they are pooled for the ratio.

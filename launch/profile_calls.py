@@ -107,7 +107,7 @@ def pass_order(layouts: int, rounds: int) -> list[int]:
     return order
 
 
-def measure(overrides: list[str], steps: int, rounds: int = 1) -> dict[str, Any]:
+def measure(overrides: list[str], steps: int, rounds: int) -> dict[str, Any]:
     from orchestrator.config.load import load_config
     from orchestrator.runtime.planning import context, job_identity
     from planner.layout import Layout, Mesh

@@ -275,11 +275,8 @@ def _keep_or_fall_back(
     if plan == hand[best][0]:
         return plan, estimate, f"{why}; the search found nothing faster than {best}'s plan"
     if gain >= need:
-        return (
-            plan,
-            estimate,
-            f"{why}; the searched plan is estimated {gain:.0%} faster than {best}",
-        )
+        kept = f"{why}; the searched plan is estimated {gain:.0%} faster than {best}"
+        return plan, estimate, kept
     fell = (f"{why}; the best searched plan ({mine:.3g} s) is estimated {gain:.0%} faster than "
             f"{best}, under plan.min_gain={need:g}: running {best}'s plan")  # fmt: skip
     return hand[best][0], hand[best][1], fell
