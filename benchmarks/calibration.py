@@ -39,9 +39,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launch.profile_calls import pass_order
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # before benchmarks/, whose planner.py shadows the package
+
+from launch.profile_calls import pass_order  # noqa: E402
+
 JOB = ("sft.steps=20", "reward.steps=20", "logger.wandb_mode=disabled", "logger.progress=false",
        "generate.backend=hf")  # fmt: skip
 PRESETS = {"default": (), "large": ("model.preset=large",)}
